@@ -1,0 +1,365 @@
+"""Typed experiment configuration.
+
+Every knob lives in a YAML file under ``configs/``; the code holds the defaults. A config is a tree of
+dataclasses, one section per concern, and each component receives only its own section.
+
+``load_config(path, overrides)`` is strict: an unknown key, a value of the wrong type or a missing file
+raises ``ConfigError`` naming the key and the file. Overrides are dotted ``key=value`` strings whose value
+is parsed as YAML (``train.lr=3e-4``, ``run_dir=/tmp/x``, ``tasks.names=[CartPole-v1]``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the key."""
+
+
+@dataclass
+class TokenizerConfig:
+    """How raw observations, actions and text become ids (GATO section 2.1)."""
+
+    text: Literal["byte", "bpe"] = "byte"
+    """Text tokenizer: "byte" (256 ids, offline, exact) or "bpe" (a byte-level BPE trained locally)."""
+    bpe_path: str | None = None
+    """tokenizer.json of a locally trained BPE; only read when text="bpe"."""
+    value_bins: int = 1024
+    """Uniform bins on [-1, 1] for continuous values; also the id range of discrete values."""
+    mu: float = 100.0
+    """mu-law companding parameter mu."""
+    M: float = 256.0
+    """mu-law companding parameter M."""
+    patch_size: int = 16
+    """Side of the square, non-overlapping image patches."""
+    max_text_tokens: int = 64
+    """Tokens per step of a text observation (e.g. a BabyAI mission); longer strings are truncated."""
+
+
+@dataclass
+class ModelConfig:
+    """The causal transformer. A preset fills the sizes; explicit values override it."""
+
+    preset: Literal["tiny", "small", "gato-79m", "gato-364m", "gato-1.18b"] = "tiny"
+    """Size preset: tiny (tests), small (CPU demo) or one of GATO's sizes."""
+    n_layer: int | None = None
+    """Transformer blocks (None: from the preset)."""
+    n_embd: int | None = None
+    """Model width D (None: from the preset)."""
+    n_head: int | None = None
+    """Attention heads (None: from the preset)."""
+    d_ff: int | None = None
+    """Feed-forward width (None: from the preset)."""
+    context: int = 1024
+    """Tokens in one training sequence and in the acting window (GATO: L=1024)."""
+    dropout: float = 0.0
+    """Dropout on attention and residual branches."""
+    patch_position_bins: int = 128
+    """Quantization of normalized patch row/column intervals for patch position encodings."""
+
+
+@dataclass
+class TaskEntry:
+    """One task of the mixture."""
+
+    name: str
+    """A task name from the registry (mugato_ray.tasks)."""
+    weight: float = 1.0
+    """Relative sampling weight in the training mixture."""
+    episodes: int = 10
+    """Episodes to collect for the store."""
+
+
+@dataclass
+class DataConfig:
+    """Ray Data: reading the store, tokenizing, windowing and padding."""
+
+    batch_size: int = 8
+    """Sequences per micro-batch (each micro-batch holds one task)."""
+    num_tokenize_actors: int = 1
+    """Size of the tokenize/pad actor pool per task dataset (0: from the cluster's free CPUs)."""
+    tokenize_actor_cpus: float = 0.5
+    """CPUs reserved by each tokenize actor."""
+    prompt_prob: float = 0.25
+    """Fraction of sequences that get a prompt (a demonstration from the same task), as in GATO."""
+    prompt_end_fraction: float = 0.5
+    """Of prompted sequences, the fraction whose prompt is taken from an episode's end (the rest: uniform)."""
+    min_return_fraction: float = 0.0
+    """GATO's filter: keep expert episodes whose return is at least this fraction of the expert reference."""
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train TorchTrainer and the optimization loop."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    grad_accum: int = 0
+    """Micro-batches per optimizer step (0: one per task, so every step mixes all tasks)."""
+    num_workers: int = 1
+    """Ray Train workers (0: run the loop in the driver)."""
+    cpus_per_worker: float = 0.0
+    """CPUs per train worker (0: sized from the cluster so Ray Data keeps CPUs; see mugato_ray.resources)."""
+    use_gpu: bool = False
+    """Train on GPUs (NCCL, bf16 autocast)."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept by Ray Train."""
+    max_failures: int = 0
+    """Worker failures Ray Train recovers from by restoring the last checkpoint."""
+    storage_path: str | None = None
+    """Where Ray Train stores checkpoints (None: <run_dir>/checkpoints); use shared storage on a cluster."""
+    log_every: int = 10
+    """Steps between reported metrics."""
+    seed: int = 0
+    """Seed of the training loop."""
+
+
+@dataclass
+class RolloutConfig:
+    """Rollout actors: collection, online experience and evaluation share them."""
+
+    num_actors: int = 2
+    """Rollout actors in the pool."""
+    envs_per_actor: int = 4
+    """Vectorized environments per actor."""
+    actor_cpus: float = 0.5
+    """CPUs reserved by each rollout actor."""
+    max_episode_steps: int | None = None
+    """Step limit per episode (None: the task's own limit)."""
+    temperature: float = 0.0
+    """Sampling temperature of the model policy (0: greedy)."""
+    seed: int = 0
+    """Base seed; episode seeds are derived deterministically from it."""
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation at scale."""
+
+    episodes: int = 10
+    """Episodes per task."""
+    seed_offset: int = 1_000_000
+    """Evaluation seeds start here, disjoint from collection seeds."""
+    prompt: bool = False
+    """Prompt the model with a successful expert demonstration (GATO's prompt conditioning)."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples for 95% confidence intervals."""
+
+
+@dataclass
+class Config:
+    """A whole experiment. Every job writes under run_dir."""
+
+    run_dir: str = "runs/default"
+    """Output directory: config.yaml, data/, checkpoints/, eval/."""
+    seed: int = 0
+    """Global seed."""
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tasks: list[TaskEntry] = field(default_factory=list)
+    """The task mixture."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict construction from plain data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses. Raises ConfigError."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' expects a mapping ({tp.__name__}), got {value!r}")
+        return _build(tp, value, key, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: key '{key}' expects a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{key}[{i}]", where) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: key '{key}' expects a mapping, got {value!r}")
+        k_tp, v_tp = typing.get_args(tp)
+        return {_convert(k, k_tp, key, where): _convert(v, v_tp, f"{key}.{k}", where) for k, v in value.items()}
+    if tp is float:
+        # YAML reads "1e-3" as a string and "3" as an int; both are fine for a float field.
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+        if isinstance(value, int):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, float):
+            return value
+        raise ConfigError(f"{where}: key '{key}' expects a number, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: key '{key}' expects an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: key '{key}' expects true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: key '{key}' expects a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: key '{key}' has an unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        full = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            raise ConfigError(f"{where}: unknown key '{full}' (known: {sorted(names)})")
+        kwargs[k] = _convert(v, hints[k], full, where)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict, where: str = "<dict>") -> Config:
+    """Build a Config from plain data, strictly. ``where`` names the source in errors."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: the top level must be a mapping, got {type(data).__name__}")
+    cfg = _build(Config, data, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{where}: override '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML config strictly and apply dotted ``key=value`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"{path}: override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: override '{item}': value is not valid YAML: {e}") from e
+        _set_dotted(data, key.strip(), value, f"{path} (override '{item}')")
+    return config_from_dict(data, str(path))
+
+
+def validate(cfg: Config, where: str = "<config>") -> None:
+    """Range checks that types alone cannot express."""
+    checks = [
+        (cfg.tokenizer.value_bins >= 2, "tokenizer.value_bins", "at least 2"),
+        (cfg.tokenizer.patch_size >= 1, "tokenizer.patch_size", "at least 1"),
+        (cfg.tokenizer.max_text_tokens >= 1, "tokenizer.max_text_tokens", "at least 1"),
+        (cfg.model.context >= 2, "model.context", "at least 2"),
+        (0.0 <= cfg.data.prompt_prob <= 1.0, "data.prompt_prob", "in [0, 1]"),
+        (0.0 <= cfg.data.prompt_end_fraction <= 1.0, "data.prompt_end_fraction", "in [0, 1]"),
+        (cfg.data.batch_size >= 1, "data.batch_size", "at least 1"),
+        (cfg.train.steps >= 0, "train.steps", "non-negative"),
+        (cfg.train.num_workers >= 0, "train.num_workers", "non-negative"),
+        (cfg.train.lr > 0, "train.lr", "positive"),
+        (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "at least 1"),
+        (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
+        (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),
+        (cfg.rollout.envs_per_actor >= 1, "rollout.envs_per_actor", "at least 1"),
+        (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),
+        (cfg.eval.episodes >= 1, "eval.episodes", "at least 1"),
+    ]
+    for ok, key, expected in checks:
+        if not ok:
+            raise ConfigError(f"{where}: key '{key}' must be {expected}")
+    for i, t in enumerate(cfg.tasks):
+        if t.weight < 0:
+            raise ConfigError(f"{where}: key 'tasks[{i}].weight' must be non-negative")
+        if t.episodes < 1:
+            raise ConfigError(f"{where}: key 'tasks[{i}].episodes' must be at least 1")
+    names = [t.name for t in cfg.tasks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: key 'tasks' lists a task twice: {names}")
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, run_dir: str | Path | None = None) -> Path:
+    """Write the resolved config to <run_dir>/config.yaml (atomically) and return its path."""
+    run_dir = Path(run_dir if run_dir is not None else cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    tmp = run_dir / ".config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

@@ -1,0 +1,95 @@
+"""Configs are strict: unknown keys, wrong types and missing files name the key and the file."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mugato_ray.config import Config, ConfigError, load_config, save_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+def write(tmp_path, data) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.tasks, f"{path.name} lists no tasks"
+
+
+def test_smoke_config_exists_and_is_tiny():
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "smoke.yaml")
+    assert cfg.model.preset == "tiny"
+
+
+def test_values_and_nested_sections(tmp_path):
+    p = write(tmp_path, {"run_dir": "x", "train": {"lr": 1e-3, "steps": 5}, "tasks": [{"name": "CartPole-v1", "weight": 2}]})
+    cfg = load_config(p)
+    assert cfg.run_dir == "x" and cfg.train.lr == 1e-3 and cfg.train.steps == 5
+    assert cfg.tasks[0].name == "CartPole-v1" and cfg.tasks[0].weight == 2.0
+    assert cfg.model.context == Config().model.context  # defaults fill the rest
+
+
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"trian": {"lr": 1}}, "trian"),
+        ({"train": {"lrr": 1}}, "train.lrr"),
+        ({"train": {"steps": "many"}}, "train.steps"),
+        ({"train": {"steps": 1.5}}, "train.steps"),
+        ({"train": {"use_gpu": "yes"}}, "train.use_gpu"),
+        ({"model": {"preset": "huge"}}, "model.preset"),
+        ({"tasks": [{"name": "CartPole-v1", "bogus": 1}]}, "tasks[0].bogus"),
+        ({"tasks": {"name": "CartPole-v1"}}, "tasks"),
+        ({"data": {"prompt_prob": 1.5}}, "data.prompt_prob"),
+        ({"model": "tiny"}, "model"),
+    ],
+)
+def test_bad_keys_and_types_name_key_and_file(tmp_path, data, key):
+    p = write(tmp_path, data)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert key in str(e.value) and str(p) in str(e.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_is_named(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml"):
+        load_config(p)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    p = tmp_path / "evil.yaml"
+    p.write_text("run_dir: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError):
+        load_config(p)
+
+
+def test_dotted_overrides(tmp_path):
+    p = write(tmp_path, {"train": {"lr": 1e-3}})
+    cfg = load_config(p, ["train.lr=3e-4", "run_dir=/tmp/x", "model.n_layer=3", "tasks=[{name: Pendulum-v1}]"])
+    assert cfg.train.lr == 3e-4 and cfg.run_dir == "/tmp/x" and cfg.model.n_layer == 3
+    assert [t.name for t in cfg.tasks] == ["Pendulum-v1"]
+    with pytest.raises(ConfigError, match="train.lrr"):
+        load_config(p, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(p, ["train.lr"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, {"train": {"steps": 7}, "tasks": [{"name": "CartPole-v1"}]}), ["model.context=128"])
+    path = save_config(cfg, tmp_path / "run")
+    again = load_config(path)
+    assert again == cfg
