@@ -94,6 +94,8 @@ class DataConfig:
     """Of prompted sequences, the fraction whose prompt is taken from an episode's end (the rest: uniform)."""
     min_return_fraction: float = 0.0
     """GATO's filter: keep expert episodes whose return is at least this fraction of the expert reference."""
+    text_folder: str | None = None
+    """Folder of .txt/.jsonl files for the text_files dataset (None: the samples shipped with the package)."""
 
 
 @dataclass
