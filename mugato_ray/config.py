@@ -150,6 +150,8 @@ class RolloutConfig:
     """Vectorized environments per actor."""
     actor_cpus: float = 0.5
     """CPUs reserved by each rollout actor."""
+    actor_gpus: float = 0.0
+    """GPUs reserved by each rollout actor (model policies act on the GPU when Ray gives them one)."""
     max_episode_steps: int | None = None
     """Step limit per episode (None: the task's own limit)."""
     temperature: float = 0.0

@@ -1,6 +1,6 @@
 """Tokenizer throughput per modality, and image tokenization against a plain numpy copy of the same bytes.
 
-Run: .venv/bin/python bench/tokenize.py [--repeats 15] [--batch 256]
+Run: .venv/bin/python bench/tokenization.py [--repeats 15] [--batch 256]
 
 Prints tokens/s for text, discrete, continuous and image fields, and for images MB/s of pixels next to
 np.copyto of the same bytes measured in the same run. Absolute numbers are noisy on shared machines; the

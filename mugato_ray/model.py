@@ -1,0 +1,527 @@
+"""The GATO model: one causal transformer over mixed-modality token sequences.
+
+Input is the sequence row format (see ``mugato_ray.sequence``): per layout field a ``(B, E, T, C)``
+tensor, int ids (C = 1) or uint8 image patches (C = patch*patch*channels), plus ``step_mask`` and
+``prompt_mask`` ``(B, E)``. Every field is embedded to ``(B, E, T, D)``, the fields are concatenated
+along T in timestep order and the steps are flattened: ``(B, E * step_tokens, D)``.
+
+Embeddings (arXiv 2205.06175, section 2.2 and appendix C):
+
+- ids: one ``nn.Embedding(vocab.size, D)`` for text, values, separator, pad and eos;
+- image patches: uint8 is normalized here, on the device (4x fewer bytes through the data pipeline
+  than float32): ``x / 127.5 - 1`` puts each pixel in [-1, 1] with a fixed scale (no per-patch
+  min/max, which would depend on the patch's content), then dividing by ``sqrt(patch) = 4`` gives
+  GATO's [-1/4, 1/4]. One ResNet v2 block (pre-activation GroupNorm + GELU, two 3x3 convs, a 1x1
+  projection on the residual path) and a linear map give D; learnable row and column encodings
+  (``patch_position_bins`` bins of the normalized patch interval; a uniformly sampled bin while
+  training, the rounded mean in eval) are added;
+- every token gets a learnable *local* position encoding: its position within its timestep.
+
+Positions and acting past the context: there are NO absolute positions. A token knows where it is
+within its timestep (local position) and, for patches, where it is in its image; nothing tells it
+where its timestep lies in the window. Training windows start at random whole-timestep boundaries,
+so the model is trained on histories that begin mid-episode. A policy whose history would exceed
+the window drops its oldest whole timesteps and re-encodes the kept window (cached keys and values
+of layer >= 1 depend on the dropped tokens, so they cannot be reused): that is exactly the
+computation training saw, hence no train/act mismatch. To amortize the re-encoding, the policy drops
+enough steps to free about half of the window at once.
+
+Validity: a token is valid when its step is real (``step_mask``) and its id is not ``vocab.pad``
+(image patches of a real step are always valid). Invalid tokens are masked as attention keys, so pads
+and padded steps never influence real tokens, wherever they sit (this also lets acting mark the
+cache entries of a finished episode invalid instead of rebuilding the cache). Each token may always
+attend to itself, so an invalid query never has an empty row (which would give NaN).
+
+Loss: cross-entropy on action-field tokens (the action of agent tasks, the text of text tasks) of
+real, non-prompt steps whose id is not pad. The prediction for a loss position j comes from the
+hidden state at the previous VALID position (a cummax over valid indices), so pads inside a
+timestep never feed a prediction; a loss position with no valid token before it is skipped. Logits
+are computed only at those positions: the head dominates the cost of small models.
+
+The output head is tied to the token embedding: an id means the same thing in and out (observation
+values and action values share the value range), and it saves ``vocab.size * D`` parameters, a large
+share of small models.
+
+One forward path: training (:meth:`GatoModel.forward`), :meth:`GatoModel.full_logits` and cached
+acting (:meth:`GatoModel.prefill` / :meth:`GatoModel.extend`) all run :meth:`GatoModel.embed` and
+the same :class:`Block` stack through :meth:`GatoModel.trunk`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mugato_ray.config import ModelConfig
+from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY, LayoutField, SequenceLayout
+from mugato_ray.tokenizer import VocabLayout
+
+PRESETS: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (2, 64, 4, 256),
+    "small": (4, 256, 8, 1024),
+    "gato-79m": (8, 768, 24, 3072),
+    "gato-364m": (12, 1536, 12, 6144),
+    "gato-1.18b": (24, 2048, 16, 8192),
+}
+"""preset -> (blocks, width, heads, feed-forward width), GATO's table 1 for the gato-* sizes."""
+
+PATCH_CHANNELS = 8
+"""Channels inside the patch ResNet block. Its output is flattened (PATCH_CHANNELS * patch * patch)
+and mapped to D; 8 keeps that linear map small next to the blocks of the CPU presets."""
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A model checkpoint is missing, corrupt or of an unknown format; the message names the file."""
+
+
+def resolve_sizes(cfg: ModelConfig) -> tuple[int, int, int, int]:
+    """``(n_layer, n_embd, n_head, d_ff)``: the preset, overridden by the fields that are not None."""
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"model.preset must be one of {sorted(PRESETS)}, got {cfg.preset!r}")
+    preset = PRESETS[cfg.preset]
+    n_layer, n_embd, n_head, d_ff = (
+        p if v is None else v for v, p in zip((cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.d_ff), preset)
+    )
+    if min(n_layer, n_embd, n_head, d_ff) < 1:
+        raise ValueError(
+            f"model sizes must be positive, got n_layer={n_layer} n_embd={n_embd} n_head={n_head} d_ff={d_ff}"
+        )
+    if n_embd % n_head:
+        raise ValueError(f"model.n_embd={n_embd} must be a multiple of model.n_head={n_head}")
+    return n_layer, n_embd, n_head, d_ff
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor
+    """Scalar: mean cross-entropy over the loss tokens (0 with a graph when there are none)."""
+    num_loss_tokens: torch.Tensor
+    """Scalar int64: how many tokens the mean is over (to weight micro-batches)."""
+    num_correct: torch.Tensor | None = None
+    """Scalar int64: loss tokens whose argmax prediction equals the target (token accuracy)."""
+    logits: torch.Tensor | None = None
+    """(num_loss_tokens, V) logits at the loss positions, when requested."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Image patches
+
+
+def normalize_patches(patches: torch.Tensor, patch: int) -> torch.Tensor:
+    """uint8 patches -> float in [-1/sqrt(patch), 1/sqrt(patch)] (GATO: [-1, 1] then / sqrt(16) = 4)."""
+    return (patches.float() / 127.5 - 1.0) / math.sqrt(patch)
+
+
+def patch_position_ids(
+    grid: tuple[int, int], bins: int, batch_shape: Sequence[int], *, sample: bool, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column bins ``(*batch_shape, rows*cols)`` int64 of the patches of a ``(rows, cols)`` grid.
+
+    Patch row r covers the normalized interval ``[r/rows, (r+1)/rows)``, quantized to bins ``[lo, hi)``
+    with ``lo = floor(r * bins / rows)`` and ``hi = max(lo + 1, floor((r+1) * bins / rows))``. With
+    ``sample`` (training) each patch of each sample gets a uniform bin in ``[lo, hi)``; otherwise the
+    rounded mean ``(lo + hi - 1) // 2``, which always lies inside the interval. Same for columns.
+    """
+    out = []
+    for axis, n in enumerate(grid):
+        i = torch.arange(n, device=device)
+        lo = (i * bins) // n
+        hi = torch.maximum(lo + 1, ((i + 1) * bins) // n)
+        # Patch p of the raster order sits in row p // cols and column p % cols.
+        p = torch.arange(grid[0] * grid[1], device=device)
+        idx = p // grid[1] if axis == 0 else p % grid[1]
+        lo_P, hi_P = lo[idx], hi[idx]
+        if sample:
+            u = torch.rand((*batch_shape, lo_P.numel()), device=device)
+            ids = lo_P + torch.minimum((u * (hi_P - lo_P)).long(), hi_P - lo_P - 1)
+        else:
+            ids = ((lo_P + hi_P - 1) // 2).expand(*batch_shape, -1)
+        out.append(ids)
+    return out[0], out[1]
+
+
+def _groups(channels: int) -> int:
+    return math.gcd(channels, 8)
+
+
+class PatchEmbedding(nn.Module):
+    """One ResNet v2 block over each normalized patch, then a linear map to D.
+
+    ``(..., patch*patch*C) uint8 -> (..., D)``; C = 1 patches are repeated to 3 channels.
+    """
+
+    def __init__(self, patch: int, n_embd: int, channels: int = PATCH_CHANNELS):
+        super().__init__()
+        self.patch = patch
+        self.norm1 = nn.GroupNorm(_groups(3), 3)
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1)
+        self.norm2 = nn.GroupNorm(_groups(channels), channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.skip = nn.Conv2d(3, channels, 1)
+        self.out = nn.Linear(channels * patch * patch, n_embd)
+
+    def forward(self, patches: torch.Tensor, image_channels: int) -> torch.Tensor:
+        p = self.patch
+        lead = patches.shape[:-1]
+        # Patches are flattened as (patch, patch, C) in C order; convolutions want (C, patch, patch).
+        x = normalize_patches(patches, p).reshape(-1, p, p, image_channels).permute(0, 3, 1, 2)
+        # contiguous(): GroupNorm's backward segfaults on a channels-last (permuted) input in torch 2.13 CPU.
+        x = x.expand(-1, 3, -1, -1).contiguous()
+        h = self.conv1(F.gelu(self.norm1(x)))
+        h = self.conv2(F.gelu(self.norm2(h)))
+        h = h + self.skip(x)
+        return self.out(h.flatten(1)).reshape(*lead, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transformer
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer for B sequences that grow in lockstep.
+
+    ``k[i], v[i]``: (B, H, capacity, hd); ``valid``: (B, capacity) key validity; ``length``: filled
+    positions (the same for all B). A sequence restarts by marking its entries invalid: with no
+    absolute positions, where its tokens sit in the cache does not matter.
+    """
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    valid: torch.Tensor
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.valid.shape[1]
+
+    def clear(self) -> None:
+        self.valid.zero_()
+        self.length = 0
+
+    def update(self, layer: int, k_BxHxLxd: torch.Tensor, v_BxHxLxd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new keys/values at ``[length, length + L)``; return all keys/values so far."""
+        end = self.length + k_BxHxLxd.shape[2]
+        self.k[layer][:, :, self.length : end] = k_BxHxLxd
+        self.v[layer][:, :, self.length : end] = v_BxHxLxd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+
+    def forward(
+        self, x_BxLxD: torch.Tensor, mask_Bx1xLxK: torch.Tensor, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        B, L, D = x_BxLxD.shape
+        q, k, v = (
+            t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x_BxLxD).split(D, dim=2)
+        )
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask_Bx1xLxK, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; the only block implementation (training, full logits, cached acting)."""
+
+    def __init__(self, n_embd: int, n_head: int, d_ff: int, dropout: float):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.attn = Attention(n_embd, n_head, dropout)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, d_ff), nn.GELU(), nn.Linear(d_ff, n_embd))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), mask, cache, layer))
+        return x + self.drop(self.mlp(self.ln2(x)))
+
+
+class GatoModel(nn.Module):
+    """The GATO transformer. ``patch_size`` is the tokenizer's (``tokenizer.patch_size``): the patch
+    embedding's input size depends on it."""
+
+    def __init__(self, cfg: ModelConfig, vocab: VocabLayout, patch_size: int = 16):
+        super().__init__()
+        self.cfg, self.vocab, self.patch_size = cfg, vocab, patch_size
+        n_layer, n_embd, n_head, d_ff = resolve_sizes(cfg)
+        self.n_embd, self.n_head = n_embd, n_head
+        self.tok_emb = nn.Embedding(vocab.size, n_embd)
+        self.local_pos = nn.Embedding(cfg.context, n_embd)
+        self.patch_emb = PatchEmbedding(patch_size, n_embd)
+        self.patch_row = nn.Embedding(cfg.patch_position_bins, n_embd)
+        self.patch_col = nn.Embedding(cfg.patch_position_bins, n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head, d_ff, cfg.dropout) for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd)
+        self.head = nn.Linear(n_embd, vocab.size, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied: see the module docstring
+        self.apply(self._init)
+        for name, p in self.named_parameters():
+            # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
+            # variance does not grow with depth.
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters (a tied weight once); ``non_embedding`` leaves out the lookup tables."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= sum(e.weight.numel() for e in (self.local_pos, self.patch_row, self.patch_col))
+        return n
+
+    # -- embedding ------------------------------------------------------------------------------
+
+    def _image_channels(self, field: LayoutField) -> int:
+        c, rest = divmod(field.channels, self.patch_size**2)
+        if rest or c not in (1, 3):
+            raise ValueError(
+                f"field {field.key!r}: {field.channels} channels per patch is not patch_size^2 * (1 or 3) "
+                f"with patch_size={self.patch_size} (tokenizer.patch_size must match the model's)"
+            )
+        return c
+
+    def embed(
+        self,
+        tokens: Mapping[str, torch.Tensor],
+        fields: Sequence[LayoutField],
+        step_mask_BxE: torch.Tensor | None = None,
+        pos0: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed consecutive fields of E timesteps.
+
+        ``tokens[f.key]``: (B, E, T_f, C_f) ids or uint8 patches; T_f may be fewer than ``f.tokens`` (a
+        partial field while acting). Local positions run from ``pos0`` over the fields in order.
+        Returns ``x (B, E*S, D)``, ``valid (B, E*S)`` and ``ids (B, E*S)`` (pad at image positions),
+        with S = sum of T_f.
+        """
+        xs, valids, ids = [], [], []
+        for f in fields:
+            t = tokens[f.key]
+            if t.ndim != 4 or t.shape[3] != f.channels:
+                raise ValueError(f"field {f.key!r}: expected (B, E, T, {f.channels}), got {tuple(t.shape)}")
+            if f.is_image:
+                if f.grid is None:
+                    raise ValueError(f"image field {f.key!r} has no patch grid in its layout")
+                B, E, T = t.shape[:3]
+                rows, cols = patch_position_ids(
+                    f.grid, self.cfg.patch_position_bins, (B, E), sample=self.training, device=t.device
+                )
+                x = (
+                    self.patch_emb(t, self._image_channels(f))
+                    + self.patch_row(rows[..., :T])
+                    + self.patch_col(cols[..., :T])
+                )
+                xs.append(x)
+                valids.append(torch.ones((B, E, T), dtype=torch.bool, device=t.device))
+                ids.append(torch.full((B, E, T), self.vocab.pad, dtype=torch.long, device=t.device))
+            else:
+                i = t[..., 0].long()
+                xs.append(self.tok_emb(i))
+                valids.append(i != self.vocab.pad)
+                ids.append(i)
+        x = torch.cat(xs, dim=2)
+        B, E, S, D = x.shape
+        if pos0 + S > self.cfg.context:
+            raise ValueError(
+                f"a timestep of {pos0 + S} tokens exceeds model.context={self.cfg.context} local positions"
+            )
+        x = x + self.local_pos(torch.arange(pos0, pos0 + S, device=x.device))
+        valid = torch.cat(valids, dim=2)
+        if step_mask_BxE is not None:
+            valid = valid & step_mask_BxE.bool()[:, :, None]
+        return self.drop(x.reshape(B, E * S, D)), valid.reshape(B, E * S), torch.cat(ids, dim=2).reshape(B, E * S)
+
+    def _check_batch(self, batch: Mapping[str, torch.Tensor], layout: SequenceLayout) -> None:
+        if layout.vocab is not None and layout.vocab != self.vocab:
+            raise ValueError(f"task {layout.task!r}: the layout's vocab {layout.vocab} is not the model's {self.vocab}")
+        for f in layout.fields:
+            t = batch.get(f.key)
+            if t is None:
+                raise KeyError(f"task {layout.task!r}: batch has no field {f.key!r} (keys: {sorted(batch)})")
+            if t.ndim != 4 or tuple(t.shape[2:]) != (f.tokens, f.channels) or t.shape[1] != layout.steps:
+                raise ValueError(
+                    f"task {layout.task!r}: field {f.key!r} has shape {tuple(t.shape)}, expected "
+                    f"(B, {layout.steps}, {f.tokens}, {f.channels})"
+                )
+
+    # -- transformer ----------------------------------------------------------------------------
+
+    def trunk(self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The block stack: hidden states (B, L, D) before the final LayerNorm.
+
+        Without a cache the L tokens attend causally among themselves; with one they are appended at
+        ``cache.length`` and attend to every valid cached key before them as well.
+        """
+        B, L, _ = x_BxLxD.shape
+        dev = x_BxLxD.device
+        start = 0 if cache is None else cache.length
+        if cache is not None:
+            if start + L > cache.capacity:
+                raise ValueError(f"KV cache overflow: {start} + {L} tokens > capacity {cache.capacity}")
+            cache.valid[:, start : start + L] = valid_BxL
+            key_valid_BxK = cache.valid[:, : start + L]
+        else:
+            key_valid_BxK = valid_BxL
+        q_pos = torch.arange(start, start + L, device=dev)[:, None]
+        k_pos = torch.arange(start + L, device=dev)[None, :]
+        # Causal AND the key is valid; a token always sees itself, so no row is empty (NaN).
+        mask_Bx1xLxK = (((k_pos <= q_pos)[None] & key_valid_BxK[:, None, :]) | (k_pos == q_pos)[None])[:, None]
+        for layer, block in enumerate(self.blocks):
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxK, cache, layer)
+        if cache is not None:
+            cache.length = start + L
+        return x_BxLxD
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., D) -> next-token logits (..., V)."""
+        return self.head(self.ln_f(hidden))
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty cache on the model's device and dtype."""
+        p = self.tok_emb.weight
+        hd = self.n_embd // self.n_head
+        shape = (batch_size, self.n_head, capacity, hd)
+        n = len(self.blocks)
+        return KVCache(
+            k=[p.new_zeros(shape) for _ in range(n)],
+            v=[p.new_zeros(shape) for _ in range(n)],
+            valid=torch.zeros((batch_size, capacity), dtype=torch.bool, device=p.device),
+        )
+
+    def prefill(self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Empty ``cache`` and fill it with L tokens; returns their hidden states (B, L, D)."""
+        cache.clear()
+        return self.trunk(x_BxLxD, valid_BxL, cache)
+
+    def extend(self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Append L tokens to ``cache``; returns their hidden states (B, L, D)."""
+        return self.trunk(x_BxLxD, valid_BxL, cache)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], layout: SequenceLayout, return_logits: bool = False
+    ) -> ModelOutput:
+        """Loss on one task's batch of sequence rows (see the module docstring for the targets)."""
+        self._check_batch(batch, layout)
+        step_BxE = batch[STEP_MASK_KEY].bool()
+        x, valid_BxL, ids_BxL = self.embed(batch, layout.fields, step_BxE)
+        B, L = ids_BxL.shape
+        # Loss positions: action-role fields of real, non-prompt steps whose id is not pad.
+        role_S = torch.cat([torch.full((f.tokens,), f.loss, dtype=torch.bool) for f in layout.fields]).to(x.device)
+        counted_BxE = step_BxE & ~batch[PROMPT_MASK_KEY].bool()
+        loss_BxL = (counted_BxE[:, :, None] & role_S).reshape(B, L) & (ids_BxL != self.vocab.pad)
+        # The prediction for j comes from the last valid position before j.
+        pos_L = torch.arange(L, device=x.device)
+        last_valid_BxL = torch.where(valid_BxL, pos_L, -1).cummax(dim=1).values
+        prev_BxL = F.pad(last_valid_BxL[:, :-1], (1, 0), value=-1)
+        b_idx, j_idx = (loss_BxL & (prev_BxL >= 0)).nonzero(as_tuple=True)
+        hidden = self.trunk(x, valid_BxL)
+        logits_NxV = self.logits(hidden[b_idx, prev_BxL[b_idx, j_idx]]).float()
+        targets_N = ids_BxL[b_idx, j_idx]
+        n = torch.tensor(targets_N.numel(), device=x.device)
+        if targets_N.numel():
+            loss = F.cross_entropy(logits_NxV, targets_N)
+        else:
+            loss = logits_NxV.sum() * 0.0  # keeps the graph (and DDP's reducer) intact
+        correct = (logits_NxV.argmax(-1) == targets_N).sum()
+        return ModelOutput(
+            loss=loss, num_loss_tokens=n, num_correct=correct, logits=logits_NxV if return_logits else None
+        )
+
+    def full_logits(self, batch: Mapping[str, torch.Tensor], layout: SequenceLayout) -> torch.Tensor:
+        """(B, L, V): at every position j the logits predicting the token after j (for tests and acting references)."""
+        self._check_batch(batch, layout)
+        x, valid_BxL, _ = self.embed(batch, layout.fields, batch[STEP_MASK_KEY].bool())
+        return self.logits(self.trunk(x, valid_BxL))
+
+
+def count_flops_per_token(model: GatoModel, seq_len: int, logit_fraction: float = 1.0) -> float:
+    """Training FLOPs per token (forward + backward): ``6 N + 12 n_layer D seq_len``.
+
+    N counts the matmul parameters of the blocks and of the head (weighted by ``logit_fraction``, the
+    fraction of positions that get logits: only loss positions do). The attention term counts the full
+    L x L score and value products, as masked SDPA computes them (PaLM's convention).
+    """
+    blocks = sum(p.numel() for p in model.blocks.parameters())
+    head = model.head.weight.numel() * logit_fraction
+    return 6.0 * (blocks + head) + 12.0 * len(model.blocks) * model.n_embd * seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_model(model: GatoModel, path: str | Path) -> Path:
+    """Write ``{"format", "model_config", "vocab", "patch_size", "state_dict"}`` atomically (temp file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": dataclasses.asdict(model.cfg),
+        "vocab": {"text_size": model.vocab.text_size, "value_bins": model.vocab.value_bins},
+        "patch_size": model.patch_size,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GatoModel:
+    """Rebuild a model saved by :func:`save_model`; never executes code (``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise CheckpointError(f"model checkpoint {path} is corrupt or not a torch file: {e}") from e
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(f"model checkpoint {path}: expected format {CHECKPOINT_FORMAT}, got {got!r}")
+    try:
+        cfg = ModelConfig(**payload["model_config"])
+        vocab = VocabLayout(**payload["vocab"])
+        model = GatoModel(cfg, vocab, patch_size=int(payload["patch_size"]))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"model checkpoint {path} does not describe a GatoModel: {e}") from e
+    return model.to(map_location)

@@ -1,0 +1,448 @@
+"""Rollout actors: one class runs a policy in N lockstepped Gymnasium envs and returns Episodes.
+
+The same ``RolloutWorker`` serves expert collection, online experience and evaluation (RLlib's EnvRunner
+is the model); only its ``PolicySpec`` differs. ``sample(seeds)`` runs exactly one episode per seed:
+
+- the N envs step in lockstep and ``policy.act`` is called once per step on all N observations, so a model
+  policy decodes one batch per step;
+- an env whose episode ends takes the next seed at once (autoreset style) and ``policy.reset([i], [seed])``
+  is called for it; an episode's data therefore depends only on its seed, not on its slot or actor;
+- when no seeds are left, a slot keeps running a throw-away episode so that stateful experts (the BabyAI
+  bot) always act on a live env; its data is discarded;
+- an env that raises in ``reset`` or ``step`` loses that episode (reported in ``failed``), is rebuilt, and
+  the slot goes on with the next seed;
+- kept episodes can be written atomically as ONE Parquet file per call, so a crashed call leaves nothing.
+
+``RolloutActor`` is the Ray actor of the same class: Ray restarts it when its process dies and retries the
+call, which is safe because a call's output depends only on its seeds and is written once at the end.
+``run_on_pool`` runs chunks of seeds on a pool of them, sized to the free CPUs; collection and evaluation
+both use it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import gymnasium as gym
+import numpy as np
+import ray
+
+from mugato_ray.episodes import Episode, read_episodes, write_episodes
+
+if TYPE_CHECKING:
+    from mugato_ray.config import Config
+    from mugato_ray.tasks import TaskInfo
+
+POLICY_KINDS = ("expert", "random", "model")
+ACTOR_MAX_RESTARTS = 3
+"""How often Ray restarts a dead rollout actor (and retries its call) before the call fails."""
+CHUNK_ENVS = 4
+"""A chunk (one ``sample`` call) holds up to this many episodes per env: enough to amortize its idle tail."""
+
+
+class Policy(Protocol):
+    """Acts in N envs at once; per-env randomness is seeded from the episode seed given to ``reset``."""
+
+    def reset(self, env_ids: Sequence[int], seeds: Sequence[int]) -> None: ...
+
+    def act(self, observations: dict[str, np.ndarray | list[str]]) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A picklable recipe for the policy an actor builds for itself (see ``make_policy``)."""
+
+    kind: Literal["expert", "random", "model"]
+    """"expert": the task's expert; "random": uniform actions; "model": a GATO checkpoint."""
+    checkpoint: str | None = None
+    """Model checkpoint file (kind="model" only)."""
+    temperature: float = 0.0
+    """Sampling temperature of the model policy (0: greedy)."""
+    prompt: bool = False
+    """Prompt the model with a successful expert demonstration from the task's store."""
+
+    def __post_init__(self):
+        if self.kind not in POLICY_KINDS:
+            raise ValueError(f"PolicySpec.kind must be one of {POLICY_KINDS}, got {self.kind!r}")
+        if self.kind == "model" and not self.checkpoint:
+            raise ValueError("PolicySpec(kind='model') needs a checkpoint path")
+        if self.temperature < 0:
+            raise ValueError(f"PolicySpec.temperature must be non-negative, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class FaultInjection:
+    """A test hook that kills the actor process on purpose (env errors: the "crash_at_step" wrapper)."""
+
+    exit_seed: int | None = None
+    """The process hard-exits when it starts this seed."""
+    exit_marker: str | None = None
+    """File created just before the exit; when it exists the exit is not repeated, so the retried call
+    succeeds. None: exit on every attempt (a crash that no retry fixes)."""
+
+
+@dataclass
+class RolloutResult:
+    """What one ``sample`` call produced."""
+
+    episodes: list[Episode]
+    """Kept episodes, in the order of the requested seeds (empty when not asked to return them)."""
+    returns: list[float]
+    """Returns of the kept episodes, in the same order (always filled)."""
+    failed: list[dict]
+    """One ``{"seed": int, "error": str}`` per episode lost to an env error."""
+    env_steps: int
+    """Env steps of finished episodes (kept and filtered); throw-away steps of idle slots are not counted."""
+    seconds: float
+    """Wall time of the call."""
+    filtered: int = 0
+    """Finished episodes dropped by the return filter (min_return)."""
+    files: list[str] = field(default_factory=list)
+    """Parquet files written (at most one)."""
+
+
+def store_dir(cfg: Config, task: str) -> Path:
+    """Where a task's episodes live: ``<run_dir>/data/<task>/``."""
+    return Path(cfg.run_dir) / "data" / task
+
+
+def chunk_file_name(source: str, worker_index: int, seeds: Sequence[int]) -> str:
+    """The file one ``sample`` call writes: deterministic, so a retried call cannot write a second copy."""
+    return f"{source}-w{worker_index}-{seeds[0]}-{seeds[-1]}.parquet"
+
+
+# ------------------------------------------------------------------------------------------- policies
+
+
+def make_policy(spec: PolicySpec, task: TaskInfo, envs: Sequence[gym.Env], cfg: Config) -> Policy:
+    """Build the policy of ``spec`` for ``envs`` (imports are lazy: an expert actor never loads torch)."""
+    from mugato_ray import experts
+
+    if spec.kind == "expert":
+        return experts.make_expert(task, envs)
+    if spec.kind == "random":
+        return experts.RandomPolicy(envs[0].action_space, len(envs))
+
+    import torch
+
+    from mugato_ray import sequence, tasks, tokenizer
+    from mugato_ray.model import load_model
+    from mugato_ray.policy import ModelPolicy
+
+    model = load_model(spec.checkpoint)
+    space = tasks.task_spec(task.name, cfg)
+    # The checkpoint's own context decides the acting window; cfg.model may describe another model.
+    context = getattr(getattr(model, "cfg", None), "context", cfg.model.context)
+    layout = sequence.make_layout(task.name, space, context)
+    text_tokenizer = tokenizer.make_text_tokenizer(cfg.tokenizer)
+    prompt = demonstration_prompt(task.name, space, layout, text_tokenizer, cfg) if spec.prompt else None
+    # Modules hold no device: this actor places the model on a GPU only when Ray gave it one.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ModelPolicy(model, space, layout, text_tokenizer, len(envs), temperature=spec.temperature,
+                       device=device, prompt_tokens=prompt)
+
+
+def demonstration_prompt(task: str, space: Any, layout: Any, text_tokenizer: Any, cfg: Config) -> dict:
+    """The last ``layout.steps // 2`` tokenized steps of the best successful expert episode in the store.
+
+    GATO prompts with a demonstration of the same task; the end of an episode shows the goal being reached.
+    The choice is deterministic (highest return, then episode_id), so every actor uses the same prompt.
+    Raises FileNotFoundError naming the store when it holds no suitable expert episode.
+    """
+    from mugato_ray import sequence
+
+    folder = store_dir(cfg, task)
+    best = None
+    for file in sorted(folder.glob("expert-*.parquet")) if folder.is_dir() else []:
+        for ep in read_episodes(file):
+            if ep.success is False:
+                continue
+            key = (ep.episode_return, ep.episode_id)
+            if best is None or key > (best.episode_return, best.episode_id):
+                best = ep
+    if best is None:
+        raise FileNotFoundError(f"prompting needs a successful expert episode of task {task!r} in {folder}; "
+                                "run jobs/collect.py first")
+    keep = layout.steps // 2  # as in training, a prompt fills at most half the window
+    if keep < 1:
+        raise ValueError(f"task {task!r}: a window of {layout.steps} step(s) leaves no room for a prompt; "
+                         "raise model.context or act without prompt")
+    tokens = sequence.tokenize_episode(best, space, text_tokenizer)
+    return {key: arr[-keep:] for key, arr in tokens.items()}
+
+
+# ------------------------------------------------------------------------------------------- envs
+
+
+class _EnvSlot(gym.Wrapper):
+    """A stable handle on slot i's env. Policies keep this object; ``rebuild`` swaps the env inside,
+    so an expert that reads ``env.unwrapped`` sees the new env after its next ``reset``."""
+
+    def __init__(self, make):
+        self._make = make
+        super().__init__(make())
+
+    def rebuild(self) -> None:
+        try:
+            self.env.close()
+        except Exception:  # noqa: BLE001 - a broken env may fail to close; it is dropped either way
+            pass
+        self.env = self._make()
+
+
+class _Trajectory:
+    """Steps of one running episode: flat observations, actions and rewards."""
+
+    def __init__(self, seed: int):
+        self.seed, self.obs, self.actions, self.rewards = seed, [], [], []
+
+    def add(self, obs: dict, action: np.ndarray, reward: float) -> None:
+        # Copy: some env wrappers return views of a buffer they overwrite on the next step.
+        self.obs.append({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in obs.items()})
+        self.actions.append(action)
+        self.rewards.append(reward)
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+class RolloutWorker:
+    """N envs of one task and one policy; ``sample(seeds)`` runs one episode per seed (see module doc)."""
+
+    def __init__(self, task: str | TaskInfo, policy: PolicySpec, cfg: Config, num_envs: int | None = None,
+                 worker_index: int = 0, *, faults: FaultInjection | None = None):
+        from mugato_ray import envs, tasks
+
+        # A TaskInfo (not only a name) lets a caller run a task registered in its own process only.
+        self.info = tasks.get_task(task)
+        if self.info.env_id is None:
+            raise ValueError(f"task {task!r} has no environment (dataset {self.info.dataset!r}); "
+                             "its episodes come from mugato_ray.datasets, not from rollouts")
+        self.cfg, self.policy_spec, self.worker_index = cfg, policy, worker_index
+        self.faults = faults or FaultInjection()
+        self.num_envs = num_envs or cfg.rollout.envs_per_actor
+        self.max_steps = cfg.rollout.max_episode_steps
+        self._envs = envs
+        self.envs = [_EnvSlot(lambda: envs.make_env(self.info)) for _ in range(self.num_envs)]
+        self.spec = tasks.task_spec(self.info, cfg)
+        self.policy = make_policy(policy, self.info, self.envs, cfg)
+
+    def _maybe_exit(self, seed: int) -> None:
+        f = self.faults
+        if f.exit_seed == seed and not (f.exit_marker and os.path.exists(f.exit_marker)):
+            if f.exit_marker:
+                Path(f.exit_marker).touch()
+            os._exit(1)  # a hard crash: no cleanup, no exception for Ray to catch
+
+    def sample(self, seeds: Sequence[int], *, source: str = "expert", store_dir: str | Path | None = None,
+               min_return: float | None = None, return_episodes: bool = True) -> RolloutResult:
+        """Run one episode per seed; keep those with return >= min_return; optionally write them to store_dir.
+
+        ``return_episodes=False`` returns counts and returns only: a collector that stores the episodes
+        need not ship them (images included) back through the object store.
+        """
+        t0 = time.perf_counter()
+        seeds = [int(s) for s in seeds]
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"sample({self.info.name!r}): seeds must be distinct, got {seeds}")
+        if not seeds:
+            return RolloutResult(episodes=[], returns=[], failed=[], env_steps=0, seconds=0.0)
+        n, flatten = self.num_envs, self._envs.flatten_observation
+        queue, finished, failed = deque(seeds), {}, []
+        trajs: list[_Trajectory | None] = [None] * n  # None: the slot is idle (throw-away episode)
+        obs: list[dict | None] = [None] * n
+        resets: list[tuple[int, int]] = []
+
+        def fail(i: int, seed: int, err: Exception) -> None:
+            failed.append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
+            self.envs[i].rebuild()
+
+        def start(i: int) -> None:
+            """Give slot i the next seed (or a throw-away episode when none is left)."""
+            while queue:
+                seed = queue.popleft()
+                self._maybe_exit(seed)
+                try:
+                    raw, _ = self.envs[i].reset(seed=seed)
+                except Exception as e:  # noqa: BLE001 - any env error loses only this episode
+                    fail(i, seed, e)
+                    continue
+                obs[i], trajs[i] = flatten(raw, self.envs[i].observation_space), _Trajectory(seed)
+                resets.append((i, seed))
+                return
+            trajs[i] = None
+            idle_seed = seeds[-1]
+            try:
+                raw, _ = self.envs[i].reset(seed=idle_seed)
+            except Exception:  # noqa: BLE001 - one rebuild, then a persistent error is real
+                self.envs[i].rebuild()
+                raw, _ = self.envs[i].reset(seed=idle_seed)
+            obs[i] = flatten(raw, self.envs[i].observation_space)
+            resets.append((i, idle_seed))
+
+        def flush_resets() -> None:
+            if resets:
+                self.policy.reset([i for i, _ in resets], [s for _, s in resets])
+                resets.clear()
+
+        for i in range(n):
+            start(i)
+        flush_resets()
+        action_dtype = self.envs[0].action_space.dtype
+        while any(t is not None for t in trajs):
+            actions = np.asarray(self.policy.act(self._envs.stack_observations(obs)), dtype=action_dtype)
+            if actions.shape[:1] != (n,):
+                raise ValueError(f"policy {self.policy_spec.kind!r} of task {self.info.name!r} returned actions "
+                                 f"of shape {actions.shape}, expected ({n}, ...)")
+            for i, env in enumerate(self.envs):
+                traj = trajs[i]
+                try:
+                    raw, reward, terminated, truncated, info = env.step(actions[i])
+                except Exception as e:  # noqa: BLE001 - any env error loses only this episode
+                    if traj is not None:
+                        fail(i, traj.seed, e)
+                    else:
+                        env.rebuild()
+                    start(i)
+                    continue
+                if traj is not None:
+                    traj.add(obs[i], actions[i], float(reward))
+                    truncated = truncated or (self.max_steps is not None and len(traj.rewards) >= self.max_steps)
+                    if terminated or truncated:
+                        finished[traj.seed] = self._episode(traj, source, bool(terminated), info)
+                if terminated or truncated:
+                    start(i)
+                else:
+                    obs[i] = flatten(raw, env.observation_space)
+            flush_resets()
+
+        done = [finished[s] for s in seeds if s in finished]
+        kept = [ep for ep in done if min_return is None or ep.episode_return >= min_return]
+        files = []
+        if store_dir is not None and kept:
+            path = Path(store_dir) / chunk_file_name(source, self.worker_index, seeds)
+            # A retried call whose first attempt died after writing finds its (identical) file: keep it.
+            files = [str(path)] if path.exists() else [str(p) for p in write_episodes(
+                store_dir, kept, name=path.name, spec=self.spec)]
+        return RolloutResult(episodes=kept if return_episodes else [], returns=[ep.episode_return for ep in kept],
+                             failed=failed, env_steps=sum(ep.length for ep in done),
+                             seconds=time.perf_counter() - t0, filtered=len(done) - len(kept), files=files)
+
+    def _episode(self, traj: _Trajectory, source: str, terminated: bool, info: dict) -> Episode:
+        rewards = np.asarray(traj.rewards, dtype=np.float32)
+        ep_return = float(np.sum(rewards, dtype=np.float64))
+        return Episode(
+            task=self.info.name, episode_id=f"{self.info.name}-{source}-{traj.seed}", source=source,
+            seed=traj.seed, observations=self._envs.stack_observations(traj.obs), actions=np.stack(traj.actions),
+            rewards=rewards, terminated=terminated,
+            success=self._envs.is_success(self.info, ep_return, terminated, info),
+        ).validate(self.spec)
+
+    def close(self) -> None:
+        for env in self.envs:
+            env.close()
+
+
+RolloutActor = ray.remote(max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)(RolloutWorker)
+"""The Ray actor of RolloutWorker: restarted when its process dies, its pending call retried."""
+
+
+# ------------------------------------------------------------------------------------------- pool
+
+
+def split_seeds(seeds: Sequence[int], num_actors: int, envs_per_actor: int) -> list[list[int]]:
+    """Seeds in consecutive chunks (one ``sample`` call each): at most ``envs_per_actor * CHUNK_ENVS`` long,
+    and short enough that every one of ``num_actors`` actors gets work."""
+    seeds = [int(s) for s in seeds]
+    per_actor = math.ceil(len(seeds) / max(1, num_actors))
+    size = max(1, min(envs_per_actor * CHUNK_ENVS, per_actor))
+    return [seeds[i:i + size] for i in range(0, len(seeds), size)]
+
+
+def actor_count(cfg: Config, wanted: int, log: Callable[[str], None] = print) -> int:
+    """Actors that fit in the free CPUs now (at least one), so a small machine runs fewer, never hangs."""
+    need, total = cfg.rollout.actor_cpus, ray.cluster_resources().get("CPU", 0.0)
+    if need > total:
+        raise ValueError(f"rollout.actor_cpus={need} exceeds the cluster's {total} CPUs: no actor could start")
+    if need <= 0:
+        return wanted
+    fit = int(ray.available_resources().get("CPU", 0.0) // need + 1e-9)
+    n = max(1, min(wanted, fit))
+    if n < wanted:
+        log(f"rollout: {n} rollout actors instead of {wanted}: {fit} fit in the free CPUs "
+            f"at rollout.actor_cpus={need}")
+    return n
+
+
+def kill_actors(actors: Sequence, cpus_each: float, timeout_s: float = 10.0) -> None:
+    """Kill the actors and wait (briefly) until Ray shows their CPUs free again.
+
+    ray.kill returns before the processes are gone; a pool started right after (the next task's) would
+    otherwise see the CPUs still taken and start fewer actors.
+    """
+    if not actors:
+        return
+    target = ray.available_resources().get("CPU", 0.0) + len(actors) * cpus_each
+    for actor in actors:
+        ray.kill(actor)
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0.0) + 1e-9 < target and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def run_on_pool(task: str | TaskInfo, policy: PolicySpec, cfg: Config, chunks: Sequence[Sequence[int]],
+                on_result: Callable[[list[int], RolloutResult], None], *, sample_kwargs: dict | None = None,
+                faults: FaultInjection | None = None,
+                on_error: Callable[[list[int], Exception], None] | None = None,
+                log: Callable[[str], None] = print) -> None:
+    """Run ``sample(chunk, **sample_kwargs)`` for every chunk on a pool of RolloutActors, then kill them.
+
+    The pool has ``min(rollout.num_actors, len(chunks))`` actors (fewer when the free CPUs do not fit them),
+    ``rollout.envs_per_actor`` envs each; an actor gets the next chunk as soon as it returns one, so a slow
+    chunk never idles the others. ``on_result(chunk, result)`` runs in the driver in completion order (for
+    progress lines). A call that raises goes to ``on_error(chunk, err)`` when given, else the error
+    propagates; an actor that died past its restarts (e.g. an env that segfaults on one seed, every time)
+    is replaced, so the other chunks still run. Actor k is built with ``worker_index=k``.
+    """
+    todo = deque([list(c) for c in chunks])
+    if not todo:
+        return
+
+    def new_actor(k: int):
+        return RolloutActor.options(num_cpus=cfg.rollout.actor_cpus).remote(
+            task, policy, cfg, cfg.rollout.envs_per_actor, k, faults=faults)
+
+    actors = [new_actor(k) for k in range(actor_count(cfg, min(cfg.rollout.num_actors, len(todo)), log))]
+    running: dict[Any, tuple[int, list[int]]] = {}  # object ref -> (actor index, chunk)
+
+    def submit(k: int) -> None:
+        chunk = todo.popleft()
+        running[actors[k].sample.remote(chunk, **(sample_kwargs or {}))] = (k, chunk)
+
+    try:
+        for k in range(len(actors)):
+            submit(k)
+        while running:
+            (ref,), _ = ray.wait(list(running), num_returns=1)
+            k, chunk = running.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - a lost call is the caller's to count or raise
+                if on_error is None:
+                    raise
+                if isinstance(e, ray.exceptions.RayActorError):
+                    actors[k] = new_actor(k)  # the old one is gone for good; nothing of its chunk was written
+                on_error(chunk, e)
+            else:
+                on_result(chunk, result)
+            if todo:
+                submit(k)
+    finally:
+        kill_actors(actors, cfg.rollout.actor_cpus)

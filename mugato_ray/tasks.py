@@ -1,0 +1,202 @@
+"""The task registry: a plain table from task name to environment, wrappers, expert and success criterion.
+
+A task whose Gymnasium spaces are standard needs no code, only a row (or a ``register_task`` call).
+Dataset tasks (text, vision-language) have no environment: their episodes come from
+``mugato_ray.datasets`` and ``task_spec`` delegates to ``datasets.dataset_spec``.
+
+Reference returns (expert and random, measured with our own code over >= 20 seeds by
+``jobs/measure_references.py``) live in ``references.yaml`` next to this file; they turn returns into
+GATO's normalized score ``(score - random) / (expert - random)``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+if TYPE_CHECKING:
+    from mugato_ray.config import Config
+    from mugato_ray.tokenizer import SpaceSpec
+
+DOMAINS = ("babyai", "classic", "mujoco", "atari", "text", "vqa")
+ENV_DOMAINS = ("babyai", "classic", "mujoco", "atari")
+REFERENCES_PATH = Path(__file__).with_name("references.yaml")
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """One row of the registry."""
+
+    name: str
+    """Registry key, e.g. "CartPole-v1", "BabyAI-GoToRedBall-v0", "ALE/Pong-v5", "text-arith"."""
+    domain: str
+    """One of DOMAINS; env domains also decide which package registers the env id (minigrid, ale_py)."""
+    env_id: str | None = None
+    """Gymnasium id; None for dataset tasks."""
+    env_kwargs: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    """Keyword arguments of gym.make."""
+    wrappers: tuple[str, ...] = ()
+    """Names in envs.WRAPPERS, applied in order; "name:arg" passes an argument."""
+    expert: str = "none"
+    """"babyai_bot" | "scripted:<name in experts.SCRIPTED>" | "rllib:<checkpoint dir>" | "none"."""
+    success: str | None = None
+    """A criterion of envs.SUCCESS ("babyai", "terminated", "return_at_least:<x>"); None: the task defines none."""
+    max_episode_steps: int | None = None
+    """TimeLimit applied by envs.make_env (None: the env's own limit)."""
+    dataset: str | None = None
+    """Name in datasets.DATASETS for dataset tasks."""
+
+    @property
+    def has_env(self) -> bool:
+        return self.env_id is not None
+
+
+def _babyai(level: str) -> TaskInfo:
+    # The bot solves these levels; success is BabyAI's own: a positive reward only comes with success.
+    return TaskInfo(
+        name=f"BabyAI-{level}-v0",
+        domain="babyai",
+        env_id=f"BabyAI-{level}-v0",
+        wrappers=("babyai",),
+        expert="babyai_bot",
+        success="babyai",
+    )
+
+
+def _atari(game: str) -> TaskInfo:
+    # ALE's native grayscale frame (no RGB->gray conversion in Python), area-resized to 84x84x1 by the
+    # wrapper: 36 patches of 16x16 per step after zero-padding to 96x96. Expert: an RLlib PPO checkpoint,
+    # trained at cluster scale with jobs/train_expert.py, then set with register_task(replace(...)).
+    return TaskInfo(
+        name=f"ALE/{game}-v5",
+        domain="atari",
+        env_id=f"ALE/{game}-v5",
+        env_kwargs={"obs_type": "grayscale"},
+        wrappers=("atari_gray84",),
+    )
+
+
+_TABLE: tuple[TaskInfo, ...] = (
+    _babyai("GoToRedBall"),
+    _babyai("GoToLocal"),
+    _babyai("PickupLoc"),
+    _babyai("OpenDoor"),
+    TaskInfo("CartPole-v1", "classic", "CartPole-v1", expert="scripted:cartpole", success="return_at_least:475"),
+    # Acrobot and MountainCar terminate exactly when the goal is reached.
+    TaskInfo("Acrobot-v1", "classic", "Acrobot-v1", expert="scripted:acrobot", success="terminated"),
+    TaskInfo("MountainCar-v0", "classic", "MountainCar-v0", expert="scripted:mountaincar", success="terminated"),
+    # Pendulum has no goal state; -400 separates swinging up and balancing from failing to (random: ~-1200).
+    TaskInfo("Pendulum-v1", "classic", "Pendulum-v1", expert="scripted:pendulum", success="return_at_least:-400"),
+    # float64 observations are stored as float32: tokenization bins are far coarser than float32 precision.
+    TaskInfo(
+        "InvertedPendulum-v5",
+        "mujoco",
+        "InvertedPendulum-v5",
+        wrappers=("float32_obs",),
+        expert="scripted:inverted_pendulum",
+        success="return_at_least:1000",
+    ),
+    _atari("Pong"),
+    _atari("Breakout"),
+    TaskInfo("text-arith", "text", dataset="arith"),
+    TaskInfo("vqa-minigrid-color", "vqa", dataset="vqa_color"),
+    TaskInfo("text-files", "text", dataset="text_files"),
+)
+
+TASKS: dict[str, TaskInfo] = {t.name: t for t in _TABLE}
+
+
+def get_task(name: str | TaskInfo) -> TaskInfo:
+    """The registry row of ``name`` (a TaskInfo is returned as is). Unknown -> ValueError listing the known names."""
+    if isinstance(name, TaskInfo):
+        return name
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
+
+
+def validate_task(info: TaskInfo) -> TaskInfo:
+    """Check a row against the known domains, wrappers, experts and success criteria; return it."""
+    from mugato_ray import envs, experts  # lazy: both import this module
+
+    where = f"task {info.name!r}"
+    if not info.name:
+        raise ValueError("a task needs a non-empty name")
+    if info.domain not in DOMAINS:
+        raise ValueError(f"{where}: domain must be one of {DOMAINS}, got {info.domain!r}")
+    if (info.domain in ENV_DOMAINS) != info.has_env:
+        raise ValueError(
+            f"{where}: domain {info.domain!r} {'needs' if info.domain in ENV_DOMAINS else 'takes no'} env_id"
+        )
+    if not info.has_env and not info.dataset:
+        raise ValueError(f"{where}: a task without env_id needs a dataset name")
+    for w in info.wrappers:
+        envs.parse_wrapper(w, where)
+    experts.parse_expert(info.expert, where)
+    if info.success is not None:
+        envs.success_criterion(info.success, where)
+    if info.max_episode_steps is not None and info.max_episode_steps < 1:
+        raise ValueError(f"{where}: max_episode_steps must be >= 1, got {info.max_episode_steps}")
+    return info
+
+
+def register_task(info: TaskInfo, *, replace: bool = False) -> None:
+    """Add a row (validated). Replacing an existing name needs ``replace=True``: silent shadowing hides typos.
+
+    A registration lives in this process only: Ray actors see the table as imported, so a task they must
+    run is either a table row or registered in the actor (or passed to them as a TaskInfo).
+    """
+    validate_task(info)
+    if info.name in TASKS and not replace:
+        raise ValueError(f"task {info.name!r} is already registered; pass replace=True to replace it")
+    TASKS[info.name] = info
+
+
+@functools.lru_cache(maxsize=1)
+def _references() -> dict[str, dict]:
+    data = yaml.safe_load(REFERENCES_PATH.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{REFERENCES_PATH}: expected a mapping task -> {{expert_return, random_return, ...}}")
+    return data
+
+
+def reference_returns(name: str) -> tuple[float | None, float | None]:
+    """(expert_return, random_return) measured for ``name``; (None, None) where none was measured."""
+    get_task(name)  # unknown names are errors, not silently unreferenced
+    row = _references().get(name) or {}
+    expert, random = row.get("expert_return"), row.get("random_return")
+    return (None if expert is None else float(expert), None if random is None else float(random))
+
+
+@functools.lru_cache(maxsize=64)
+def env_spaces(info: TaskInfo) -> tuple[Any, Any]:
+    """(observation_space, action_space) of the task's wrapped env, built once per process."""
+    from mugato_ray.envs import make_env
+
+    env = make_env(info)
+    try:
+        return env.observation_space, env.action_space
+    finally:
+        env.close()
+
+
+def task_spec(name: str | TaskInfo, cfg: Config) -> SpaceSpec:
+    """How the task's observations and actions become tokens, under ``cfg.tokenizer``.
+
+    Env tasks: from the wrapped env's spaces via tokenizer.space_spec. Dataset tasks: datasets.dataset_spec.
+    """
+    info = get_task(name)
+    if not info.has_env:
+        from mugato_ray.datasets import dataset_spec
+
+        return dataset_spec(info.name, cfg)
+    from mugato_ray.tokenizer import make_vocab, space_spec
+
+    obs_space, act_space = env_spaces(info)
+    return space_spec(obs_space, act_space, cfg.tokenizer, make_vocab(cfg.tokenizer))

@@ -1,0 +1,158 @@
+"""Parallel collection into the store, through Ray actors; the shared job command line; the collect job."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+import ray
+
+from mugato_ray import tasks
+from mugato_ray.cli import parse_job_args
+from mugato_ray.collect import chunk_seeds, collect, min_return
+from mugato_ray.config import config_from_dict
+from mugato_ray.episodes import read_episodes
+from mugato_ray.rollout import FaultInjection, PolicySpec, actor_count, run_on_pool, store_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def make_cfg(tmp_path, tasks, **rollout):
+    return config_from_dict({
+        "run_dir": str(tmp_path / "run"),
+        "rollout": {"num_actors": 2, "envs_per_actor": 2, "actor_cpus": 0.5, "max_episode_steps": 40, **rollout},
+        "tasks": tasks,
+    })
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_chunks_cover_the_seeds_once():
+    cfg = config_from_dict({"rollout": {"num_actors": 3, "envs_per_actor": 2, "seed": 100},
+                            "tasks": [{"name": "CartPole-v1", "episodes": 50}]})
+    chunks = chunk_seeds(cfg, cfg.tasks[0])
+    assert [s for c in chunks for s in c] == list(range(100, 150))
+    assert max(len(c) for c in chunks) == 2 * 4  # envs_per_actor * CHUNK_ENVS
+    small = config_from_dict({"rollout": {"num_actors": 2}, "tasks": [{"name": "CartPole-v1", "episodes": 4}]})
+    assert len(chunk_seeds(small, small.tasks[0])) == 2  # every actor gets work
+
+
+@pytest.fixture
+def references(monkeypatch):
+    """Fixed reference returns, so the filter tests do not depend on measured numbers."""
+    table = {"CartPole-v1": (500.0, 20.0), "Pendulum-v1": (-150.0, -1200.0)}
+    monkeypatch.setattr(tasks, "reference_returns", lambda name: table.get(name, (None, None)))
+    return table
+
+
+def test_gato_threshold_is_relative_to_random(references):
+    cfg = config_from_dict({"data": {"min_return_fraction": 0.8}})
+    expert, random = references["Pendulum-v1"]
+    threshold = min_return(cfg, "Pendulum-v1")
+    assert random < threshold < expert  # f * expert would exceed the (negative) expert return
+    assert threshold == pytest.approx(random + 0.8 * (expert - random))
+    assert min_return(config_from_dict({}), "CartPole-v1") is None  # fraction 0: no filter
+    assert min_return(cfg, "Acrobot-v1") is None  # no expert reference: nothing to filter against
+
+
+def test_two_actors_collect_every_episode(ray_local, tmp_path):
+    cfg = make_cfg(tmp_path, [{"name": "CartPole-v1", "episodes": 6}, {"name": "text-arith", "episodes": 3}])
+    lines = []
+    out = collect(cfg, log=lines.append)
+    s = out["CartPole-v1"]
+    assert (s.requested, s.kept, s.filtered, s.failed) == (6, 6, 0, 0)
+    assert s.env_steps == 6 * 40 and s.mean_return == 40.0
+    store = store_dir(cfg, "CartPole-v1")
+    chunks = chunk_seeds(cfg, cfg.tasks[0])
+    assert len(files_in(store)) == len(chunks) and s.files == sorted(str(store / f) for f in files_in(store))
+    eps = read_episodes(store)
+    assert sorted(ep.episode_id for ep in eps) == sorted(f"CartPole-v1-expert-{i}" for i in range(6))
+    progress = [line for line in lines if line.startswith("collect CartPole-v1:")]
+    assert len(progress) == len(chunks) and progress[-1].startswith("collect CartPole-v1: 6/6 episodes")
+    assert out["text-arith"].kept == 3 and len(read_episodes(store_dir(cfg, "text-arith"))) == 3
+
+    with pytest.raises(FileExistsError, match="already holds"):
+        collect(cfg, log=lines.append)
+    again = collect(cfg, resume=True, log=lines.append)  # nothing is run twice
+    assert again["CartPole-v1"].kept == 6 and again["CartPole-v1"].env_steps == 0
+    assert len(read_episodes(store)) == 6
+
+
+def test_dead_actor_run_completes_without_partial_files(ray_local, tmp_path):
+    cfg = make_cfg(tmp_path, [{"name": "CartPole-v1", "episodes": 8}])
+    marker = tmp_path / "exited"
+    s = collect(cfg, faults=FaultInjection(exit_seed=5, exit_marker=str(marker)), log=lambda _: None)["CartPole-v1"]
+    assert marker.exists() and s.kept == 8 and s.failed == 0
+    store = store_dir(cfg, "CartPole-v1")
+    assert all(not name.startswith(".") for name in files_in(store))
+    assert sorted(ep.seed for ep in read_episodes(store)) == list(range(8))  # each seed exactly once
+
+
+def test_gato_filter_in_collection(ray_local, tmp_path, references):
+    """Random play on CartPole stays far below the expert reference: every episode is filtered out."""
+    cfg = make_cfg(tmp_path, [{"name": "CartPole-v1", "episodes": 4}], max_episode_steps=None, num_actors=1)
+    cfg.data.min_return_fraction = 0.5
+    s = collect(cfg, PolicySpec("random"), source="expert", log=lambda _: None)["CartPole-v1"]
+    assert (s.kept, s.filtered) == (0, 4) and s.files == [] and s.mean_return is None
+    assert not store_dir(cfg, "CartPole-v1").exists()
+    online = collect(cfg, PolicySpec("random"), source="random", log=lambda _: None)["CartPole-v1"]
+    assert (online.kept, online.filtered) == (4, 0)  # the filter applies to expert data only
+
+
+def test_actor_count_fits_the_cluster(ray_local, tmp_path):
+    assert actor_count(make_cfg(tmp_path, [], actor_cpus=0.5), 8, log=lambda _: None) == 4
+    assert actor_count(make_cfg(tmp_path, [], actor_cpus=1.5), 2, log=lambda _: None) == 1
+    with pytest.raises(ValueError, match="actor_cpus"):
+        actor_count(make_cfg(tmp_path, [], actor_cpus=3.0), 1)
+
+
+def test_pool_raises_a_failed_call_unless_told_otherwise(ray_local, tmp_path):
+    cfg = make_cfg(tmp_path, [], num_actors=1)
+    got = []
+    with pytest.raises(ValueError, match="distinct"):  # a bug in a call is not swallowed
+        run_on_pool("CartPole-v1", PolicySpec("expert"), cfg, [[1, 1]], lambda c, r: got.append(c))
+    run_on_pool("CartPole-v1", PolicySpec("expert"), cfg, [[1, 1], [2, 3]], lambda c, r: got.append(c),
+                on_error=lambda c, e: got.append(("error", c)))
+    assert sorted(map(str, got)) == sorted(map(str, [("error", [1, 1]), [2, 3]]))
+
+
+def test_parse_job_args(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: /tmp/x\nrollout: {num_actors: 3}\n")
+    cfg, args = parse_job_args(["--config", str(path), "rollout.seed=7", "run_dir=/tmp/y"], "d",
+                               add_args=lambda p: p.add_argument("--resume", action="store_true"))
+    assert (cfg.rollout.num_actors, cfg.rollout.seed, cfg.run_dir, args.resume) == (3, 7, "/tmp/y", False)
+    with pytest.raises(SystemExit):
+        parse_job_args(["--config", str(path), "rollout.nope=1"], "d")
+
+
+def test_collect_job_smoke(ray_local, tmp_path, capsys):
+    """The job end to end, in this process (init_ray joins the running Ray instead of starting one)."""
+    job = runpy.run_path(str(ROOT / "jobs" / "collect.py"), run_name="collect_job")
+    run = tmp_path / "run"
+    job["main"](["--config", str(ROOT / "configs" / "smoke.yaml"), f"run_dir={run}",
+                 "tasks=[{name: CartPole-v1, episodes: 3}]", "rollout.num_actors=1", "--policy", "random"])
+    assert (run / "config.yaml").exists()
+    eps = read_episodes(run / "data" / "CartPole-v1")
+    assert sorted(ep.episode_id for ep in eps) == [f"CartPole-v1-random-{i}" for i in range(3)]
+    assert "CartPole-v1" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_chunk_that_always_kills_its_actor_is_given_up(ray_local, tmp_path):
+    """A seed that crashes the process on every retry costs its chunk only; collection goes on."""
+    cfg = make_cfg(tmp_path, [{"name": "CartPole-v1", "episodes": 8}])
+    s = collect(cfg, faults=FaultInjection(exit_seed=5), log=lambda _: None)["CartPole-v1"]
+    bad = next(c for c in chunk_seeds(cfg, cfg.tasks[0]) if 5 in c)
+    assert s.failed == len(bad) and s.kept == 8 - len(bad) and "actor died" in s.errors[0]
+    kept = sorted(ep.seed for ep in read_episodes(store_dir(cfg, "CartPole-v1")))
+    assert kept == sorted(set(range(8)) - set(bad))
