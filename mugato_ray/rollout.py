@@ -106,6 +106,9 @@ class RolloutResult:
     """Finished episodes dropped by the return filter (min_return)."""
     files: list[str] = field(default_factory=list)
     """Parquet files written (at most one)."""
+    outcomes: list[dict] = field(default_factory=list)
+    """One ``{"seed", "return", "length", "success"}`` per finished episode (kept and filtered), in seed order:
+    what evaluation needs, without shipping observations through the object store."""
 
 
 def store_dir(cfg: Config, task: str) -> Path:
@@ -333,7 +336,9 @@ class RolloutWorker:
                 store_dir, kept, name=path.name, spec=self.spec)]
         return RolloutResult(episodes=kept if return_episodes else [], returns=[ep.episode_return for ep in kept],
                              failed=failed, env_steps=sum(ep.length for ep in done),
-                             seconds=time.perf_counter() - t0, filtered=len(done) - len(kept), files=files)
+                             seconds=time.perf_counter() - t0, filtered=len(done) - len(kept), files=files,
+                             outcomes=[{"seed": ep.seed, "return": ep.episode_return, "length": ep.length,
+                                        "success": ep.success} for ep in done])
 
     def _episode(self, traj: _Trajectory, source: str, terminated: bool, info: dict) -> Episode:
         rewards = np.asarray(traj.rewards, dtype=np.float32)

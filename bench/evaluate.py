@@ -1,0 +1,106 @@
+"""Evaluation throughput, as ratios measured in one run (absolute numbers on shared machines are noisy).
+
+    .venv/bin/python bench/evaluate.py [--task BabyAI-GoToRedBall-v0] [--episodes 96] [--repeats 2] [--model-scale 1]
+
+1. Episodes/s of ``evaluate`` (random policy, the whole harness end to end: actor start-up, seeds, report)
+   with 1 rollout actor and with 2, one CPU each; the ratio is the scaling (ideal 2.0 on 2 free cores).
+2. Env steps/s of the MODEL policy (an untrained ``small`` GATO at a 1024-token context, KV-cached decoding)
+   in one rollout worker with 16 envs stepped in lockstep (one batched forward per token for all 16)
+   over the same worker with 1 env, i.e. one env at a time as JAT and NEKO evaluate. Goal: >= 8x.
+   Both use one torch thread: one actor, one core. Two tasks: CartPole (6 tokens per step, per-call
+   overhead dominates) and BabyAI (83 tokens per step, the matmuls dominate on a CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# bench/ holds tokenize.py, named like a stdlib module that ray imports: keep bench/ off sys.path and put
+# the project root in its place.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+sys.path.insert(0, os.path.dirname(_HERE))
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import ray  # noqa: E402
+import torch  # noqa: E402
+
+from mugato_ray.config import config_from_dict  # noqa: E402
+from mugato_ray.evaluate import evaluate  # noqa: E402
+from mugato_ray.model import GatoModel, save_model  # noqa: E402
+from mugato_ray.rollout import PolicySpec, RolloutWorker  # noqa: E402
+from mugato_ray.tokenizer import make_vocab  # noqa: E402
+
+
+def episodes_per_second(task: str, episodes: int, actors: int, run_dir: str) -> float:
+    cfg = config_from_dict({
+        "run_dir": run_dir,
+        "rollout": {"num_actors": actors, "envs_per_actor": 4, "actor_cpus": 1},
+        "eval": {"episodes": episodes, "bootstrap_samples": 100},
+        "tasks": [{"name": task, "episodes": 1}],
+    })
+    t0 = time.perf_counter()
+    report = evaluate(cfg, PolicySpec("random"), log=lambda _: None)
+    seconds = time.perf_counter() - t0
+    assert report["tasks"][task]["episodes"] == episodes
+    return episodes / seconds
+
+
+def model_steps_per_second(task: str, checkpoint: str, cfg, num_envs: int, episodes: int) -> tuple[float, int]:
+    worker = RolloutWorker(task, PolicySpec("model", checkpoint), cfg, num_envs=num_envs)
+    worker.sample([cfg.eval.seed_offset + 10_000])  # warm-up: first-call allocations, lazy imports
+    result = worker.sample([cfg.eval.seed_offset + i for i in range(episodes)], return_episodes=False)
+    worker.close()
+    return result.env_steps / result.seconds, result.env_steps
+
+
+MODEL_EPISODES = {"CartPole-v1": 64, "BabyAI-GoToRedBall-v0": 16}
+"""Episodes of a 16-env model-policy run; the 1-env run gets a quarter. An untrained model drops CartPole's
+pole within ~10 steps but never finishes a BabyAI mission (64 steps), so CartPole needs more episodes."""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="BabyAI-GoToRedBall-v0", help="task of the actor-scaling runs")
+    parser.add_argument("--episodes", type=int, default=96, help="episodes per actor-count run")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved actor-count runs (best is kept)")
+    parser.add_argument("--model-tasks", default=",".join(MODEL_EPISODES),
+                        help="tasks of the model-policy runs (6 and 83 tokens per step)")
+    parser.add_argument("--model-scale", type=float, default=1.0, help="multiply the model-policy episodes")
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--context", type=int, default=1024)
+    args = parser.parse_args()
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    with tempfile.TemporaryDirectory() as tmp:
+        best = {1: 0.0, 2: 0.0}
+        for r in range(args.repeats):
+            for actors in best:
+                eps = episodes_per_second(args.task, args.episodes, actors, f"{tmp}/{actors}-{r}")
+                best[actors] = max(best[actors], eps)
+        print(f"evaluate {args.task}, random policy, {args.episodes} episodes (end to end, best of {args.repeats}): "
+              f"1 actor {best[1]:.2f} episodes/s, 2 actors {best[2]:.2f} episodes/s, ratio {best[2] / best[1]:.2f}")
+        ray.shutdown()
+
+        torch.set_num_threads(1)
+        cfg = config_from_dict({"model": {"preset": args.preset, "context": args.context}})
+        torch.manual_seed(0)
+        model = GatoModel(cfg.model, make_vocab(cfg.tokenizer), patch_size=cfg.tokenizer.patch_size)
+        ckpt = str(save_model(model, Path(tmp) / "model.pt"))
+        print(f"model: {args.preset} preset, {model.num_params() / 1e6:.1f}M parameters, context {args.context}")
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
+        for task in args.model_tasks.split(","):
+            n = max(4, round(MODEL_EPISODES.get(task, 16) * args.model_scale))
+            batched, n16 = model_steps_per_second(task, ckpt, cfg, 16, n)
+            single, n1 = model_steps_per_second(task, ckpt, cfg, 1, max(1, n // 4))
+            print(f"model policy on {task}: 16 envs/actor {batched:.1f} env steps/s ({n16} steps), "
+                  f"1 env at a time {single:.1f} env steps/s ({n1} steps), ratio {batched / single:.2f}")
+
+
+if __name__ == "__main__":
+    main()

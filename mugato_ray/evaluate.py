@@ -1,0 +1,515 @@
+"""Evaluation at scale: a policy's expert-normalized score on every task of a config.
+
+Env tasks: ``eval.episodes`` seeds per task, ``eval.seed_offset + i``, run on a pool of the same
+``RolloutActor``s that collect data (``rollout.run_on_pool``), each stepping ``rollout.envs_per_actor``
+envs in lockstep with one batched (KV-cached, for the model) ``act`` per step. An episode's result
+depends only on its seed, so any number of actors gives the same per-episode results. Episodes run to the
+task's own step limit: the reference returns were measured there, and a cap would bias the normalized
+score (``rollout.max_episode_steps`` applies to collection only).
+
+Dataset tasks (text, VQA): held-out episodes are generated from the evaluation seeds and the policy
+answers each prompt; ``datasets.score_text_answer`` scores the answer exactly, so the mean return is the
+accuracy, with references 1.0 (the data's own answers) and 0.0 (random text). The model answers
+greedily; "expert" replays the stored answer, "random" draws uniform text ids.
+
+Per task: episodes, mean return with a bootstrap 95% CI, success rate (where the task defines success),
+GATO's normalized score ``(score - random) / (expert - random)`` from ``tasks.reference_returns``, and
+extras (failed episodes and their errors, mean length, env steps/s, per-episode results). Across tasks:
+the interquartile mean of the normalized scores (Agarwal et al., 2021), as JAT reports per domain.
+
+``write_report`` writes ``eval.json``, ``eval.md`` and ``normalized_scores.png`` under ``<run_dir>/eval/``,
+each atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mugato_ray.config import Config, TaskEntry, load_config
+from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
+from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
+
+if TYPE_CHECKING:
+    from mugato_ray.tasks import TaskInfo
+
+DATASET_REFERENCES = (1.0, 0.0)
+"""(expert, random) accuracy of a scorable dataset task: its answers are right by construction; random text is not."""
+
+SOURCES = {"expert": "expert", "random": "random", "model": "policy"}
+"""The episodes' source column (episodes.SOURCES) for each policy kind, as in collection."""
+
+MODEL_FILE = "model.pt"
+"""The model file inside a training checkpoint directory."""
+
+
+class EvaluationError(RuntimeError):
+    """An evaluation could not produce a number for a task; the message names the task and the cause."""
+
+
+# ------------------------------------------------------------------------------------------- seeds
+
+
+def eval_seeds(cfg: Config) -> list[int]:
+    """The evaluation seeds of every task: ``eval.seed_offset + i`` for ``i < eval.episodes``."""
+    return [cfg.eval.seed_offset + i for i in range(cfg.eval.episodes)]
+
+
+def check_seeds_disjoint(cfg: Config) -> None:
+    """Evaluation seeds must not be collection seeds (``rollout.seed + i``): a policy is scored on held-out episodes.
+
+    Raises ValueError naming both ranges and the keys that set them.
+    """
+    n_collect = max((t.episodes for t in cfg.tasks), default=0)
+    c_lo, c_hi = cfg.rollout.seed, cfg.rollout.seed + n_collect  # [lo, hi)
+    e_lo, e_hi = cfg.eval.seed_offset, cfg.eval.seed_offset + cfg.eval.episodes
+    if c_lo < e_hi and e_lo < c_hi:
+        raise ValueError(
+            f"evaluation seeds [{e_lo}, {e_hi}) (eval.seed_offset, eval.episodes) overlap the collection seeds "
+            f"[{c_lo}, {c_hi}) (rollout.seed, tasks[].episodes); move eval.seed_offset past {c_hi - 1}"
+        )
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model file, or a training checkpoint directory holding ``model.pt`` -> the model file."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: expected a model file or a checkpoint directory with {MODEL_FILE}")
+    return path.resolve()
+
+
+def checkpoint_config(cfg: Config, model_file: Path, log: Callable[[str], None] = print) -> Config:
+    """``cfg`` with the tokenizer section the model was trained with, when its checkpoint holds a config.yaml.
+
+    Observations must become the ids the model learned; the evaluated config may describe another run.
+    """
+    saved = model_file.parent / "config.yaml"
+    if not saved.is_file():
+        return cfg
+    tokenizer = load_config(saved).tokenizer
+    if tokenizer != cfg.tokenizer:
+        log(f"evaluate: using the tokenizer section of {saved} (the model was trained with it)")
+    return dataclasses.replace(cfg, tokenizer=tokenizer)
+
+
+def policy_label(policy: PolicySpec) -> str:
+    """The report's "checkpoint" field: the model file, or "policy:expert" / "policy:random"."""
+    return str(policy.checkpoint) if policy.kind == "model" else f"policy:{policy.kind}"
+
+
+# ------------------------------------------------------------------------------------------- the job
+
+
+def evaluate(cfg: Config, policy: PolicySpec, *, log: Callable[[str], None] = print,
+             faults: FaultInjection | None = None) -> dict:
+    """Evaluate ``policy`` on every task of ``cfg.tasks``; returns the report (the eval.json dict). Needs Ray.
+
+    A model checkpoint may be a file or a checkpoint directory. ``cfg.eval.prompt`` prompts the model with a
+    successful expert demonstration from the store (collected first if the store has none).
+    """
+    from mugato_ray.tasks import get_task
+
+    t0 = time.perf_counter()
+    check_seeds_disjoint(cfg)
+    if policy.kind == "model":
+        model_file = resolve_checkpoint(policy.checkpoint)
+        cfg = checkpoint_config(cfg, model_file, log)
+        policy = dataclasses.replace(policy, checkpoint=str(model_file))
+    # Evaluation runs to each task's own limit, where the references were measured (module doc).
+    if cfg.rollout.max_episode_steps is not None:
+        log(f"evaluate: episodes run to each task's own step limit; rollout.max_episode_steps="
+            f"{cfg.rollout.max_episode_steps} applies to collection only")
+    run_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
+    tasks, skipped = {}, {}
+    for entry in cfg.tasks:
+        info = get_task(entry.name)
+        reason = _skip_reason(info, policy)
+        if reason is not None:
+            skipped[entry.name] = reason
+            log(f"eval {entry.name}: skipped ({reason})")
+            continue
+        if info.has_env:
+            prompted = policy.kind == "model" and cfg.eval.prompt and ensure_demonstration(run_cfg, info, log)
+            task_policy = dataclasses.replace(policy, prompt=bool(prompted))
+            tasks[entry.name] = _evaluate_env_task(run_cfg, info, task_policy, faults, log)
+            tasks[entry.name]["prompted"] = bool(prompted)
+        else:
+            tasks[entry.name] = _evaluate_dataset_task(run_cfg, entry.name, policy, log)
+    scores = [t["normalized_score"] for t in tasks.values()]
+    return {
+        "checkpoint": policy_label(policy),
+        "tasks": tasks,
+        "iqm_normalized_score": iqm(scores),
+        "policy": {"kind": policy.kind, "temperature": policy.temperature, "prompt": bool(cfg.eval.prompt)},
+        "seeds": {"offset": cfg.eval.seed_offset, "episodes": cfg.eval.episodes},
+        "skipped": skipped,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _skip_reason(info: Any, policy: PolicySpec) -> str | None:
+    if info.has_env:
+        if policy.kind == "expert" and info.expert == "none":
+            return "the task has no expert"
+        return None
+    from mugato_ray.datasets import resolve
+
+    if not resolve(info.name).scorable:
+        return f"dataset {info.dataset!r} has no exact answers to score"
+    return None
+
+
+def ensure_demonstration(cfg: Config, info: TaskInfo, log: Callable[[str], None] = print) -> bool:
+    """Make sure the store holds expert episodes of a task to prompt with; collect a few if it holds none.
+
+    They come from collection seeds (``rollout.seed + i``), never from evaluation seeds. Returns False (and
+    says so) when the store has none and the task has no expert to collect them: the task is then evaluated
+    without a prompt, and its report entry says ``"prompted": false``.
+    """
+    from mugato_ray.collect import collect
+    from mugato_ray.rollout import store_dir
+
+    folder = store_dir(cfg, info.name)
+    if folder.is_dir() and any(folder.glob("expert-*.parquet")):
+        return True
+    if info.expert == "none":
+        log(f"eval {info.name}: no expert demonstration in {folder} and no expert to collect one; not prompted")
+        return False
+    n = max(4, cfg.rollout.envs_per_actor)
+    log(f"eval {info.name}: no expert demonstration in {folder}; collecting {n} expert episodes to prompt with")
+    collect(dataclasses.replace(cfg, tasks=[TaskEntry(info.name, episodes=n)]), log=log)
+    return True
+
+
+# ------------------------------------------------------------------------------------------- env tasks
+
+
+def _evaluate_env_task(cfg: Config, info: TaskInfo, policy: PolicySpec, faults: FaultInjection | None,
+                       log: Callable[[str], None]) -> dict:
+    """``eval.episodes`` episodes on the actor pool. The actors get the TaskInfo itself, so a task registered
+    in this process only (``tasks.register_task``) runs too."""
+    t0, task = time.perf_counter(), info.name
+    seeds = eval_seeds(cfg)
+    outcomes, failed, steps = [], [], [0]
+
+    def on_result(chunk: list[int], result: RolloutResult) -> None:
+        outcomes.extend(result.outcomes)
+        failed.extend(result.failed)
+        steps[0] += result.env_steps
+        _progress(log, task, outcomes, failed, len(seeds), steps[0], time.perf_counter() - t0)
+
+    def on_error(chunk: list[int], err: Exception) -> None:
+        # A call whose actor died past its restarts (an env that kills its process, a checkpoint the actor
+        # cannot load) loses its episodes, counted as failed; the pool replaced the actor and goes on.
+        # Any other error is a bug and stops the evaluation.
+        import ray
+
+        if not isinstance(err, ray.exceptions.RayActorError):
+            raise err
+        failed.extend({"seed": s, "error": f"{type(err).__name__}: {err}"} for s in chunk)
+        _progress(log, task, outcomes, failed, len(seeds), steps[0], time.perf_counter() - t0)
+
+    run_on_pool(info, policy, cfg, split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor),
+                on_result, sample_kwargs={"source": SOURCES[policy.kind], "return_episodes": False}, faults=faults,
+                on_error=on_error, log=log)
+    return summarize_task(cfg, task, outcomes, failed, steps[0], time.perf_counter() - t0)
+
+
+def _progress(log, task, outcomes, failed, total, steps, seconds, unit="env steps") -> None:
+    mean = f"{np.mean([o['return'] for o in outcomes]):.3f}" if outcomes else "n/a"
+    log(f"eval {task}: {len(outcomes) + len(failed)}/{total} episodes (failed {len(failed)}), "
+        f"mean return {mean}, {steps / max(seconds, 1e-9):.1f} {unit}/s")
+
+
+def summarize_task(cfg: Config, task: str, outcomes: Sequence[dict], failed: Sequence[dict], env_steps: int,
+                   seconds: float, references: tuple[float | None, float | None] | None = None) -> dict:
+    """One task's entry of the report from per-episode outcomes ``{"seed", "return", "length", "success"}``.
+
+    Raises EvaluationError when no episode finished (there is no number to report).
+    """
+    from mugato_ray.tasks import reference_returns
+
+    outcomes = sorted(outcomes, key=lambda o: o["seed"])
+    if not outcomes:
+        first = failed[0]["error"] if failed else "no episodes were run"
+        raise EvaluationError(f"eval {task}: none of {len(failed)} episodes finished; first error: {first}")
+    returns = np.asarray([o["return"] for o in outcomes], np.float64)
+    expert, random = references if references is not None else reference_returns(task)
+    mean = float(returns.mean())
+    lo, hi = bootstrap_ci(returns, samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
+    norm_ci = [normalized_score(b, expert, random) for b in (lo, hi)]
+    successes = [o["success"] for o in outcomes if o["success"] is not None]
+    return {
+        "episodes": len(outcomes),
+        "mean_return": mean,
+        "ci95": [lo, hi],
+        "success_rate": float(np.mean(successes)) if successes else None,
+        "normalized_score": normalized_score(mean, expert, random),
+        "expert_return": expert,
+        "random_return": random,
+        "normalized_ci95": None if None in norm_ci else sorted(norm_ci),
+        "failed": len(failed),
+        "errors": [f"seed {f['seed']}: {f['error']}" for f in failed],
+        "mean_length": float(np.mean([o["length"] for o in outcomes])),
+        "env_steps": int(env_steps),
+        "env_steps_per_s": env_steps / seconds if seconds > 0 else None,
+        "seconds": seconds,
+        "per_episode": outcomes,
+    }
+
+
+# ------------------------------------------------------------------------------------------- dataset tasks
+
+
+def _evaluate_dataset_task(cfg: Config, task: str, policy: PolicySpec, log: Callable[[str], None]) -> dict:
+    """Answers for held-out prompts, scored exactly, in Ray tasks of ``rollout.actor_cpus`` each (one per chunk)."""
+    import ray
+
+    t0 = time.perf_counter()
+    seeds = eval_seeds(cfg)
+    chunks = split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor)
+    score = ray.remote(score_dataset_chunk).options(num_cpus=cfg.rollout.actor_cpus)
+    refs = [score.remote(cfg, task, policy, chunk) for chunk in chunks]
+    outcomes, failed = [], []
+    while refs:
+        (ref,), refs = ray.wait(refs, num_returns=1)
+        outcomes.extend(ray.get(ref))
+        _progress(log, task, outcomes, failed, len(seeds), len(outcomes), time.perf_counter() - t0, "answers")
+    expert, random = _dataset_references(task)
+    return summarize_task(cfg, task, outcomes, failed, len(outcomes), time.perf_counter() - t0, (expert, random))
+
+
+def _dataset_references(task: str) -> tuple[float, float]:
+    from mugato_ray.tasks import reference_returns
+
+    expert, random = reference_returns(task)
+    return (DATASET_REFERENCES[0] if expert is None else expert, DATASET_REFERENCES[1] if random is None else random)
+
+
+def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Sequence[int]) -> list[dict]:
+    """Generate the held-out episodes of ``seeds``, answer every prompt with ``policy``, score each exactly.
+
+    Returns one outcome per seed: ``{"seed", "return" (1.0 right / 0.0 wrong), "length": 1, "success",
+    "answer", "expected"}``. Consecutive seeds are generated in one call (an episode depends on its seed only).
+    """
+    from mugato_ray.datasets import generate_episodes, prompt_and_answer, score_text_answer
+    from mugato_ray.tokenizer import make_text_tokenizer
+
+    seeds = [int(s) for s in seeds]
+    if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"score_dataset_chunk({task!r}): seeds must be consecutive, got {seeds}")
+    model = None
+    if policy.kind == "model":
+        from mugato_ray.model import load_model
+
+        model = load_model(policy.checkpoint).eval()
+        # Dataset texts fill the model's own window (a text episode is one step of model.context tokens).
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, context=model.cfg.context))
+    episodes = generate_episodes(task, len(seeds), seeds[0], cfg)
+    pairs = [prompt_and_answer(task, ep) for ep in episodes]
+    if policy.kind == "expert":
+        answers = [a for _, a in pairs]
+    else:
+        tok = make_text_tokenizer(cfg.tokenizer)
+        answers = generate_answers(task, cfg, episodes, [p for p, _ in pairs], tok, model=model,
+                                   max_new=[len(tok.encode(a)) + 2 for _, a in pairs])
+    out = []
+    for ep, (prompt, expected), answer in zip(episodes, pairs, answers):
+        ok = score_text_answer(task, prompt, answer, expected)
+        out.append({"seed": ep.seed, "return": float(ok), "length": 1, "success": ok,
+                    "answer": answer, "expected": expected})
+    return out
+
+
+def generate_answers(task: str, cfg: Config, episodes: Sequence[Any], prompts: Sequence[str], text_tokenizer: Any,
+                     *, model: Any = None, max_new: Sequence[int]) -> list[str]:
+    """Text completions of B prompts: greedy from ``model``, or uniform legal ids (seeded by episode) without one.
+
+    Text tasks: the prompt is the start of the one text field (its local positions 0..len-1) and generation
+    continues it. VQA: the image and question are the observation of one step, then the separator; the answer
+    is generated into the action field. Legal ids: text ids and eos. Batched with a KV cache: rows whose
+    prompts differ in length are right-padded (pads are masked keys; positions are local, so a gap changes
+    nothing) and each new token is embedded at its row's own local position.
+    """
+    import torch
+
+    from mugato_ray.sequence import make_layout
+    from mugato_ray.tasks import task_spec
+    from mugato_ray.tokenizer import decode_text, encode_observations, encode_text
+
+    spec = task_spec(task, cfg)
+    layout = make_layout(task, spec, cfg.model.context)
+    vocab, act = spec.vocab, layout.fields[-1]
+    B, offset = len(prompts), layout.offsets()[act.key]
+    if spec.observation:  # VQA: one step of observation + separator; the answer field is generated
+        obs = {k: [ep.observations[k][0] for ep in episodes] if isinstance(v, list)
+               else np.concatenate([ep.observations[k] for ep in episodes]) for k, v in episodes[0].observations.items()}
+        tokens = {f"obs/{k}": v for k, v in encode_observations(spec, obs, text_tokenizer).items()}
+        tokens["sep"] = np.full((B, 1, 1), vocab.separator, np.int64)
+        pre_fields = layout.fields[:-1]
+        length_B = np.zeros(B, np.int64)  # tokens already in the answer field
+    else:  # text: the prompt is the start of the text field itself
+        ids_BxT = encode_text(prompts, text_tokenizer, vocab, act.tokens)
+        length_B = (ids_BxT != vocab.pad).sum(axis=1)
+        width = max(int(length_B.max()), 1)
+        tokens, pre_fields = {act.key: ids_BxT[:, :width, None]}, [act]
+    budget_B = np.minimum(np.asarray(max_new, np.int64), act.tokens - length_B)
+    legal_V = np.zeros(vocab.size, bool)
+    legal_V[: vocab.text_size] = True
+    legal_V[vocab.eos] = True
+    steps = int(budget_B.max())
+    out_BxS = np.full((B, max(steps, 0)), vocab.pad, np.int64)
+    if model is None:
+        legal_ids = np.flatnonzero(legal_V)
+        for b, ep in enumerate(episodes):
+            rng = np.random.default_rng(int(ep.seed))
+            out_BxS[b, : budget_B[b]] = rng.choice(legal_ids, size=int(budget_B[b]))
+    elif steps > 0:
+        with torch.no_grad():
+            t = {k: torch.from_numpy(np.ascontiguousarray(v[:, None])) for k, v in tokens.items()}
+            x, valid, _ = model.embed(t, pre_fields)
+            cache = model.new_cache(B, x.shape[1] + steps)
+            hidden = model.prefill(x, valid, cache)
+            last_B = torch.where(valid, torch.arange(valid.shape[1]), -1).max(dim=1).values.clamp(min=0)
+            logits_BxV = model.logits(hidden[torch.arange(B), last_B]).float()
+            illegal_V = torch.from_numpy(~legal_V)
+            for s in range(steps):
+                next_B = logits_BxV.masked_fill(illegal_V, float("-inf")).argmax(dim=-1)
+                out_BxS[:, s] = next_B.numpy()
+                if s == steps - 1:
+                    break
+                # Rows past their budget keep decoding (ignored) at their last position, inside the field.
+                pos_B = offset + np.minimum(length_B + s, act.tokens - 1)
+                x = torch.empty((B, 1, model.n_embd))
+                for pos in np.unique(pos_B):  # rows at the same local position embed together
+                    rows = torch.from_numpy(np.flatnonzero(pos_B == pos))
+                    x[rows] = model.embed({act.key: next_B[rows].view(-1, 1, 1, 1)}, [act], pos0=int(pos))[0]
+                hidden = model.extend(x, torch.ones((B, 1), dtype=torch.bool), cache)
+                logits_BxV = model.logits(hidden[:, -1]).float()
+    answers = []
+    for b in range(B):
+        answers.append(decode_text(out_BxS[b, : budget_B[b]], text_tokenizer, vocab))
+    return answers
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], binary: bool = False) -> Path:
+    """Write via a temp file in the same folder and rename: a reader never sees a partial report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"
+
+
+def markdown_report(report: dict) -> str:
+    """eval.md: one row per task, the IQM, and the skipped tasks with their reasons."""
+    lines = [
+        f"# Evaluation of `{report['checkpoint']}`",
+        "",
+        f"Seeds {report['seeds']['offset']}..{report['seeds']['offset'] + report['seeds']['episodes'] - 1} per task; "
+        f"normalized score = (return - random) / (expert - random).",
+        "",
+        "| task | episodes | mean return | 95% CI | success | normalized | normalized 95% CI | expert | random "
+        "| failed | mean length | env steps/s |",
+        "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, t in report["tasks"].items():
+        nci = t.get("normalized_ci95")
+        lines.append(
+            f"| {name} | {t['episodes']} | {_fmt(t['mean_return'])} | [{_fmt(t['ci95'][0])}, {_fmt(t['ci95'][1])}] "
+            f"| {_fmt(t['success_rate'], 2)} | {_fmt(t['normalized_score'])} "
+            f"| {'n/a' if nci is None else f'[{_fmt(nci[0])}, {_fmt(nci[1])}]'} | {_fmt(t['expert_return'])} "
+            f"| {_fmt(t['random_return'])} | {t.get('failed', 0)} | {_fmt(t.get('mean_length'), 1)} "
+            f"| {_fmt(t.get('env_steps_per_s'), 0)} |"
+        )
+    lines += ["", f"IQM of normalized scores: {_fmt(report['iqm_normalized_score'])}"]
+    if report.get("skipped"):
+        lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in report["skipped"].items()]
+    errors = [(k, e) for k, t in report["tasks"].items() for e in t.get("errors", [])]
+    if errors:
+        lines += ["", "Failed episodes:", ""] + [f"- {k}: {e}" for k, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The console table of a report: one line per task, the skipped tasks, the IQM."""
+    lines = [f"{'task':<28} {'episodes':>8} {'mean return':>11} {'95% CI':>21} {'success':>7} {'normalized':>10}"]
+    for name, t in report["tasks"].items():
+        ci = f"[{t['ci95'][0]:.2f}, {t['ci95'][1]:.2f}]"
+        lines.append(
+            f"{name:<28} {t['episodes']:>8} {t['mean_return']:>11.3f} {ci:>21} "
+            f"{_fmt(t['success_rate'], 2):>7} {_fmt(t['normalized_score']):>10}"
+        )
+    lines += [f"{name:<28} skipped: {reason}" for name, reason in report.get("skipped", {}).items()]
+    lines.append(f"IQM normalized score: {_fmt(report['iqm_normalized_score'])}")
+    return lines
+
+
+def plot_scores(report: dict, fh: Any) -> None:
+    """A bar chart of normalized scores with their 95% CI as error bars (PNG into the open file ``fh``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    rows = [(k, t) for k, t in report["tasks"].items() if t["normalized_score"] is not None]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.5), layout="constrained")
+    try:
+        if rows:
+            names = [k for k, _ in rows]
+            score = np.asarray([t["normalized_score"] for _, t in rows])
+            ci = np.asarray([t.get("normalized_ci95") or [s, s] for (_, t), s in zip(rows, score)])
+            err = np.stack([score - ci[:, 0], ci[:, 1] - score]).clip(min=0)
+            ax.bar(names, score, yerr=err, capsize=4, color="tab:blue")
+            ax.tick_params(axis="x", labelrotation=30)
+        else:
+            ax.text(0.5, 0.5, "no task has reference returns", ha="center", va="center", transform=ax.transAxes)
+        ax.axhline(1.0, color="gray", ls="--", lw=1)
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_ylabel("normalized score (expert = 1)")
+        ax.set_title(f"{report['checkpoint']}: IQM {_fmt(report['iqm_normalized_score'])}", fontsize=9)
+        fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    """eval.json, eval.md and normalized_scores.png under ``out_dir`` (each written atomically)."""
+    out = Path(out_dir)
+    return {
+        "json": _atomic_write(out / "eval.json", lambda fh: json.dump(report, fh, indent=2, allow_nan=False)),
+        "md": _atomic_write(out / "eval.md", lambda fh: fh.write(markdown_report(report))),
+        "png": _atomic_write(out / "normalized_scores.png", lambda fh: plot_scores(report, fh), binary=True),
+    }
+
+
+def eval_dir(cfg: Config) -> Path:
+    """``<run_dir>/eval``."""
+    return Path(cfg.run_dir) / "eval"
+
