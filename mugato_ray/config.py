@@ -336,6 +336,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.lr > 0, "train.lr", "positive"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "at least 1"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
+        (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),
         (cfg.rollout.envs_per_actor >= 1, "rollout.envs_per_actor", "at least 1"),
         (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),

@@ -1,0 +1,373 @@
+"""The data pipeline: episode store -> Ray Data tokenize/pad actors -> fixed-shape sequence rows per task.
+
+One ``ray.data.Dataset`` per task (each task has its own fixed row shapes, see ``mugato_ray.sequence``)::
+
+    read_parquet(<run_dir>/data/<task>/*.parquet)          one row per episode
+      .with_column("window_seed", random(seed))            fresh windows every epoch, reproducibly
+      .map_batches(WindowSampler, ActorPoolStrategy(n))    tokenize + cut windows + pad: (E, T, C) rows
+
+Every episode yields ``windows`` training sequences per pass (random windows of whole timesteps, some
+prompted), so one pass is sized to what training will draw (see :func:`windows_per_pass`). If a run
+needs more, the trainer iterates the dataset again: Ray Data re-executes it and the ``random``
+expression, reseeded per execution, gives new windows.
+
+The task mixture: each optimizer step accumulates gradients over ``M`` micro-batches
+(``train.grad_accum``, 0: one per task); a micro-batch holds one task (fixed shapes). The tasks of step
+``s`` are drawn from the configured weights by systematic sampling with an RNG seeded by
+``(train.seed, s)`` (:func:`step_tasks`): a pure function of the step, so every DDP rank draws the same
+tasks in the same order (their collectives line up) and a resumed run continues the same sequence.
+Systematic sampling gives every task ``floor`` or ``ceil`` of ``M * weight`` micro-batches per step,
+so equal weights with ``M = #tasks`` put every task in every step.
+
+Images stay uint8 patches all the way; the model normalizes them on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from mugato_ray.sequence import LayoutField, SequenceBuilder, SequenceLayout, make_layout
+from mugato_ray.tokenizer import FieldSpec, Modality, SpaceSpec, VocabLayout
+
+if TYPE_CHECKING:
+    import ray.data
+
+    from mugato_ray.config import Config
+    from mugato_ray.resources import Plan
+
+WINDOW_SEED_KEY = "window_seed"
+"""Column added to store rows: a per-epoch random number that seeds the windows of the rows' batch."""
+MAX_WINDOWS_PER_PASS = 16
+"""Cap on windows per episode in one pass. The windows of one batch of episodes leave the actor back to
+back, so a huge pass would feed long runs of the same episodes; past the cap the trainer iterates again
+(new epoch, new windows)."""
+LAYOUTS_FILE = "layouts.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# The task mixture
+
+
+def task_weights(cfg: Config) -> np.ndarray:
+    """(n_tasks,) mixture probabilities from ``tasks[i].weight``."""
+    if not cfg.tasks:
+        raise ValueError("config key 'tasks' is empty: there is nothing to train on")
+    w = np.asarray([t.weight for t in cfg.tasks], np.float64)
+    if w.sum() <= 0:
+        raise ValueError(f"config key 'tasks': weights {w.tolist()} sum to 0; at least one must be positive")
+    return w / w.sum()
+
+
+def micro_batches_per_step(cfg: Config) -> int:
+    """M: micro-batches accumulated into one optimizer step (``train.grad_accum``, 0: one per task)."""
+    return cfg.train.grad_accum if cfg.train.grad_accum > 0 else len(cfg.tasks)
+
+
+def step_tasks(cfg: Config, step: int) -> np.ndarray:
+    """(M,) task indices of the micro-batches of optimizer step ``step``; identical on every rank.
+
+    Systematic sampling: M evenly spaced points ``(u + i) / M`` with one uniform offset ``u`` from an RNG
+    seeded by ``(train.seed, step)``, mapped through the cumulative weights.
+    """
+    cdf = np.cumsum(task_weights(cfg))
+    m = micro_batches_per_step(cfg)
+    u = np.random.default_rng([cfg.train.seed, step]).random()
+    points = (u + np.arange(m)) / m
+    return np.minimum(np.searchsorted(cdf, points, side="right"), len(cdf) - 1)
+
+
+def task_counts(cfg: Config, start: int, stop: int) -> np.ndarray:
+    """(n_tasks,) micro-batches each task gets over steps ``[start, stop)``."""
+    counts = np.zeros(len(cfg.tasks), np.int64)
+    for step in range(start, stop):
+        np.add.at(counts, step_tasks(cfg, step), 1)
+    return counts
+
+
+def windows_per_pass(micro_batches: int, batch_size: int, world_size: int, episodes: int) -> int:
+    """Windows per episode in one pass so that every rank can draw ``micro_batches`` full batches.
+
+    ``streaming_split(equal=True)`` gives each rank ``floor(rows / world)`` rows and batches drop the
+    remainder, hence one spare batch per rank. Capped at :data:`MAX_WINDOWS_PER_PASS`.
+    """
+    need = (micro_batches + 1) * batch_size * world_size
+    return int(min(MAX_WINDOWS_PER_PASS, max(1, math.ceil(need / max(episodes, 1)))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The Ray Data actor
+
+
+class WindowSampler:
+    """Store rows -> ``windows`` training sequences per episode (a ``map_batches`` generator class).
+
+    Wraps :class:`~mugato_ray.sequence.SequenceBuilder`: draw ``d`` of a batch uses the seed
+    ``(seed, d, the batch's window_seed)``, so the output depends only on the seed, the batch and the
+    epoch (through ``window_seed``), never on which actor ran it. Yields one batch per draw, so an
+    actor holds a single batch of sequences at a time.
+    """
+
+    def __init__(self, task: str, spec: SpaceSpec, cfg: Config, seed: int = 0, windows: int = 1):
+        self.builder = SequenceBuilder(task, spec, cfg, seed=seed)
+        self.seed, self.windows = int(seed), int(windows)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        rows = {k: v for k, v in batch.items() if k != WINDOW_SEED_KEY}
+        seeds = batch.get(WINDOW_SEED_KEY)
+        # float in [0, 1) -> 53 bits, the whole entropy of the value.
+        epoch_key = int(seeds[0] * 2**53) if seeds is not None and len(seeds) else 0
+        for draw in range(self.windows):
+            self.builder.seed = int(np.random.SeedSequence([self.seed, draw, epoch_key]).generate_state(1)[0])
+            yield self.builder(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+
+def parquet_files(root: str | Path) -> list[Path]:
+    """Every ``*.parquet`` under ``root``, sorted; hidden files and directories (temporaries) skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = (f for f in root.rglob("*.parquet") if f.is_file())
+    return sorted(f for f in found if not any(p.startswith(".") for p in f.relative_to(root).parts))
+
+
+def store_files(cfg: Config, task: str) -> list[Path]:
+    """The task's Parquet files under ``<run_dir>/data/<task>/``; FileNotFoundError naming both if none."""
+    from mugato_ray.rollout import store_dir
+
+    files = parquet_files(store_dir(cfg, task))
+    if not files:
+        raise FileNotFoundError(
+            f"task '{task}': no episodes under {store_dir(cfg, task)} (expected *.parquet files); collect them "
+            "first (python jobs/collect.py --config ...) or remove the task from config key 'tasks'"
+        )
+    return files
+
+
+def count_episodes(files: Sequence[Path]) -> int:
+    """Rows (episodes) in Parquet files, from their footers (no data is read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+
+def task_dataset(
+    task: str,
+    store_dir: str | Path | Sequence[Path],
+    spec: SpaceSpec,
+    cfg: Config,
+    *,
+    windows: int = 1,
+    actors: int | None = None,
+    actor_cpus: float | None = None,
+    seed: int | None = None,
+) -> ray.data.Dataset:
+    """A task's sequence rows: ``{layout key: (E, T, C), step_mask: (E,), prompt_mask: (E,)}`` per row.
+
+    ``store_dir`` is the task's store directory or its list of Parquet files. ``actors`` /
+    ``actor_cpus`` default to ``data.num_tokenize_actors`` (at least 1) / ``data.tokenize_actor_cpus``.
+    Each file is one block, read and tokenized inside an actor (Ray fuses the read into the actor
+    pool), so one actor call sees a whole file of episodes.
+    """
+    import ray.data
+    from ray.data.expressions import random
+
+    actors = max(1, cfg.data.num_tokenize_actors if actors is None else actors)
+    actor_cpus = cfg.data.tokenize_actor_cpus if actor_cpus is None else actor_cpus
+    seed = cfg.train.seed if seed is None else seed
+    files = list(store_dir) if isinstance(store_dir, (list, tuple)) else parquet_files(store_dir)
+    if not files:
+        raise FileNotFoundError(f"task '{task}': no *.parquet files in {store_dir}")
+    paths = [str(p) for p in files]
+    # Ray Data's default Parquet reader (DataSourceV2) lists files in tasks that reserve a whole CPU,
+    # and that cannot be configured: with train workers and tokenize actors holding fractions of
+    # every node's CPUs, no node has a whole CPU left and the read waits forever. The V1 reader has no
+    # listing task and its read tasks reserve `num_cpus`.
+    ctx = ray.data.DataContext.get_current()
+    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        # One block per file (Ray Data would split files into many tiny blocks): an actor call then
+        # sees a whole file of episodes, the donors of its prompts, and pays its overheads once.
+        ds = ray.data.read_parquet(paths, num_cpus=actor_cpus, override_num_blocks=len(paths))
+    finally:
+        ctx.use_datasource_v2 = use_v2
+    # The same CPUs as the read and the actors, so that Ray Data fuses read, column and tokenizing into
+    # the actors: the windows then depend on the file, not on the order in which reads finish.
+    ds = ds.with_column(WINDOW_SEED_KEY, random(seed=seed), num_cpus=actor_cpus)
+    return ds.map_batches(
+        WindowSampler,
+        fn_constructor_kwargs={"task": task, "spec": spec, "cfg": cfg, "seed": seed, "windows": windows},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=actor_cpus,
+        batch_size=None,  # whole blocks: more episodes per call means more prompt donors and better mixing
+        batch_format="numpy",
+    )
+
+
+@dataclass
+class TaskData:
+    """Everything training needs per task."""
+
+    datasets: dict[str, Any]
+    """task -> ray.data.Dataset of sequence rows."""
+    specs: dict[str, SpaceSpec]
+    layouts: dict[str, SequenceLayout]
+    episodes: dict[str, int]
+    """task -> episodes in the store."""
+    windows: dict[str, int]
+    """task -> windows per episode in one pass."""
+
+
+def task_layouts(cfg: Config) -> tuple[dict[str, SpaceSpec], dict[str, SequenceLayout]]:
+    """task -> SpaceSpec and task -> SequenceLayout for every configured task."""
+    from mugato_ray.tasks import task_spec
+
+    specs = {t.name: task_spec(t.name, cfg) for t in cfg.tasks}
+    layouts = {name: make_layout(name, spec, cfg.model.context) for name, spec in specs.items()}
+    return specs, layouts
+
+
+def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -> TaskData:
+    """One sequence dataset per configured task, each pass sized to the run (``train.steps``)."""
+    specs, layouts = task_layouts(cfg)
+    counts = task_counts(cfg, 0, cfg.train.steps)
+    datasets, episodes, windows = {}, {}, {}
+    for i, entry in enumerate(cfg.tasks):
+        files = store_files(cfg, entry.name)
+        episodes[entry.name] = count_episodes(files)
+        windows[entry.name] = windows_per_pass(int(counts[i]), cfg.data.batch_size, world_size, episodes[entry.name])
+        datasets[entry.name] = task_dataset(
+            entry.name,
+            files,
+            specs[entry.name],
+            cfg,
+            windows=windows[entry.name],
+            actors=plan.tokenize_actors if plan else None,
+            actor_cpus=plan.tokenize_cpus if plan else None,
+            # Tasks get different seeds so that equal stores do not give equal windows.
+            seed=int(np.random.SeedSequence([cfg.train.seed, i]).generate_state(1)[0]),
+        )
+    return TaskData(datasets, specs, layouts, episodes, windows)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts on disk (JSON; loading never executes code)
+
+
+def _spec_from_dict(d: Mapping[str, Any]) -> SpaceSpec:
+    def field(f: Mapping[str, Any]) -> FieldSpec:
+        tuples = {k: tuple(v) for k, v in f.items() if isinstance(v, list)}
+        return FieldSpec(**{**f, **tuples, "modality": Modality(f["modality"])})
+
+    return SpaceSpec(
+        observation=tuple(field(f) for f in d["observation"]),
+        action=tuple(field(f) for f in d["action"]),
+        vocab=VocabLayout(**d["vocab"]),
+        mu=float(d["mu"]),
+        M=float(d["M"]),
+    )
+
+
+def _layout_from_dict(d: Mapping[str, Any]) -> SequenceLayout:
+    fields = tuple(
+        LayoutField(**{**f, "modality": Modality(f["modality"]), "grid": tuple(f["grid"]) if f["grid"] else None})
+        for f in d["fields"]
+    )
+    vocab = VocabLayout(**d["vocab"]) if d.get("vocab") else None
+    return SequenceLayout(task=d["task"], fields=fields, steps=int(d["steps"]), vocab=vocab)
+
+
+def save_layouts(path: str | Path, specs: Mapping[str, SpaceSpec], layouts: Mapping[str, SequenceLayout]) -> Path:
+    """Write ``{task: {"spec": ..., "layout": ...}}`` as JSON (what evaluation needs to rebuild a policy)."""
+    path = Path(path)
+    data = {task: {"spec": dataclasses.asdict(specs[task]), "layout": dataclasses.asdict(layouts[task])} for task in specs}
+    path.write_text(json.dumps({"format": 1, "tasks": data}, indent=1))
+    return path
+
+
+def load_layouts(path: str | Path) -> tuple[dict[str, SpaceSpec], dict[str, SequenceLayout]]:
+    """Inverse of :func:`save_layouts`; a missing or malformed file raises ValueError naming it."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        tasks = data["tasks"]
+        specs = {task: _spec_from_dict(d["spec"]) for task, d in tasks.items()}
+        layouts = {task: _layout_from_dict(d["layout"]) for task, d in tasks.items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"layouts file {path} is missing or malformed: {e}") from e
+    return specs, layouts
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic stores (tests and benchmarks: no environment needed)
+
+_WORDS = ("go", "to", "the", "red", "blue", "ball", "key", "box", "open", "door", "pick", "up", "a")
+
+
+def _random_values(f: FieldSpec, n: int, rng: np.random.Generator) -> np.ndarray | list[str]:
+    """``n`` random per-step values of field ``f``: ``(n, *f.shape)`` in ``f.dtype``, or n strings."""
+    if f.modality is Modality.TEXT:
+        return [" ".join(rng.choice(_WORDS, size=rng.integers(2, 6))) for _ in range(n)]
+    if f.modality is Modality.IMAGE:
+        return rng.integers(0, 256, size=(n, *f.shape), dtype=np.uint8)
+    if f.modality is Modality.DISCRETE:
+        v = np.asarray(f.start) + rng.integers(0, np.asarray(f.nvec), size=(n, len(f.nvec)))
+        return v.reshape(n, *f.shape).astype(f.dtype)
+    low, high = np.asarray(f.low, np.float64), np.asarray(f.high, np.float64)
+    finite = np.isfinite(low) & np.isfinite(high)
+    x = np.where(finite, rng.uniform(np.where(finite, low, 0), np.where(finite, high, 1), size=(n, f.tokens)),
+                 rng.normal(size=(n, f.tokens)))
+    return x.reshape(n, *f.shape).astype(f.dtype)
+
+
+def synthetic_episodes(task: str, spec: SpaceSpec, n: int, *, seed: int = 0, length: tuple[int, int] = (4, 40)) -> list:
+    """``n`` valid episodes of random content for ``spec`` (episode lengths uniform in ``length``).
+
+    Tasks whose action is text (text-only, vision-language) get one step, as their datasets do.
+    """
+    from mugato_ray.episodes import Episode
+
+    rng = np.random.default_rng(seed)
+    (act,) = spec.action
+    text_action = act.modality is Modality.TEXT
+    out = []
+    for i in range(n):
+        steps = 1 if text_action else int(rng.integers(length[0], length[1] + 1))
+        out.append(Episode(
+            task=task,
+            episode_id=f"{task}-synthetic-{seed}-{i}",
+            source="random",
+            seed=seed * 1_000_003 + i,
+            observations={f.key: _random_values(f, steps, rng) for f in spec.observation},
+            actions=_random_values(act, steps, rng),
+            rewards=rng.normal(size=steps).astype(np.float32),
+        ).validate(spec))
+    return out
+
+
+def write_synthetic_store(cfg: Config, episodes: int = 8, *, files: int = 1, seed: int = 0,
+                          length: tuple[int, int] = (4, 40)) -> dict[str, Path]:
+    """Write ``episodes`` synthetic episodes of every configured task to its store, split over ``files``
+    Parquet files (one Ray Data block each); task -> directory."""
+    from mugato_ray.episodes import write_episodes
+    from mugato_ray.rollout import store_dir
+
+    specs, _ = task_layouts(cfg)
+    out = {}
+    for i, (task, spec) in enumerate(specs.items()):
+        out[task] = store_dir(cfg, task)
+        eps = synthetic_episodes(task, spec, episodes, seed=seed * 1000 + i, length=length)
+        for f, part in enumerate(np.array_split(np.arange(episodes), files)):
+            write_episodes(out[task], [eps[j] for j in part], name=f"synthetic-{seed}-{f}.parquet", spec=spec)
+    return out

@@ -1,0 +1,66 @@
+"""The main job: collect expert data, train the model, evaluate it, report.
+
+Each stage is the library function its own job calls (``collect``, ``train``, ``evaluate``), so the main
+job is the three jobs in a row over one run directory. Re-running it resumes: chunks already in the store
+are kept, and training continues from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mugato_ray.config import Config, save_config
+
+
+@dataclass
+class MainResult:
+    checkpoint: str
+    """The checkpoint that was evaluated."""
+    report: dict
+    """The eval.json content."""
+    paths: dict[str, Path]
+    """Report files written under <run_dir>/eval/."""
+    seconds: dict[str, float]
+    """Wall time of each stage."""
+
+
+def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
+    """Collect -> train -> evaluate -> report, on a connected Ray (``cli.init_ray``)."""
+    from mugato_ray.collect import collect
+    from mugato_ray.evaluate import eval_dir, evaluate, summary_lines, write_report
+    from mugato_ray.rollout import PolicySpec
+    from mugato_ray.train import train
+
+    save_config(cfg)
+    seconds = {}
+
+    t0 = time.perf_counter()
+    log(f"== collect: {len(cfg.tasks)} tasks into {Path(cfg.run_dir) / 'data'}")
+    collect(cfg, resume=True, log=log)
+    seconds["collect"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"== train: {cfg.train.steps} steps, model preset {cfg.model.preset}")
+    result = train(cfg)
+    seconds["train"] = time.perf_counter() - t0
+    if result.checkpoint_path is None:
+        raise RuntimeError(f"training under {cfg.run_dir} produced no checkpoint (train.steps={cfg.train.steps})")
+    log(f"trained {result.final_step} steps; checkpoint: {result.checkpoint_path}")
+
+    t0 = time.perf_counter()
+    log(f"== evaluate: {cfg.eval.episodes} episodes per task")
+    policy = PolicySpec("model", result.checkpoint_path, temperature=cfg.rollout.temperature)
+    report = evaluate(cfg, policy, log=log)
+    paths = write_report(report, eval_dir(cfg))
+    seconds["evaluate"] = time.perf_counter() - t0
+
+    log("== report")
+    for line in summary_lines(report):
+        log(line)
+    for path in paths.values():
+        log(f"wrote {path}")
+    log("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    return MainResult(result.checkpoint_path, report, paths, seconds)

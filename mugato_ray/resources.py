@@ -1,0 +1,138 @@
+"""How many train workers, tokenize actors and CPUs a run reserves, from the cluster's resources.
+
+Why this exists: Ray Train reserves its workers' CPUs first, and Ray Data only schedules inside what is
+left. If training reserves every CPU, Ray Data's read tasks stay "backpressured: ResourceBudget"
+forever and the run hangs without an error (2 workers x 1 CPU on a 2-CPU machine did exactly that;
+0.5 CPU each finished). :func:`plan_resources` therefore splits the logical CPUs up front.
+
+The rule (CPU counts are Ray's *logical* reservations: they decide what can be scheduled, not how many
+cores a process may use):
+
+1. Data gets at most half of the cluster's CPUs (:data:`DATA_SHARE`). It needs, per task dataset,
+   ``actors`` tokenize actors plus one read task in flight, each reserving ``tokenize_cpus``:
+   ``n_tasks * (actors + 1) * tokenize_cpus``. If the configured ``data.tokenize_actor_cpus`` asks
+   for more, every data reservation is scaled down to fit.
+2. Training gets the rest: ``cpus_per_worker = (CPUs - data) / train_workers`` unless
+   ``train.cpus_per_worker`` is set; an explicit value that leaves data less than its minimum raises
+   an error naming the key instead of hanging.
+3. GPUs: with ``train.use_gpu`` every worker takes one GPU; asking for more workers than GPUs raises.
+4. ``train.num_workers = 0`` runs the loop in the driver, which reserves nothing.
+
+So training never holds all CPUs, and no data reservation needs a whole CPU (the read tasks reserve
+fractions too; see ``mugato_ray.data.task_dataset``), so a cluster whose nodes each have one CPU
+still schedules everything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mugato_ray.config import Config
+
+DATA_SHARE = 0.5
+"""Largest fraction of the cluster's CPUs that tokenize actors and read tasks reserve together."""
+MIN_DATA_CPUS = 0.05
+"""Smallest reservation of one tokenize actor or read task."""
+MAX_AUTO_TOKENIZE_ACTORS = 8
+"""Upper bound on tokenize actors per task when ``data.num_tokenize_actors = 0``."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Resources of one training run."""
+
+    train_workers: int
+    """Ray Train workers (0: the loop runs in the driver)."""
+    cpus_per_worker: float
+    """Logical CPUs each train worker reserves."""
+    use_gpu: bool
+    """One GPU per worker, NCCL, bf16 autocast."""
+    tokenize_actors: int
+    """Tokenize/pad actors per task dataset."""
+    tokenize_cpus: float
+    """Logical CPUs each tokenize actor (and each read task) reserves."""
+    torch_threads: int
+    """Intra-op threads of each train worker's torch."""
+
+    @property
+    def data_cpus(self) -> float:
+        """What one task dataset reserves: its actors plus one read task."""
+        return (self.tokenize_actors + 1) * self.tokenize_cpus
+
+
+def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
+    """Split ``cluster_resources`` (e.g. ``ray.cluster_resources()``) between training and data; see the
+    module docstring for the rule. Pure function; raises ValueError naming the config key that cannot fit.
+    """
+    cpus = float(cluster_resources.get("CPU", 0.0))
+    gpus = float(cluster_resources.get("GPU", 0.0))
+    n_tasks = max(1, len(cfg.tasks))
+    workers = cfg.train.num_workers
+    if cpus <= 0:
+        raise ValueError(f"the cluster reports no CPUs ({dict(cluster_resources)}); Ray Data needs some")
+    if cfg.train.use_gpu and gpus < max(workers, 1):
+        raise ValueError(
+            f"train.use_gpu=true with train.num_workers={workers} needs {max(workers, 1)} GPUs, "
+            f"the cluster has {gpus:g}"
+        )
+
+    # 1. Data: actors per task, then their CPUs, scaled to fit its share.
+    data_budget = cpus * DATA_SHARE
+    actor_cpus = cfg.data.tokenize_actor_cpus
+    if actor_cpus <= 0:
+        raise ValueError(f"data.tokenize_actor_cpus must be positive, got {actor_cpus}")
+    actors = cfg.data.num_tokenize_actors
+    if actors <= 0:  # auto: as many as the share holds at the configured CPUs, at least one
+        actors = int(min(MAX_AUTO_TOKENIZE_ACTORS, max(1, math.floor(data_budget / (n_tasks * actor_cpus)) - 1)))
+    slots = n_tasks * (actors + 1)
+    actor_cpus = min(actor_cpus, data_budget / slots)
+
+    # 2. Training: the rest, or the configured amount if it leaves data enough.
+    if workers == 0:
+        per_worker = 0.0
+    elif cfg.train.cpus_per_worker > 0:
+        per_worker = cfg.train.cpus_per_worker
+        left = cpus - workers * per_worker
+        if left < slots * MIN_DATA_CPUS:
+            raise ValueError(
+                f"train.cpus_per_worker={per_worker:g} x train.num_workers={workers} leaves {left:g} of "
+                f"{cpus:g} CPUs for data, which needs at least {slots * MIN_DATA_CPUS:g} "
+                f"({n_tasks} tasks x ({actors} tokenize actors + 1 read task) x {MIN_DATA_CPUS}); "
+                "lower train.cpus_per_worker (0 sizes it automatically)"
+            )
+        actor_cpus = min(actor_cpus, left / slots)
+    else:
+        per_worker = (cpus - slots * actor_cpus) / workers
+    if actor_cpus < MIN_DATA_CPUS:
+        raise ValueError(
+            f"{n_tasks} tasks x ({actors} tokenize actors + 1 read task) do not fit in {cpus:g} CPUs at "
+            f"{MIN_DATA_CPUS} CPU each next to training; lower data.num_tokenize_actors or train.num_workers"
+        )
+    # Ray rounds reservations to 1e-4 CPU; round down so that the sum never exceeds the cluster.
+    actor_cpus = math.floor(actor_cpus * 1e4) / 1e4
+    per_worker = math.floor(per_worker * 1e4) / 1e4
+    if workers == 0:
+        threads = max(1, math.floor(cpus - slots * actor_cpus))
+    else:
+        threads = max(1, round(per_worker))
+    return Plan(
+        train_workers=workers,
+        cpus_per_worker=per_worker,
+        use_gpu=cfg.train.use_gpu,
+        tokenize_actors=actors,
+        tokenize_cpus=actor_cpus,
+        torch_threads=threads,
+    )
+
+
+def describe(plan: Plan, n_tasks: int) -> str:
+    """One line for logs and the README."""
+    return (
+        f"{plan.train_workers} train workers x {plan.cpus_per_worker:g} CPU"
+        f"{' + 1 GPU' if plan.use_gpu else ''} ({plan.torch_threads} torch threads); "
+        f"{n_tasks} tasks x {plan.tokenize_actors} tokenize actors x {plan.tokenize_cpus:g} CPU"
+    )

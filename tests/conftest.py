@@ -1,0 +1,19 @@
+"""Shared test settings."""
+
+import os
+
+import pytest
+
+# Tests must never touch a cluster a developer happens to run: every local Ray is its own.
+os.environ.pop("RAY_ADDRESS", None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP spinning made them ~10x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,193 @@
+"""The data pipeline: store -> Ray Data tokenize/pad actors -> fixed-shape rows, and the task mixture."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import Counter
+
+import numpy as np
+import pytest
+import ray
+
+from mugato_ray.config import TaskEntry, load_config
+from mugato_ray.data import (
+    MAX_WINDOWS_PER_PASS,
+    WINDOW_SEED_KEY,
+    WindowSampler,
+    load_layouts,
+    save_layouts,
+    step_tasks,
+    store_files,
+    task_counts,
+    task_dataset,
+    task_layouts,
+    windows_per_pass,
+    write_synthetic_store,
+)
+from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY
+
+TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
+EPISODES = 6
+FILES = 3  # blocks: two actors get work
+
+
+def make_cfg(run_dir, tasks=TASKS, *overrides):
+    names = ", ".join(f"{{name: {t}}}" for t in tasks)
+    return load_config("configs/smoke.yaml", [f"run_dir={run_dir}", f"tasks=[{names}]", *overrides])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    cfg = make_cfg(tmp_path_factory.mktemp("run"))
+    write_synthetic_store(cfg, EPISODES, files=FILES, length=(20, 60))
+    specs, layouts = task_layouts(cfg)
+    return cfg, specs, layouts
+
+
+def object_array(values: list) -> np.ndarray:
+    """A 1-D object array of the values (np.asarray would stack equal-length lists into 2-D)."""
+    out = np.empty(len(values), dtype=object)
+    for i, v in enumerate(values):
+        out[i] = v
+    return out
+
+
+def row_digest(row: dict) -> str:
+    h = hashlib.sha1()
+    for key in sorted(row):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(row[key]).tobytes())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Data
+
+
+def test_rows_have_the_fixed_layout_shapes(local_ray, store):
+    cfg, specs, layouts = store
+    for task in TASKS:
+        layout = layouts[task]
+        rows = task_dataset(task, store_files(cfg, task), specs[task], cfg, windows=2).take_all()
+        assert len(rows) == 2 * EPISODES  # every episode gives `windows` sequences
+        for row in rows:
+            assert set(row) == {f.key for f in layout.fields} | {STEP_MASK_KEY, PROMPT_MASK_KEY}
+            for f in layout.fields:
+                assert row[f.key].shape == (layout.steps, f.tokens, f.channels), (task, f.key)
+                assert row[f.key].dtype == (np.uint8 if f.is_image else np.int32), (task, f.key)
+            assert row[STEP_MASK_KEY].shape == row[PROMPT_MASK_KEY].shape == (layout.steps,)
+            real = row[STEP_MASK_KEY]
+            assert real.sum() >= 1
+            assert not real[np.argmin(real):].any() or real.all()  # padding only at the end
+            if "sep" in row:
+                assert (row["sep"][real] == specs[task].vocab.separator).all()
+
+
+def test_two_actors_give_the_same_rows_as_one(local_ray, store):
+    """The windows depend on the seed, the batch and the epoch only, not on which actor ran them."""
+    cfg, specs, _ = store
+    task = "BabyAI-GoToRedBall-v0"
+    digests = [
+        Counter(row_digest(r) for r in task_dataset(task, store_files(cfg, task), specs[task], cfg,
+                                                     windows=3, actors=n, actor_cpus=0.25).take_all())
+        for n in (1, 2)
+    ]
+    assert sum(digests[0].values()) == 3 * EPISODES
+    assert digests[0] == digests[1]
+
+
+def test_each_pass_draws_new_windows(local_ray, store):
+    cfg, specs, _ = store
+    task = "Pendulum-v1"  # long episodes (20-60 steps) in a shorter window: many possible windows
+    ds = task_dataset(task, store_files(cfg, task), specs[task], cfg, windows=1)
+    first, second = (Counter(row_digest(r) for r in ds.take_all()) for _ in range(2))
+    assert sum(first.values()) == sum(second.values()) == EPISODES
+    assert first != second
+
+
+def test_window_sampler_is_deterministic_and_never_mutates_its_batch(store):
+    cfg, specs, _ = store
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    task = "BabyAI-GoToRedBall-v0"
+    table = pa.concat_tables([pq.read_table(f) for f in store_files(cfg, task)])
+    batch = {c: object_array(table.column(c).to_pylist()) for c in table.column_names}
+    batch[WINDOW_SEED_KEY] = np.full(len(table), 0.25)
+    for v in batch.values():
+        v.setflags(write=False)
+    before = {k: v.copy() for k, v in batch.items()}
+    runs = [list(WindowSampler(task, specs[task], cfg, seed=5, windows=2)(batch)) for _ in range(2)]
+    assert len(runs[0]) == 2  # one yielded batch per draw
+    for a, b in zip(*runs):
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(runs[0][0][k], runs[0][1][k]) for k in runs[0][0])  # draws differ
+    assert all(np.array_equal(batch[k], before[k]) for k in batch)
+
+
+def test_missing_store_names_the_task_and_directory(tmp_path):
+    cfg = make_cfg(tmp_path, ["Pendulum-v1"])
+    with pytest.raises(FileNotFoundError, match=r"Pendulum-v1.*data/Pendulum-v1"):
+        store_files(cfg, "Pendulum-v1")
+
+
+# ---------------------------------------------------------------------------------------------
+# The mixture (pure functions)
+
+
+def test_mixture_follows_the_weights(tmp_path):
+    cfg = make_cfg(tmp_path, TASKS, "train.grad_accum=5")
+    cfg.tasks = [TaskEntry("text-arith", 5.0), TaskEntry("BabyAI-GoToRedBall-v0", 3.0),
+                 TaskEntry("Pendulum-v1", 2.0), TaskEntry("CartPole-v1", 0.0)]
+    steps = 2000
+    counts = task_counts(cfg, 0, steps)
+    share = counts / counts.sum()
+    # Systematic sampling: every step holds floor or ceil of M * w micro-batches of each task, so the
+    # shares are exact up to the rounding of each step, far tighter than multinomial noise.
+    assert np.allclose(share, [0.5, 0.3, 0.2, 0.0], atol=0.01)
+    for step in range(200):
+        per_step = np.bincount(step_tasks(cfg, step), minlength=4)
+        assert per_step.sum() == 5
+        assert (np.abs(per_step - 5 * np.array([0.5, 0.3, 0.2, 0.0])) < 1).all()
+
+
+def test_mixture_is_a_pure_function_of_seed_and_step(tmp_path):
+    cfg = make_cfg(tmp_path)
+    a = [step_tasks(cfg, s).tolist() for s in range(50)]
+    assert a == [step_tasks(cfg, s).tolist() for s in range(50)]  # every rank, every restart
+    # Equal weights and grad_accum=0 (one micro-batch per task): every task in every step.
+    assert all(sorted(t) == [0, 1, 2] for t in a)
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1, grad_accum=2))
+    cfg2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=2))
+    assert [step_tasks(other, s).tolist() for s in range(50)] != [step_tasks(cfg2, s).tolist() for s in range(50)]
+
+
+def test_windows_per_pass_covers_every_rank():
+    # 10 micro-batches of 4 on 2 ranks need 2 * 4 * (10 + 1) = 88 rows: 8 windows of 11 episodes.
+    assert windows_per_pass(10, 4, 2, 11) == 8
+    assert windows_per_pass(0, 4, 1, 100) == 1
+    assert windows_per_pass(10**6, 32, 8, 10) == MAX_WINDOWS_PER_PASS
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts on disk
+
+
+def test_layouts_round_trip_through_json(tmp_path, store):
+    _, specs, layouts = store
+    path = save_layouts(tmp_path / "layouts.json", specs, layouts)
+    specs2, layouts2 = load_layouts(path)
+    assert specs2 == specs
+    assert layouts2 == layouts
+    path.write_text('{"format": 1, "tasks": {"x": {"spec": {}}}}')
+    with pytest.raises(ValueError, match="layouts.json"):
+        load_layouts(path)

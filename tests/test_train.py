@@ -1,0 +1,269 @@
+"""Distributed training end to end: DDP on CPU, checkpoints, resume, worker failure, clusters, job submit."""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from mugato_ray.config import load_config
+from mugato_ray.data import load_layouts, write_synthetic_store
+from mugato_ray.model import GatoModel, load_model
+from mugato_ray.resources import plan_resources
+from mugato_ray.train import (
+    CRASH_ENV,
+    latest_checkpoint,
+    lr_at,
+    make_optimizer,
+    read_state,
+    train,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
+
+
+def make_cfg(run_dir, *overrides, tasks=TASKS):
+    names = ", ".join(f"{{name: {t}}}" for t in tasks)
+    return load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}", f"tasks=[{names}]", *overrides])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure pieces
+
+
+def test_lr_warms_up_then_decays_to_the_floor(tmp_path):
+    t = make_cfg(tmp_path, "train.steps=100", "train.warmup_steps=10", "train.lr=1.0", "train.min_lr_ratio=0.1").train
+    lrs = [lr_at(s, t) for s in range(101)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # monotone decay
+    assert lrs[100] == pytest.approx(0.1)
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5, abs=1e-9)  # cosine midpoint
+
+
+def test_weight_decay_only_on_matrices(tmp_path):
+    from mugato_ray.tokenizer import VocabLayout
+
+    cfg = make_cfg(tmp_path)
+    model = GatoModel(cfg.model, VocabLayout(256), cfg.tokenizer.patch_size)
+    decay, no_decay = make_optimizer(model, cfg.train).param_groups
+    assert decay["weight_decay"] == cfg.train.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize(
+    "resources, workers, gpu",
+    [({"CPU": 2.0}, 1, False), ({"CPU": 2.0}, 2, False), ({"CPU": 16.0, "GPU": 8.0}, 8, True),
+     ({"CPU": 1.0}, 1, False), ({"CPU": 64.0, "GPU": 8.0}, 8, True)],
+)
+def test_plan_never_gives_training_every_cpu(tmp_path, resources, workers, gpu):
+    four = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1", "CartPole-v1"]
+    cfg = make_cfg(tmp_path, f"train.num_workers={workers}", f"train.use_gpu={str(gpu).lower()}",
+                   "data.num_tokenize_actors=0", tasks=four)
+    plan = plan_resources(cfg, resources)
+    train_cpus = plan.train_workers * plan.cpus_per_worker
+    data_cpus = len(four) * plan.data_cpus
+    assert plan.train_workers == workers and plan.use_gpu == gpu
+    assert plan.tokenize_actors >= 1 and 0 < plan.tokenize_cpus < 1  # no data reservation needs a whole CPU
+    assert 0 < train_cpus < resources["CPU"]
+    assert data_cpus > 0 and train_cpus + data_cpus <= resources["CPU"] + 1e-9
+    assert plan.torch_threads >= 1
+
+
+def test_plan_rejects_what_cannot_fit(tmp_path):
+    with pytest.raises(ValueError, match="train.use_gpu"):
+        plan_resources(make_cfg(tmp_path, "train.use_gpu=true"), {"CPU": 8.0})
+    with pytest.raises(ValueError, match="train.cpus_per_worker"):
+        plan_resources(make_cfg(tmp_path, "train.num_workers=2", "train.cpus_per_worker=1"), {"CPU": 2.0})
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def test_two_ddp_workers_learn_a_task_mixture_in_step(local_ray, tmp_path):
+    """2 workers on CPU (gloo), micro-batches of a text task (no image: the patch embedding is unused),
+    an image+mission+discrete task and a continuous task accumulated into every step."""
+    cfg = make_cfg(tmp_path, "train.num_workers=2", "train.steps=16", "train.log_every=4", "train.lr=3e-3",
+                   "train.checkpoint_every=16")
+    write_synthetic_store(cfg, 8)
+    result = train(cfg)
+    assert result.final_step == 16
+    first, last = result.history[0], result.history[-1]
+    assert [h["step"] for h in result.history] == [4, 8, 12, 16]
+    for task in TASKS:
+        # A uniform predictor scores ln(vocab) = 7.2 nats. The text and the discrete action (7 ids) have
+        # at most ln(7) = 1.9 nats of entropy, the continuous action at most ln(1024) = 6.9: each logged
+        # loss (a mean over 4 steps) must drop, the first two by well over 0.5 nats.
+        assert last[f"loss/{task}"] < first[f"loss/{task}"] - (0.05 if task == "Pendulum-v1" else 0.5), task
+    # DDP kept both replicas identical at every log step (max - min of a parameter checksum over ranks).
+    assert all(h["rank_param_spread"] == 0.0 for h in result.history)
+    assert all(math.isfinite(h["grad_norm"]) and h["tokens_per_s"] > 0 for h in result.history)
+
+
+def test_a_killed_worker_recovers_and_a_rerun_resumes_at_the_checkpoint_step(local_ray, tmp_path, monkeypatch):
+    """One run loses its worker and restores it from the last checkpoint (max_failures=1); running the
+    same run again with more steps continues from its last checkpoint, not from step 0."""
+    cfg = make_cfg(tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
+                   "train.keep_checkpoints=2", "train.max_failures=1",
+                   tasks=["Pendulum-v1"])  # one task: one actor pool to start, three times
+    write_synthetic_store(cfg, 4)
+    monkeypatch.setenv(CRASH_ENV, "3")  # rank 0 exits hard when it reaches step 3, once
+    first = train(cfg)
+    assert (tmp_path / ".crashed_at_step_3").exists()
+    assert first.final_step == 4 and Path(first.checkpoint_path).name == "checkpoint_00000004"
+    assert [h["step"] for h in first.history] == [3, 4]  # the attempt that finished restarted at 2
+    monkeypatch.delenv(CRASH_ENV)
+
+    cfg.train.steps = 6
+    second = train(cfg)
+    assert [h["step"] for h in second.history] == [5, 6]  # started at 4, not at 0
+    assert second.final_step == 6
+    ckpt = latest_checkpoint(cfg)
+    assert ckpt == Path(second.checkpoint_path) and ckpt.name == "checkpoint_00000006"
+    kept = sorted(p.name for p in ckpt.parent.glob("checkpoint_[0-9]*"))
+    assert kept == ["checkpoint_00000004", "checkpoint_00000006"]  # keep_checkpoints=2
+    # Everything in a checkpoint loads without executing code.
+    assert read_state(ckpt)["step"] == 6
+    model = load_model(ckpt / "model.pt")
+    specs, layouts = load_layouts(ckpt / "layouts.json")
+    assert set(layouts) == {"Pendulum-v1"} and model.vocab == specs["Pendulum-v1"].vocab
+    assert load_config(ckpt / "config.yaml").train.steps == 6
+    state = read_state(ckpt)["optimizer"]["state"]
+    assert state and all(int(s["step"]) == 6 for s in state.values())  # AdamW restored, then 2 more steps
+
+
+def test_driver_mode_keeps_and_resumes_its_own_checkpoints(local_ray, tmp_path):
+    """train.num_workers=0 runs the loop in the driver, where Ray Train persists no checkpoint."""
+    cfg = make_cfg(tmp_path, "train.num_workers=0", "train.steps=2", "train.checkpoint_every=1",
+                   "train.keep_checkpoints=1", tasks=["Pendulum-v1"])
+    write_synthetic_store(cfg, 4)
+    first = train(cfg)
+    assert Path(first.checkpoint_path) == latest_checkpoint(cfg) and read_state(latest_checkpoint(cfg))["step"] == 2
+    cfg.train.steps = 3
+    second = train(cfg)
+    assert [h["step"] for h in second.history] == [3]
+    assert [p.name for p in latest_checkpoint(cfg).parent.glob("checkpoint_*")] == ["checkpoint_00000003"]
+
+
+@pytest.mark.slow
+def test_a_two_node_cluster_completes_a_run(tmp_path):
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        cluster.wait_for_nodes()
+        cfg = make_cfg(tmp_path, "train.num_workers=2", "train.steps=4", "train.checkpoint_every=4")
+        write_synthetic_store(cfg, 4)
+        result = train(cfg)
+        assert result.final_step == 4
+        assert read_state(latest_checkpoint(cfg))["step"] == 4
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# ray job submit against a real head node
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_job_submit_trains_and_leaves_a_checkpoint(tmp_path):
+    """`ray start --head` + `ray job submit --working-dir . -- python jobs/train.py ...` as a user would.
+
+    The head runs with `--block` as this test's child, and stopping it (SIGTERM) takes down exactly
+    the processes it started: `ray stop` would stop every Ray on the machine, other test runs' too.
+    """
+    run_dir = tmp_path / "run"
+    cfg = load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}"])
+    write_synthetic_store(cfg, 4)
+    bin_dir = Path(sys.executable).parent
+    # Token auth off for this head only (it listens on 127.0.0.1): otherwise whether `ray job submit` finds
+    # a token depends on ~/.ray of the machine running the test.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)
+    # Every port of this head is a free one: other Rays on the machine hold the defaults (the job agent's
+    # 52365 above all: without it the job server answers "No available agent").
+    port, dash, agent, agent_grpc, metrics, runtime_env, client = (_free_port() for _ in range(7))
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    head = subprocess.Popen(
+        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
+         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
+         f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 120
+        while True:  # the job server answers once the dashboard is up
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=5).close()
+                break
+            except urllib.error.HTTPError:  # it answers (e.g. 401 under token auth): it is up
+                break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                assert time.time() < deadline, "the dashboard did not come up within 120 s"
+                time.sleep(1)
+        while True:  # the dashboard answers before its job agent is up: "No available agent ... try again"
+            job = subprocess.run(
+                [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
+                 "python", "jobs/train.py", "--config", "configs/smoke.yaml", f"run_dir={run_dir}"],
+                env=env, cwd=ROOT, capture_output=True, text=True, timeout=420,
+            )
+            out = job.stdout + job.stderr
+            if "No available agent" not in out or time.time() > deadline:
+                break
+            time.sleep(2)
+        assert job.returncode == 0, out[-3000:]
+        assert "succeeded" in out, out[-3000:]
+        assert f"trained {cfg.train.steps} steps" in out, out[-3000:]
+        ckpt = latest_checkpoint(cfg)
+        assert read_state(ckpt)["step"] == cfg.train.steps
+        assert isinstance(load_model(ckpt / "model.pt"), torch.nn.Module)
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp_dir, ignore_errors=True)
