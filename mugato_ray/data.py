@@ -240,6 +240,10 @@ def task_layouts(cfg: Config) -> tuple[dict[str, SpaceSpec], dict[str, SequenceL
 
 def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -> TaskData:
     """One sequence dataset per configured task, each pass sized to the run (``train.steps``)."""
+    import ray.data
+
+    # One progress bar per operator and task floods the console; training prints its own progress lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     specs, layouts = task_layouts(cfg)
     counts = task_counts(cfg, 0, cfg.train.steps)
     datasets, episodes, windows = {}, {}, {}
