@@ -381,7 +381,8 @@ def generate_answers(task: str, cfg: Config, episodes: Sequence[Any], prompts: S
     elif steps > 0:
         with torch.no_grad():
             t = {k: torch.from_numpy(np.ascontiguousarray(v[:, None])) for k, v in tokens.items()}
-            x, valid, _ = model.embed(t, pre_fields)
+            step0_Bx1 = torch.zeros((B, 1), dtype=torch.long)  # the one timestep of a text/VQA example
+            x, valid, _ = model.embed(t, pre_fields, step_index_BxE=step0_Bx1)
             cache = model.new_cache(B, x.shape[1] + steps)
             hidden = model.prefill(x, valid, cache)
             last_B = torch.where(valid, torch.arange(valid.shape[1]), -1).max(dim=1).values.clamp(min=0)
@@ -397,7 +398,9 @@ def generate_answers(task: str, cfg: Config, episodes: Sequence[Any], prompts: S
                 x = torch.empty((B, 1, model.n_embd))
                 for pos in np.unique(pos_B):  # rows at the same local position embed together
                     rows = torch.from_numpy(np.flatnonzero(pos_B == pos))
-                    x[rows] = model.embed({act.key: next_B[rows].view(-1, 1, 1, 1)}, [act], pos0=int(pos))[0]
+                    x[rows] = model.embed(
+                        {act.key: next_B[rows].view(-1, 1, 1, 1)}, [act], pos0=int(pos), step_index_BxE=step0_Bx1[rows]
+                    )[0]
                 hidden = model.extend(x, torch.ones((B, 1), dtype=torch.bool), cache)
                 logits_BxV = model.logits(hidden[:, -1]).float()
     answers = []

@@ -13,12 +13,24 @@ episode steps (the prompt stays first, as in training), keeping about half of th
 cache is re-encoded from the kept steps: with no absolute positions, this is exactly a training
 window that starts mid-episode (see ``mugato_ray.model``).
 
-Cache: one KV cache for all N envs, filled in lockstep. An env that starts a new episode marks its
-cache entries invalid (they are masked as keys) instead of re-encoding anything; the cache is
-re-encoded from the histories only when an env drops steps, a prompt must be inserted, or the cache
-is full. The last action token of a step is appended together with the next observation, which
-saves one forward pass per step. ``use_cache=False`` re-encodes the whole window for every token:
-the reference that the cached path must match.
+Cache: one KV cache for all N envs, filled in lockstep, holding only what attention needs (see
+``KVCache``: only the valid keys of a row and their order matter, not their positions):
+
+- Text pads are masked keys whose outputs nothing reads, so each step's new tokens are packed (valid
+  tokens only, right-aligned so that the last position is every env's last token) before they enter
+  the model: a BabyAI step of 83 tokens (a 64-token mission, mostly pad) costs about 40.
+- Only envs whose window changed are re-encoded, from their own histories: an env that drops steps or
+  resets with a prompt. An env that starts an unprompted episode just marks its entries invalid. The
+  histories are also kept embedded, so a re-encode runs the blocks only (no patch ResNet again), and
+  the re-encode computes keys and values only (``outputs=0``).
+- Invalid entries (finished episodes, dropped windows, pads between rows) are reclaimed by compacting
+  the cache, a gather with no recomputation, when the next step would not fit or when at least
+  ``RECLAIM_FRACTION`` of it is holes: attention reads every entry up to the cache's length.
+- The last action token of a step is appended together with the next observation, which saves one
+  forward pass per step, and the last block computes outputs for the last position only.
+
+``use_cache=False`` re-encodes the whole window from the token histories for every token: the
+reference that the cached path must match.
 """
 
 from __future__ import annotations
@@ -32,6 +44,9 @@ import torch
 from mugato_ray.model import GatoModel, KVCache
 from mugato_ray.sequence import SequenceLayout
 from mugato_ray.tokenizer import SpaceSpec, decode_actions, encode_observations, legal_action_mask
+
+RECLAIM_FRACTION = 0.25
+"""Compact the cache once at least this fraction of its length can be reclaimed."""
 
 
 class ModelPolicy:
@@ -86,14 +101,21 @@ class ModelPolicy:
             else np.full((N, E, f.tokens, f.channels), self.vocab.pad, np.int32)
             for f in layout.fields
         }
+        if use_cache:
+            # The same histories embedded (N, steps, step_tokens, D) and token validity: a re-encode reads
+            # these instead of embedding its window again. The reference path re-embeds the tokens.
+            S, D = layout.step_tokens, self.model.n_embd
+            self.emb_hist = self.model.tok_emb.weight.new_zeros((N, E, S, D))
+            self.emb_valid = torch.zeros((N, E, S), dtype=torch.bool, device=self.device)
         self.prompt_steps = 0
         if prompt_tokens is not None:
             self._set_prompt(prompt_tokens)
         self.n = np.full(N, self.prompt_steps, np.int64)
         self.generators = [torch.Generator().manual_seed(i) for i in range(N)]
         self.cache: KVCache | None = None
-        self.stale = True  # the cache must be re-encoded from the histories before the next step
-        self.pending_N = torch.full((N,), self.vocab.pad, dtype=torch.long, device=self.device)
+        self.fresh = np.ones(N, bool)  # envs whose cache rows must be re-encoded from their histories
+        # The embedded last action token of every env's previous step, not yet in the cache.
+        self.pending_NxD = self.model.tok_emb.weight.new_zeros((N, self.model.n_embd))
         self.pending_valid_N = torch.zeros(N, dtype=torch.bool, device=self.device)
         self.current: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's pieces (reference path)
 
@@ -113,6 +135,13 @@ class ModelPolicy:
             raise ValueError(f"prompt_tokens: {P} steps leave no room in a window of {self.layout.steps} steps")
         for f in self.layout.fields:
             self.hist[f.key][:, :P] = prompt[f.key]
+        if self.use_cache:
+            with torch.no_grad():
+                x, valid = self.model.embed(
+                    self._torch({k: v[:1, :P] for k, v in self.hist.items()}), self.layout.fields
+                )[:2]
+            self.emb_hist[:, :P] = x.view(P, *self.emb_hist.shape[2:])
+            self.emb_valid[:, :P] = valid.view(P, -1)
         self.prompt_steps = P
 
     # -- the Policy protocol ----------------------------------------------------------------------
@@ -128,7 +157,7 @@ class ModelPolicy:
         if self.cache is not None:
             self.cache.valid[idx] = False  # masked as keys: the env's old episode is gone
         if self.prompt_steps:
-            self.stale = True  # the prompt must be encoded again for these envs
+            self.fresh[ids] = True  # the prompt must be encoded again for these envs
 
     @torch.no_grad()
     def act(self, observations: Mapping[str, np.ndarray | list[str]]) -> np.ndarray:
@@ -150,12 +179,18 @@ class ModelPolicy:
             cur["sep"] = np.full((N, 1, 1), self.vocab.separator, np.int64)
         self._make_room()
         self.current = []
-        pieces = [self.model.embed(self._torch(cur, add_step=True), self.pre_fields)[:2]]
+        # Histories keep embeddings without the step-in-window encoding (their steps move when the window
+        # slides); every piece that enters the transformer gets it added: this step's index is n.
+        self.step_NxD = self.model.step_embedding(torch.from_numpy(self.n).to(self.device)[:, None])[:, 0]
+        pre_x, pre_valid = self.model.embed(self._torch(cur, add_step=True), self.pre_fields)[:2]
+        pieces = [(pre_x + self.step_NxD, pre_valid)]
         if self.use_cache:
-            if self.stale or self.cache is None or self.cache.length + self.layout.step_tokens > self.cache.capacity:
-                self._reencode()
-            elif self.pending_valid_N.any():
-                pieces.insert(0, self._embed_action(self.pending_N, A - 1, self.pending_valid_N))
+            self._refresh_cache()
+            if self.pending_valid_N.any():
+                pieces.insert(0, (self.pending_NxD[:, None], self.pending_valid_N[:, None]))
+            pieces = [pack_valid(*(torch.cat(t, dim=1) for t in zip(*pieces)))]
+            if self.cache.length + pieces[0][0].shape[1] + A - 1 > self.cache.capacity:
+                self.cache.compact()
         ids_NxA = torch.empty((N, A), dtype=torch.long, device=self.device)
         logits_NxAxV = torch.empty((N, A, self.vocab.size), device=self.device)
         for k in range(A):
@@ -164,13 +199,17 @@ class ModelPolicy:
             logits_NxV = self._next_logits(pieces)
             logits_NxAxV[:, k] = logits_NxV
             ids_NxA[:, k] = self._choose(logits_NxV, k)
-        if self.use_cache:
-            # The last action token enters the cache with the next observation (one pass saved).
-            self.pending_N = ids_NxA[:, -1].clone()
-            self.pending_valid_N = torch.ones(N, dtype=torch.bool, device=self.device)
-
         ids = ids_NxA.cpu().numpy()
         rows = np.arange(N)
+        if self.use_cache:
+            act_x, act_valid = self.model.embed(
+                {self.act_field.key: ids_NxA.view(N, 1, A, 1)}, [self.act_field], pos0=self.act_offset
+            )[:2]
+            rows_t, n_t = torch.from_numpy(rows).to(self.device), torch.from_numpy(self.n).to(self.device)
+            self.emb_hist[rows_t, n_t] = torch.cat([pre_x, act_x], dim=1)
+            self.emb_valid[rows_t, n_t] = torch.cat([pre_valid, act_valid], dim=1)
+            # The last action token enters the cache with the next observation (one pass saved).
+            self.pending_NxD, self.pending_valid_N = (act_x + self.step_NxD)[:, -1], act_valid[:, -1]
         for key, v in cur.items():
             self.hist[key][rows, self.n] = v
         self.hist[self.act_field.key][rows, self.n] = ids[..., None]
@@ -186,22 +225,33 @@ class ModelPolicy:
             for k, v in tokens.items()
         }
 
-    def _embed_action(
-        self, ids_N: torch.Tensor, k: int, valid_N: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_action(self, ids_N: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Action token k of every env as a (N, 1, D) piece at its local position."""
         tokens = {self.act_field.key: ids_N.view(-1, 1, 1, 1)}
-        step_mask = None if valid_N is None else valid_N[:, None]
-        return self.model.embed(tokens, [self.act_field], step_mask, pos0=self.act_offset + k)[:2]
+        x, valid = self.model.embed(tokens, [self.act_field], pos0=self.act_offset + k)[:2]
+        return x + self.step_NxD, valid
 
     def _window(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Every env's kept history as one (N, E_max * step_tokens, D) piece (padded steps invalid)."""
+        """Every env's kept history embedded from its tokens: (N, E_max * step_tokens, D), padded steps invalid."""
         e_max = int(self.n.max())
         if e_max == 0:
             return None
         tokens = self._torch({k: v[:, :e_max] for k, v in self.hist.items()})
         step_mask = torch.from_numpy(np.arange(e_max)[None, :] < self.n[:, None]).to(self.device)
-        return self.model.embed(tokens, self.layout.fields, step_mask)[:2]
+        steps = self.model.window_steps(step_mask)
+        return self.model.embed(tokens, self.layout.fields, step_mask, step_index_BxE=steps)[:2]
+
+    def _embedded_window(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`_window` of envs ``rows`` from the embedded histories: (R, E_max * step_tokens, D), (R, ...)."""
+        n = self.n[rows]
+        e_max = int(n.max()) if n.size else 0
+        if e_max == 0:
+            return None
+        rows_t = torch.from_numpy(rows).to(self.device)
+        step_mask = torch.from_numpy(np.arange(e_max)[None, :] < n[:, None]).to(self.device)
+        x = self.emb_hist[rows_t, :e_max] + self.model.step_embedding(self.model.window_steps(step_mask))
+        valid = self.emb_valid[rows_t, :e_max] & step_mask[:, :, None]
+        return x.reshape(rows.size, -1, x.shape[-1]), valid.reshape(rows.size, -1)
 
     def _make_room(self) -> None:
         """Envs whose next step would not fit the window drop their oldest episode steps (about half)."""
@@ -210,29 +260,44 @@ class ModelPolicy:
         if not full.size:
             return
         keep = (E - P) // 2
-        for i in full:  # rare: once per half window per env
-            for a in self.hist.values():
-                a[i, P : P + keep] = a[i, self.n[i] - keep : self.n[i]].copy()
+        # Env i keeps its steps [n_i - keep, n_i), moved to [P, P + keep); the right side is a copy.
+        dst_FxK = (full[:, None], P + np.arange(keep)[None, :])
+        src_FxK = (full[:, None], (self.n[full] - keep)[:, None] + np.arange(keep)[None, :])
+        for a in self.hist.values():
+            a[dst_FxK] = a[src_FxK]
+        if self.use_cache:
+            dst_t, src_t = (tuple(torch.from_numpy(i).to(self.device) for i in ix) for ix in (dst_FxK, src_FxK))
+            for t in (self.emb_hist, self.emb_valid):
+                t[dst_t] = t[src_t]
         self.n[full] = P + keep
-        self.stale = True
+        self.fresh[full] = True
 
-    def _reencode(self) -> None:
-        """Rebuild the cache from the histories (after a drop, a prompted reset, or when it is full)."""
+    def _refresh_cache(self) -> None:
+        """Re-encode the envs whose window changed (each from its own history), reclaim holes when cheap."""
         if self.cache is None:
             self.cache = self.model.new_cache(self.num_envs, self.layout.steps * self.layout.step_tokens)
-        window = self._window()
-        if window is None:
-            self.cache.clear()
-        else:
-            self.model.prefill(*window, self.cache)
-        self.pending_valid_N.zero_()  # the histories already hold the last action tokens
-        self.stale = False
+        rows = np.flatnonzero(self.fresh)
+        if rows.size:
+            rows_t = torch.from_numpy(rows).to(self.device)
+            self.cache.valid[rows_t] = False
+            self.pending_valid_N[rows_t] = False  # the histories already hold the last action tokens
+            window = self._embedded_window(rows)
+            x, valid = pack_valid(*window, keep_last=False) if window is not None else (None, None)
+            if x is not None and x.shape[1]:
+                encoded = self.model.new_cache(rows.size, x.shape[1])
+                self.model.prefill(x, valid, encoded, outputs=0)  # keys/values only
+                self.cache.place(rows_t, encoded)
+            self.fresh[:] = False
+        # Attention reads every entry up to length; a compaction costs about one read and write of the
+        # cache, which a step's attention over that many more keys already exceeds.
+        if self.cache.length and int(self.cache.valid.sum(dim=1).max()) <= (1 - RECLAIM_FRACTION) * self.cache.length:
+            self.cache.compact()
 
     def _next_logits(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Logits (N, V) after appending ``pieces`` (each (x (N, L, D), valid (N, L)))."""
         x, valid = (torch.cat(t, dim=1) for t in zip(*pieces))
         if self.use_cache:
-            hidden = self.model.extend(x, valid, self.cache)
+            hidden = self.model.extend(x, valid, self.cache, outputs=1)
         else:
             # Reference: the whole window and the current step so far, recomputed from scratch.
             self.current.append((x, valid))
@@ -250,3 +315,28 @@ class ModelPolicy:
         u = torch.stack([torch.rand(masked.shape[-1], generator=g) for g in self.generators]).to(self.device)
         gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
         return (masked / self.temperature + gumbel).argmax(dim=-1)
+
+
+def pack_valid(
+    x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, keep_last: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop each row's invalid tokens and right-align the rest: (B, W, D), (B, W) with W the largest count.
+
+    Exact for everything acting reads: an invalid token is masked as a key, and its own output is only
+    read when it is the last token (kept with ``keep_last``: the logits come from there). Shorter rows
+    are padded on the left with invalid entries.
+    """
+    B, L, D = x_BxLxD.shape
+    keep_BxL = valid_BxL.clone()
+    if keep_last:
+        keep_BxL[:, -1] = True
+    count_B = keep_BxL.sum(dim=1)
+    W = int(count_B.max())
+    if W == L:  # some row keeps every token: nothing to gain, and the unpacked rows are already exact
+        return x_BxLxD, valid_BxL
+    # Kept positions first, in order; output slot j of row b takes kept token j - (W - count_b).
+    order_BxL = torch.sort((~keep_BxL).to(torch.uint8), dim=1, stable=True).indices
+    slot_BxW = torch.arange(W, device=x_BxLxD.device)[None, :] - (W - count_B)[:, None]
+    src_BxW = order_BxL.gather(1, slot_BxW.clamp(min=0))
+    valid_out = (slot_BxW >= 0) & valid_BxL.gather(1, src_BxW)
+    return x_BxLxD.gather(1, src_BxW[..., None].expand(B, W, D)), valid_out

@@ -237,7 +237,9 @@ def test_batched_generation_matches_one_prompt_at_a_time(tmp_path):
         new = []
         with torch.no_grad():
             for _ in range(min(6, cfg.model.context - len(ids))):  # the text field ends at the context
-                x, valid, _ = model.embed({field: torch.tensor(ids + new).view(1, 1, -1, 1)}, [act])
+                x, valid, _ = model.embed(
+                    {field: torch.tensor(ids + new).view(1, 1, -1, 1)}, [act], step_index_BxE=torch.zeros((1, 1))
+                )
                 logits = model.logits(model.trunk(x, valid)[:, -1])[0].masked_fill(~legal, float("-inf"))
                 new.append(int(logits.argmax()))
         assert got == decode_text(np.asarray(new), tok, vocab)

@@ -8,8 +8,8 @@ import torch
 from gymnasium import spaces
 
 from mugato_ray.config import ModelConfig, TokenizerConfig
-from mugato_ray.model import GatoModel
-from mugato_ray.policy import ModelPolicy
+from mugato_ray.model import GatoModel, KVCache
+from mugato_ray.policy import ModelPolicy, pack_valid
 from mugato_ray.sequence import make_layout
 from mugato_ray.tokenizer import (
     ByteTokenizer,
@@ -75,7 +75,7 @@ def take(obs, idx):
 
 
 @pytest.mark.parametrize("prompted", [False, True])
-def test_cached_decoding_matches_uncached(prompted):
+def test_cached_decoding_matches_uncached(prompted, monkeypatch):
     act_space = spaces.MultiDiscrete([3, 4])  # two action tokens: one cached token step per act
     spec, layout, model = setup(DICT_OBS, act_space, context=64)
     assert layout.steps == 4  # 6 text + 4 patches + 2 + sep + 2 actions = 15 tokens per step
@@ -91,6 +91,19 @@ def test_cached_decoding_matches_uncached(prompted):
             )
             for f in layout.fields
         }
+    calls = {"compact": 0, "place_some": 0}  # the cache's reclaiming paths must run (non-vacuous)
+    compact, place = KVCache.compact, KVCache.place
+
+    def counting_compact(cache):
+        calls["compact"] += 1
+        compact(cache)
+
+    def counting_place(cache, rows, src):
+        calls["place_some"] += len(rows) < N
+        place(cache, rows, src)
+
+    monkeypatch.setattr(KVCache, "compact", counting_compact)
+    monkeypatch.setattr(KVCache, "place", counting_place)
     cached = ModelPolicy(model, spec, layout, TEXT, N, use_cache=True, prompt_tokens=prompt)
     reference = ModelPolicy(model, spec, layout, TEXT, N, use_cache=False, prompt_tokens=prompt)
     for p in (cached, reference):
@@ -111,7 +124,67 @@ def test_cached_decoding_matches_uncached(prompted):
         np.testing.assert_array_equal(a1, a2)
         assert np.array_equal(cached.n, reference.n)
     assert slides >= 3  # the window slid several times
+    assert calls["compact"] >= 3 and calls["place_some"] >= 3  # holes reclaimed; some envs re-encoded alone
     assert len(set(map(tuple, ids1.tolist()))) > 1 or len({tuple(r) for r in logits1[:, 0, :8]}) > 1
+
+
+def test_pack_valid_keeps_each_rows_valid_tokens_in_order_right_aligned():
+    g = torch.Generator().manual_seed(0)
+    B, L, D = 5, 9, 3
+    x = torch.randn(B, L, D, generator=g)
+    valid = torch.rand(B, L, generator=g) > 0.5
+    valid[0] = True  # a full row: nothing to gain, the input comes back as is (checked last)
+    valid[1, -1] = False  # an invalid last token: kept (its output is read), still invalid as a key
+    valid[2] = False
+    valid[2, :3] = True  # the last kept token sits far from the end
+    for keep_last in (True, False):
+        valid_in = valid.clone()
+        valid_in[0, 4] = False  # no row full: every row is packed
+        out_x, out_valid = pack_valid(x, valid_in, keep_last)
+        W = out_x.shape[1]
+        for b in range(B):
+            keep = valid_in[b].clone()
+            keep[-1] |= keep_last
+            n = int(keep.sum())
+            assert n <= W and not out_valid[b, : W - n].any()  # left padding is invalid
+            torch.testing.assert_close(out_x[b, W - n :], x[b, keep], rtol=0, atol=0)
+            assert torch.equal(out_valid[b, W - n :], valid_in[b, keep])
+        kept_B = valid_in.sum(1) + (keep_last & ~valid_in[:, -1])
+        assert W == int(kept_B.max())
+    full_x, full_valid = pack_valid(x, valid)  # row 0 keeps everything: returned as is
+    assert full_x is x and full_valid is valid
+
+
+def test_cache_compaction_and_placement_are_exact():
+    """Squeezing invalid entries out, or encoding rows elsewhere and placing them, changes no later output."""
+    _, _, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), context=64)
+    g = torch.Generator().manual_seed(0)
+    B, L0, L1, D = 3, 20, 6, model.n_embd
+    x = torch.randn(B, L0 + L1, D, generator=g)
+    valid = torch.rand(B, L0 + L1, generator=g) > 0.4
+    valid[:, L0:] = True
+    with torch.no_grad():
+        want = model.trunk(x, valid)[:, L0:]  # the reference: no cache at all
+        cache = model.new_cache(B, 48)
+        model.prefill(x[:, :L0], valid[:, :L0], cache, outputs=0)
+        cache.compact()
+        assert cache.length == int(valid[:, :L0].sum(1).max()) < L0
+        torch.testing.assert_close(model.extend(x[:, L0:], valid[:, L0:], cache), want, rtol=0, atol=1e-5)
+        last2 = model.trunk(x, valid, model.new_cache(B, 32), outputs=2)  # the last block for 2 queries only
+        torch.testing.assert_close(last2, model.trunk(x, valid)[:, -2:], rtol=0, atol=1e-5)
+
+        # Row 1 encoded alone, placed into a cache whose other rows hold their own (shorter) histories.
+        cache = model.new_cache(B, 48)
+        model.prefill(x[:, 5:L0], valid[:, 5:L0], cache, outputs=0)
+        cache.valid[1] = False
+        alone = model.new_cache(1, L0)
+        model.prefill(x[1:2, :L0], valid[1:2, :L0], alone, outputs=0)
+        cache.place(torch.tensor([1]), alone)
+        assert cache.length == L0
+        got = model.extend(x[:, L0:], valid[:, L0:], cache)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
+    want_rest = model.trunk(x[:, 5:], valid[:, 5:])[:, -L1:]
+    torch.testing.assert_close(got[[0, 2]], want_rest[[0, 2]], rtol=0, atol=1e-5)
 
 
 ACTION_SPACES = {
