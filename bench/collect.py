@@ -13,13 +13,7 @@ paid, not counted. Ratios in one run are the numbers to compare: these machines 
 """
 
 import os
-import sys
 
-# bench/ holds tokenize.py, named like a stdlib module that ray imports: keep bench/ off sys.path and put
-# the project root in its place.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
 # One thread per process, as in a Ray actor with num_cpus=1: in-process and actor figures compare.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")

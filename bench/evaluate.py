@@ -14,15 +14,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/ holds tokenize.py, named like a stdlib module that ray imports: keep bench/ off sys.path and put
-# the project root in its place.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import tempfile  # noqa: E402

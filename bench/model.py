@@ -11,15 +11,6 @@ Run: .venv/bin/python bench/model.py [--device cuda] [--quick]
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/ holds tokenize.py, named like the stdlib module that inspect/linecache import: keep bench/ off
-# sys.path and put the project root there instead.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
 import argparse  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402

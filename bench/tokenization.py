@@ -8,13 +8,7 @@ ratio to the in-run copy is the number to compare. numpy is single-threaded here
 """
 
 import os
-import sys
 
-# This file is named like the stdlib module `tokenize`, which `inspect` and `linecache` import: with this
-# folder first on sys.path they would import this script instead. Put the project root there in its place.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 

@@ -11,15 +11,8 @@ Run: .venv/bin/python bench/train.py [--steps 10] [--preset small] [--context 25
 
 from __future__ import annotations
 
-import os
-import sys
-
-# bench/ holds scripts named like stdlib modules: keep bench/ off sys.path, put the project root there.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
-
 import argparse  # noqa: E402
+import os
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -206,7 +199,7 @@ def main() -> None:
         args.steps, args.preset, args.files, args.windows = 4, "tiny", 4, 2
     with tempfile.TemporaryDirectory() as run_dir:
         names = ", ".join(f"{{name: {t}}}" for t in TASKS)
-        cfg = load_config(Path(_HERE).parent / "configs/smoke.yaml", [
+        cfg = load_config(Path(__file__).resolve().parent.parent / "configs/smoke.yaml", [
             f"run_dir={run_dir}", f"tasks=[{names}]", f"model.preset={args.preset}",
             f"model.context={args.context}", f"data.batch_size={args.batch}", f"train.steps={args.steps}",
             "train.log_every=2", f"train.checkpoint_every={args.steps}", f"train.warmup_steps={max(1, args.steps // 5)}",
