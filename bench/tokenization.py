@@ -14,25 +14,12 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
 
 import numpy as np  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
 from mugato_ray import tokenizer as tk  # noqa: E402
-
-
-@dataclass
-class _Cfg:
-    """Tokenizer settings (the defaults of config.TokenizerConfig)."""
-
-    text: str = "byte"
-    bpe_path: str | None = None
-    value_bins: int = 1024
-    mu: float = 100.0
-    M: float = 256.0
-    patch_size: int = 16
-    max_text_tokens: int = 64
+from mugato_ray.config import TokenizerConfig  # noqa: E402
 
 
 def median_seconds(repeats: int, fn, *args) -> float:
@@ -52,7 +39,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256, help="steps per call (E)")
     args = parser.parse_args()
 
-    cfg = _Cfg()
+    cfg = TokenizerConfig()
     text_tok = tk.ByteTokenizer()
     vocab = tk.make_vocab(cfg, text_tok)
     rng = np.random.default_rng(0)

@@ -27,15 +27,6 @@ from mugato_ray.tokenizer import Modality, VocabLayout
 VOCAB = VocabLayout(text_size=256, value_bins=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP spinning made them 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 PATCH = 4
 IMG_C = PATCH * PATCH * 3
 

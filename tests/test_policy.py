@@ -33,15 +33,6 @@ DICT_OBS = spaces.Dict(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a loaded 2-core machine OpenMP spinning made them 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def setup(obs_space, act_space, context, seed=0, sharpen=True):
     spec = space_spec(obs_space, act_space, TOK_CFG, VOCAB)
     layout = make_layout("task", spec, context)

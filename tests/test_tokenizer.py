@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -13,23 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from mugato_ray import tokenizer as tk
+from mugato_ray.config import TokenizerConfig
 from mugato_ray.tokenizer import Modality, UnsupportedSpaceError, VocabLayout
 
-
-@dataclass
-class Cfg:
-    """Stand-in for config.TokenizerConfig (same attribute names)."""
-
-    text: str = "byte"
-    bpe_path: str | None = None
-    value_bins: int = 1024
-    mu: float = 100.0
-    M: float = 256.0
-    patch_size: int = 16
-    max_text_tokens: int = 64
-
-
-CFG = Cfg()
+CFG = TokenizerConfig()
 BYTES = tk.ByteTokenizer()
 VOCAB = tk.make_vocab(CFG, BYTES)
 HALF_BIN = 1.0 / CFG.value_bins  # half of the bin width 2 / bins
@@ -88,17 +74,17 @@ def test_decode_text_refuses_non_text_ids():
 
 
 def test_make_text_tokenizer_names_the_config_key():
-    assert isinstance(tk.make_text_tokenizer(Cfg(text="byte")), tk.ByteTokenizer)
+    assert isinstance(tk.make_text_tokenizer(TokenizerConfig(text="byte")), tk.ByteTokenizer)
     with pytest.raises(ValueError, match="tokenizer.text"):
-        tk.make_text_tokenizer(Cfg(text="sentencepiece"))
+        tk.make_text_tokenizer(TokenizerConfig(text="sentencepiece"))
     with pytest.raises(ValueError, match="tokenizer.bpe_path"):
-        tk.make_text_tokenizer(Cfg(text="bpe", bpe_path=None))
+        tk.make_text_tokenizer(TokenizerConfig(text="bpe", bpe_path=None))
 
 
 def test_bpe_without_tokenizers_package_names_the_config_key(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "tokenizers", None)  # makes `import tokenizers` raise ImportError
     with pytest.raises(ImportError, match="tokenizer.text"):
-        tk.make_text_tokenizer(Cfg(text="bpe", bpe_path=str(tmp_path / "tokenizer.json")))
+        tk.make_text_tokenizer(TokenizerConfig(text="bpe", bpe_path=str(tmp_path / "tokenizer.json")))
 
 
 def test_bpe_trains_locally_and_round_trips(tmp_path):
@@ -106,9 +92,9 @@ def test_bpe_trains_locally_and_round_trips(tmp_path):
     corpus = ["go to the red ball", "pick up the blue key", "open the yellow door", "naïve café 日本"] * 20
     path = tmp_path / "bpe" / "tokenizer.json"
     trained = tk.train_bpe(corpus, vocab_size=300, path=path)
-    loaded = tk.make_text_tokenizer(Cfg(text="bpe", bpe_path=str(path)))
+    loaded = tk.make_text_tokenizer(TokenizerConfig(text="bpe", bpe_path=str(path)))
     assert loaded.size == trained.size <= 300
-    vocab = tk.make_vocab(Cfg(text="bpe", bpe_path=str(path)), loaded)
+    vocab = tk.make_vocab(TokenizerConfig(text="bpe", bpe_path=str(path)), loaded)
     assert vocab.text_size == loaded.size
     for text in ["go to the red ball", "  unseen Wörds, 🤖 and spaces  ", ""]:
         ids = loaded.encode(text)
