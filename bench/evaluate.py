@@ -97,7 +97,8 @@ def main() -> None:
         torch.set_num_threads(1)
         cfg = config_from_dict({"model": {"preset": args.preset, "context": args.context}})
         torch.manual_seed(0)
-        model = GatoModel(cfg.model, make_vocab(cfg.tokenizer), patch_size=cfg.tokenizer.patch_size)
+        model = GatoModel(cfg.model, make_vocab(cfg.tokenizer), patch_size=cfg.tokenizer.patch_size,
+                          mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
         ckpt = str(save_model(model, Path(tmp) / "model.pt"))
         print(f"model: {args.preset} preset, {model.num_params() / 1e6:.1f}M parameters, context {args.context}")
         cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))

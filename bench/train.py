@@ -129,7 +129,7 @@ def bare_training(cfg, specs, layouts, threads: int, steps: int) -> tuple[float,
         pools[task] = [{k: torch.from_numpy(v[i:i + cfg.data.batch_size]) for k, v in cat.items()}
                        for i in range(0, n, cfg.data.batch_size)]
     vocab = next(iter(specs.values())).vocab
-    model = GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size)
+    model = GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size, mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
     opt = make_optimizer(model, cfg.train)
     m = len(step_tasks(cfg, 0))
     tokens, loss_tokens, t0 = 0, 0, None
@@ -172,7 +172,8 @@ def bench_training(cfg, specs, layouts, args) -> None:
     windows = [h["tokens_per_s"] for h in result.history[1:]]  # the first window waits for the data
     ray_rate = statistics.mean(windows)
     bare_rate, loss_fraction = bare_training(cfg, specs, layouts, threads, cfg.train.steps)
-    model = GatoModel(cfg.model, next(iter(specs.values())).vocab, patch_size=cfg.tokenizer.patch_size)
+    model = GatoModel(cfg.model, next(iter(specs.values())).vocab, patch_size=cfg.tokenizer.patch_size,
+                      mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
     seq_len = statistics.mean(layouts[t.name].seq_len for t in cfg.tasks)
     flops_per_token = count_flops_per_token(model, int(seq_len), loss_fraction)
     mm = matmul_rate(threads)

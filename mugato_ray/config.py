@@ -64,6 +64,10 @@ class ModelConfig:
     """Dropout on attention and residual branches."""
     patch_position_bins: int = 128
     """Quantization of normalized patch row/column intervals for patch position encodings."""
+    value_order: bool = True
+    """Value-id embeddings (and so the tied head's logits) get a learned function of the bin centre."""
+    continuous_target_sigma: float = 10.0
+    """HL-Gauss: a continuous action's target is a Gaussian over value bins with this std in bins (0: one-hot)."""
 
 
 @dataclass
@@ -76,6 +80,16 @@ class TaskEntry:
     """Relative sampling weight in the training mixture."""
     episodes: int = 10
     """Episodes to collect for the store."""
+    expert_noise: float = 0.0
+    """DART (Laskey et al., 2017): while the expert collects, the env executes its action perturbed (Gaussian
+    noise of this std times a Box action's half-range; a random Discrete action with this probability) and
+    the episode records the expert's own action. Demonstrations then cover the states a slightly wrong
+    policy reaches, where plain behaviour cloning has no labels and compounds its errors."""
+    batch_size: int | None = None
+    """Rows per micro-batch of this task (None: data.batch_size); short windows want more rows."""
+    window: int | None = None
+    """Timesteps in a training window and in the acting history (None: as many as model.context holds).
+    A Markov task needs little history; a short window spends no compute on stale steps."""
 
 
 @dataclass
@@ -93,7 +107,11 @@ class DataConfig:
     prompt_end_fraction: float = 0.5
     """Of prompted sequences, the fraction whose prompt is taken from an episode's end (the rest: uniform)."""
     min_return_fraction: float = 0.0
-    """GATO's filter: keep expert episodes whose return is at least this fraction of the expert reference."""
+    """GATO's filter: collection keeps, and training reads, only expert (and policy) episodes whose return is
+    at least this fraction of the way from the random to the expert reference (0: no filter)."""
+    sources: list[str] = field(default_factory=lambda: ["expert", "dagger"])
+    """Episode sources (the store's ``source`` column) that training reads: expert, dagger, policy, random.
+    Random and policy episodes are never mixed into the demonstrations unless listed here."""
     text_folder: str | None = None
     """Folder of .txt/.jsonl files for the text_files dataset (None: the samples shipped with the package)."""
 
@@ -136,6 +154,11 @@ class TrainConfig:
     """Where Ray Train stores checkpoints (None: <run_dir>/checkpoints); use shared storage on a cluster."""
     log_every: int = 10
     """Steps between reported metrics."""
+    eval_every: int = 0
+    """Steps between evaluations of the current weights while training goes on (0: none); the main job
+    then evaluates the snapshot with the best IQM (see mugato_ray.train_eval)."""
+    eval_episodes: int = 4
+    """Episodes per task of each evaluation during training, on the validation seeds."""
     seed: int = 0
     """Seed of the training loop."""
 
@@ -168,6 +191,8 @@ class EvalConfig:
     """Episodes per task."""
     seed_offset: int = 1_000_000
     """Evaluation seeds start here, disjoint from collection seeds."""
+    validation_seed_offset: int = 2_000_000
+    """Seeds of the evaluations during training (snapshot selection) start here, disjoint from both."""
     prompt: bool = False
     """Prompt the model with a successful expert demonstration (GATO's prompt conditioning)."""
     bootstrap_samples: int = 1000
@@ -328,15 +353,21 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.tokenizer.patch_size >= 1, "tokenizer.patch_size", "at least 1"),
         (cfg.tokenizer.max_text_tokens >= 1, "tokenizer.max_text_tokens", "at least 1"),
         (cfg.model.context >= 2, "model.context", "at least 2"),
+        (cfg.model.continuous_target_sigma >= 0, "model.continuous_target_sigma", "non-negative"),
         (0.0 <= cfg.data.prompt_prob <= 1.0, "data.prompt_prob", "in [0, 1]"),
         (0.0 <= cfg.data.prompt_end_fraction <= 1.0, "data.prompt_end_fraction", "in [0, 1]"),
         (cfg.data.batch_size >= 1, "data.batch_size", "at least 1"),
+        (0.0 <= cfg.data.min_return_fraction <= 1.0, "data.min_return_fraction", "in [0, 1]"),
+        (bool(cfg.data.sources) and set(cfg.data.sources) <= {"expert", "dagger", "policy", "random"},
+         "data.sources", "a non-empty list of expert, dagger, policy, random"),
         (cfg.train.steps >= 0, "train.steps", "non-negative"),
         (cfg.train.num_workers >= 0, "train.num_workers", "non-negative"),
         (cfg.train.lr > 0, "train.lr", "positive"),
         (cfg.train.checkpoint_every >= 1, "train.checkpoint_every", "at least 1"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
+        (cfg.train.eval_every >= 0, "train.eval_every", "non-negative"),
+        (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),
         (cfg.rollout.envs_per_actor >= 1, "rollout.envs_per_actor", "at least 1"),
         (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),
@@ -350,6 +381,12 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             raise ConfigError(f"{where}: key 'tasks[{i}].weight' must be non-negative")
         if t.episodes < 1:
             raise ConfigError(f"{where}: key 'tasks[{i}].episodes' must be at least 1")
+        if not 0.0 <= t.expert_noise <= 1.0:
+            raise ConfigError(f"{where}: key 'tasks[{i}].expert_noise' must be in [0, 1]")
+        if t.batch_size is not None and t.batch_size < 1:
+            raise ConfigError(f"{where}: key 'tasks[{i}].batch_size' must be at least 1 (or null)")
+        if t.window is not None and t.window < 1:
+            raise ConfigError(f"{where}: key 'tasks[{i}].window' must be at least 1 (or null)")
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: key 'tasks' lists a task twice: {names}")

@@ -66,6 +66,12 @@ def task_weights(cfg: Config) -> np.ndarray:
     return w / w.sum()
 
 
+def task_batch_size(cfg: Config, task: str) -> int:
+    """Rows per micro-batch of ``task``: its ``tasks[i].batch_size``, else ``data.batch_size``."""
+    entry = next(t for t in cfg.tasks if t.name == task)
+    return entry.batch_size if entry.batch_size is not None else cfg.data.batch_size
+
+
 def micro_batches_per_step(cfg: Config) -> int:
     """M: micro-batches accumulated into one optimizer step (``train.grad_accum``, 0: one per task)."""
     return cfg.train.grad_accum if cfg.train.grad_accum > 0 else len(cfg.tasks)
@@ -103,6 +109,57 @@ def windows_per_pass(micro_batches: int, batch_size: int, world_size: int, episo
 
 
 # ---------------------------------------------------------------------------------------------
+# Which episodes training reads (GATO's data filter)
+
+RETURN_FILTERED_SOURCES = ("expert", "policy")
+"""Sources whose episodes must reach the return threshold. A dagger episode's labels are the expert's
+whatever the policy's return was (its failures are where those labels matter most)."""
+
+
+@dataclass(frozen=True)
+class EpisodeFilter:
+    """Keep an episode when its source is in ``sources`` and, for expert and policy episodes, its return is
+    at least ``min_return`` (None: no threshold)."""
+
+    sources: tuple[str, ...]
+    min_return: float | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Config, task: str) -> EpisodeFilter:
+        from mugato_ray.collect import min_return  # the threshold's one definition; collect imports ray
+
+        return cls(tuple(cfg.data.sources), min_return(cfg, task))
+
+    def mask(self, sources: Sequence[str], returns: Sequence[float]) -> np.ndarray:
+        """(N,) bool: which of N episodes (their ``source`` and ``return`` columns) training reads."""
+        src = np.asarray(sources, dtype=object)
+        keep = np.isin(src, self.sources)
+        if self.min_return is not None:
+            low = np.asarray(returns, np.float64) < self.min_return
+            keep &= ~(low & np.isin(src, RETURN_FILTERED_SOURCES))
+        return keep
+
+    def apply(self, episodes: Sequence[Any]) -> list[Any]:
+        """The kept ones of a list of Episodes."""
+        keep = self.mask([ep.source for ep in episodes], [ep.episode_return for ep in episodes])
+        return [ep for ep, k in zip(episodes, keep) if k]
+
+
+def count_kept(files: Sequence[Path], episode_filter: EpisodeFilter) -> tuple[int, dict[str, int]]:
+    """Episodes of ``files`` the filter keeps, and all episodes by source (reads two columns only)."""
+    import pyarrow.parquet as pq
+
+    kept, by_source = 0, {}
+    for f in files:
+        table = pq.read_table(f, columns=["source", "return"])
+        sources, returns = table.column("source").to_pylist(), table.column("return").to_pylist()
+        kept += int(episode_filter.mask(sources, returns).sum())
+        for src in sources:
+            by_source[src] = by_source.get(src, 0) + 1
+    return kept, by_source
+
+
+# ---------------------------------------------------------------------------------------------
 # The Ray Data actor
 
 
@@ -115,12 +172,15 @@ class WindowSampler:
     actor holds a single batch of sequences at a time.
     """
 
-    def __init__(self, task: str, spec: SpaceSpec, cfg: Config, seed: int = 0, windows: int = 1):
+    def __init__(self, task: str, spec: SpaceSpec, cfg: Config, seed: int = 0, windows: int = 1,
+                 episode_filter: EpisodeFilter | None = None):
         self.builder = SequenceBuilder(task, spec, cfg, seed=seed)
         self.seed, self.windows = int(seed), int(windows)
+        self.filter = episode_filter or EpisodeFilter(tuple(cfg.data.sources))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        rows = {k: v for k, v in batch.items() if k != WINDOW_SEED_KEY}
+        keep = self.filter.mask(batch["source"], batch["return"])
+        rows = {k: v[keep] for k, v in batch.items() if k != WINDOW_SEED_KEY}
         seeds = batch.get(WINDOW_SEED_KEY)
         # float in [0, 1) -> 53 bits, the whole entropy of the value.
         epoch_key = int(seeds[0] * 2**53) if seeds is not None and len(seeds) else 0
@@ -155,6 +215,11 @@ def store_files(cfg: Config, task: str) -> list[Path]:
     return files
 
 
+def store_dir_of(files: Sequence[Path]) -> str:
+    """The folder of a task's store files, for messages."""
+    return str(Path(files[0]).parent) if files else "?"
+
+
 def count_episodes(files: Sequence[Path]) -> int:
     """Rows (episodes) in Parquet files, from their footers (no data is read)."""
     import pyarrow.parquet as pq
@@ -172,6 +237,7 @@ def task_dataset(
     actors: int | None = None,
     actor_cpus: float | None = None,
     seed: int | None = None,
+    episode_filter: EpisodeFilter | None = None,
 ) -> ray.data.Dataset:
     """A task's sequence rows: ``{layout key: (E, T, C), step_mask: (E,), prompt_mask: (E,)}`` per row.
 
@@ -207,7 +273,8 @@ def task_dataset(
     ds = ds.with_column(WINDOW_SEED_KEY, random(seed=seed), num_cpus=actor_cpus)
     return ds.map_batches(
         WindowSampler,
-        fn_constructor_kwargs={"task": task, "spec": spec, "cfg": cfg, "seed": seed, "windows": windows},
+        fn_constructor_kwargs={"task": task, "spec": spec, "cfg": cfg, "seed": seed, "windows": windows,
+                               "episode_filter": episode_filter},
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=actor_cpus,
         batch_size=None,  # whole blocks: more episodes per call means more prompt donors and better mixing
@@ -224,7 +291,7 @@ class TaskData:
     specs: dict[str, SpaceSpec]
     layouts: dict[str, SequenceLayout]
     episodes: dict[str, int]
-    """task -> episodes in the store."""
+    """task -> episodes training reads (those the data filter keeps)."""
     windows: dict[str, int]
     """task -> windows per episode in one pass."""
 
@@ -234,7 +301,7 @@ def task_layouts(cfg: Config) -> tuple[dict[str, SpaceSpec], dict[str, SequenceL
     from mugato_ray.tasks import task_spec
 
     specs = {t.name: task_spec(t.name, cfg) for t in cfg.tasks}
-    layouts = {name: make_layout(name, spec, cfg.model.context) for name, spec in specs.items()}
+    layouts = {t.name: make_layout(t.name, specs[t.name], cfg.model.context, t.window) for t in cfg.tasks}
     return specs, layouts
 
 
@@ -249,8 +316,16 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
     datasets, episodes, windows = {}, {}, {}
     for i, entry in enumerate(cfg.tasks):
         files = store_files(cfg, entry.name)
-        episodes[entry.name] = count_episodes(files)
-        windows[entry.name] = windows_per_pass(int(counts[i]), cfg.data.batch_size, world_size, episodes[entry.name])
+        episode_filter = EpisodeFilter.from_config(cfg, entry.name)
+        episodes[entry.name], by_source = count_kept(files, episode_filter)
+        if episodes[entry.name] == 0:
+            raise ValueError(
+                f"task '{entry.name}': none of the {sum(by_source.values())} episodes in {store_dir_of(files)} "
+                f"(by source: {by_source}) passes the data filter: data.sources={list(episode_filter.sources)}, "
+                f"data.min_return_fraction={cfg.data.min_return_fraction} (return >= {episode_filter.min_return})"
+            )
+        windows[entry.name] = windows_per_pass(int(counts[i]), task_batch_size(cfg, entry.name), world_size,
+                                              episodes[entry.name])
         datasets[entry.name] = task_dataset(
             entry.name,
             files,
@@ -261,6 +336,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
             actor_cpus=plan.tokenize_cpus if plan else None,
             # Tasks get different seeds so that equal stores do not give equal windows.
             seed=int(np.random.SeedSequence([cfg.train.seed, i]).generate_state(1)[0]),
+            episode_filter=episode_filter,
         )
     return TaskData(datasets, specs, layouts, episodes, windows)
 
@@ -335,8 +411,10 @@ def _random_values(f: FieldSpec, n: int, rng: np.random.Generator) -> np.ndarray
     return x.reshape(n, *f.shape).astype(f.dtype)
 
 
-def synthetic_episodes(task: str, spec: SpaceSpec, n: int, *, seed: int = 0, length: tuple[int, int] = (4, 40)) -> list:
-    """``n`` valid episodes of random content for ``spec`` (episode lengths uniform in ``length``).
+def synthetic_episodes(task: str, spec: SpaceSpec, n: int, *, seed: int = 0, length: tuple[int, int] = (4, 40),
+                       source: str = "expert") -> list:
+    """``n`` valid episodes of random content for ``spec`` (episode lengths uniform in ``length``), labelled
+    ``source`` (default "expert": they stand in for demonstrations, which training reads by default).
 
     Tasks whose action is text (text-only, vision-language) get one step, as their datasets do.
     """
@@ -351,7 +429,7 @@ def synthetic_episodes(task: str, spec: SpaceSpec, n: int, *, seed: int = 0, len
         out.append(Episode(
             task=task,
             episode_id=f"{task}-synthetic-{seed}-{i}",
-            source="random",
+            source=source,
             seed=seed * 1_000_003 + i,
             observations={f.key: _random_values(f, steps, rng) for f in spec.observation},
             actions=_random_values(act, steps, rng),

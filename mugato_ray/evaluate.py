@@ -70,13 +70,20 @@ def check_seeds_disjoint(cfg: Config) -> None:
     Raises ValueError naming both ranges and the keys that set them.
     """
     n_collect = max((t.episodes for t in cfg.tasks), default=0)
-    c_lo, c_hi = cfg.rollout.seed, cfg.rollout.seed + n_collect  # [lo, hi)
-    e_lo, e_hi = cfg.eval.seed_offset, cfg.eval.seed_offset + cfg.eval.episodes
-    if c_lo < e_hi and e_lo < c_hi:
-        raise ValueError(
-            f"evaluation seeds [{e_lo}, {e_hi}) (eval.seed_offset, eval.episodes) overlap the collection seeds "
-            f"[{c_lo}, {c_hi}) (rollout.seed, tasks[].episodes); move eval.seed_offset past {c_hi - 1}"
-        )
+    ranges = {
+        "collection seeds (rollout.seed, tasks[].episodes)": (cfg.rollout.seed, cfg.rollout.seed + n_collect),
+        "evaluation seeds (eval.seed_offset, eval.episodes)": (cfg.eval.seed_offset,
+                                                               cfg.eval.seed_offset + cfg.eval.episodes),
+    }
+    if cfg.train.eval_every > 0:
+        lo = cfg.eval.validation_seed_offset
+        ranges["validation seeds (eval.validation_seed_offset, train.eval_episodes)"] = (lo, lo + cfg.train.eval_episodes)
+    items = list(ranges.items())
+    for i, (a, (a_lo, a_hi)) in enumerate(items):  # [lo, hi) ranges
+        for b, (b_lo, b_hi) in items[i + 1:]:
+            if a_lo < b_hi and b_lo < a_hi:
+                raise ValueError(f"{b} [{b_lo}, {b_hi}) overlap the {a} [{a_lo}, {a_hi}); move the offset past "
+                                 f"{a_hi - 1}")
 
 
 # ------------------------------------------------------------------------------------------- checkpoints

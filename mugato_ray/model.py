@@ -7,7 +7,8 @@ along T in timestep order and the steps are flattened: ``(B, E * step_tokens, D)
 
 Embeddings (arXiv 2205.06175, section 2.2 and appendix C):
 
-- ids: one ``nn.Embedding(vocab.size, D)`` for text, values, separator, pad and eos;
+- ids: one table (:class:`TokenEmbedding`) for text, values, separator, pad and eos; a value id's
+  row also carries learned smooth features of its bin, so that neighbouring bins are alike;
 - image patches: uint8 is normalized here, on the device (4x fewer bytes through the data pipeline
   than float32): ``x / 127.5 - 1`` puts each pixel in [-1, 1] with a fixed scale (no per-patch
   min/max, which would depend on the patch's content), then dividing by ``sqrt(patch) = 4`` gives
@@ -39,7 +40,7 @@ and padded steps never influence real tokens, wherever they sit (this also lets 
 cache entries of a finished episode invalid instead of rebuilding the cache). Each token may always
 attend to itself, so an invalid query never has an empty row (which would give NaN).
 
-Loss: cross-entropy on action-field tokens (the action of agent tasks, the text of text tasks) of
+Loss: cross-entropy (HL-Gauss soft targets for continuous actions, see :meth:`GatoModel.action_loss`) on action-field tokens (the action of agent tasks, the text of text tasks) of
 real, non-prompt steps whose id is not pad. The prediction for a loss position j comes from the
 hidden state at the previous VALID position (a cummax over valid indices), so pads inside a
 timestep never feed a prediction; a loss position with no valid token before it is skipped. Logits
@@ -70,7 +71,7 @@ import torch.nn.functional as F
 
 from mugato_ray.config import ModelConfig
 from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY, LayoutField, SequenceLayout
-from mugato_ray.tokenizer import VocabLayout
+from mugato_ray.tokenizer import Modality, VocabLayout
 
 PRESETS: dict[str, tuple[int, int, int, int]] = {
     "tiny": (2, 64, 4, 256),
@@ -85,7 +86,7 @@ PATCH_CHANNELS = 8
 """Channels inside the patch ResNet block. Its output is flattened (PATCH_CHANNELS * patch * patch)
 and mapped to D; 8 keeps that linear map small next to the blocks of the CPU presets."""
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 class CheckpointError(ValueError):
@@ -119,6 +120,8 @@ class ModelOutput:
     """Scalar int64: loss tokens whose argmax prediction equals the target (token accuracy)."""
     logits: torch.Tensor | None = None
     """(num_loss_tokens, V) logits at the loss positions, when requested."""
+    targets: torch.Tensor | None = None
+    """(num_loss_tokens,) the target ids at those positions, with the logits."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,6 +192,70 @@ class PatchEmbedding(nn.Module):
         h = self.conv2(F.gelu(self.norm2(h)))
         h = h + self.skip(x)
         return self.out(h.flatten(1)).reshape(*lead, -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ids
+
+
+ORDINAL_INIT_STD = 0.02
+"""Init std of the ordinal weights, as every other table. 0.5 (features dominating a value token from the
+start) looked slightly better on Pendulum but, tied to the head, starts value logits ~10 nats high and
+stalled the memorization test of text and image batches (bench/README.md, "Learning")."""
+
+VALUE_SCALES = (0.3, 1.0, 3.0, 10.0)
+"""Scales s of the ``tanh(x / s)`` features of a value bin's decoded value x (see :func:`value_features`)."""
+
+
+def value_features(vocab: VocabLayout, mu: float, M: float) -> torch.Tensor:
+    """(V, F) smooth features of every id; zeros for text, separator, pad and eos.
+
+    For value ids, with ``c`` the bin's centre in (-1, 1) and ``x = mu_law_decode(c)`` the value it
+    stands for as an observation: ``[c, c^2, tanh(x / s) for s in VALUE_SCALES]``. ``c`` and ``c^2`` are
+    smooth in the bin (actions are binned linearly, so they are what the logits need: see
+    :class:`TokenEmbedding`). mu-law squeezes observations (with mu=100, [0.5, 1] is 35 of 1,024
+    bins), and a network reading ``c`` alone must learn to undo that before a typical controller is
+    simple in it: an MLP behaviour-cloned on mu-law inputs scored 0.24 on Pendulum where raw inputs
+    score 0.98; the multi-scale ``tanh`` features of x, which are close to linear at each scale,
+    restored 0.98 (bench/README.md, "Learning").
+    """
+    lo, hi = vocab.ranges()["value"]
+    c = (torch.arange(vocab.value_bins, dtype=torch.float64) + 0.5) * (2.0 / vocab.value_bins) - 1.0
+    x = torch.sign(c) * (torch.pow(M * mu + 1.0, c.abs()) - 1.0) / mu  # tokenizer.mu_law_decode
+    feats = [c, c**2, *(torch.tanh(x / s) for s in VALUE_SCALES)]
+    out_VxF = torch.zeros(vocab.size, len(feats), dtype=torch.float64)
+    out_VxF[lo:hi] = torch.stack(feats, dim=1)
+    return out_VxF.float()
+
+
+class TokenEmbedding(nn.Module):
+    """One ``(V, D)`` table for every id, in and out (the head is tied to it).
+
+    With ``value_order`` a value id's row is its own learned vector plus a learned linear map of its
+    smooth features (:func:`value_features`): ``E[id] = W[id] + feats[id] @ ordinal``. GATO gives each
+    of the 1,024 bins a vector of its own, learned from scratch, so neighbouring bins share nothing and
+    bins that training rarely sees stay random. The features place every bin on smooth curves from the
+    first update. Tied to the head, the same term adds ``c * (h.u) + c^2 * (h.v) + ...`` to the logits
+    of value ids: with the quadratic, a peak whose place and width the hidden state sets, i.e. a smooth
+    (Gaussian-shaped) distribution over neighbouring bins, which continuous actions need.
+    """
+
+    def __init__(self, vocab: VocabLayout, n_embd: int, value_order: bool, mu: float, M: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab.size, n_embd))
+        self.register_buffer("features", value_features(vocab, mu, M), persistent=False)
+        n_feat = self.features.shape[1]
+        self.ordinal = nn.Parameter(torch.empty(n_feat, n_embd)) if value_order else None
+
+    def table(self) -> torch.Tensor:
+        """(V, D): the embedding of every id."""
+        if self.ordinal is None:
+            return self.weight
+        return self.weight + self.features.to(self.weight.dtype) @ self.ordinal
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(...) int ids -> (..., D)."""
+        return F.embedding(ids, self.table())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,12 +389,13 @@ class GatoModel(nn.Module):
     """The GATO transformer. ``patch_size`` is the tokenizer's (``tokenizer.patch_size``): the patch
     embedding's input size depends on it."""
 
-    def __init__(self, cfg: ModelConfig, vocab: VocabLayout, patch_size: int = 16):
+    def __init__(self, cfg: ModelConfig, vocab: VocabLayout, patch_size: int = 16, mu: float = 100.0,
+                 M: float = 256.0):
         super().__init__()
-        self.cfg, self.vocab, self.patch_size = cfg, vocab, patch_size
+        self.cfg, self.vocab, self.patch_size, self.mu, self.M = cfg, vocab, patch_size, mu, M
         n_layer, n_embd, n_head, d_ff = resolve_sizes(cfg)
         self.n_embd, self.n_head = n_embd, n_head
-        self.tok_emb = nn.Embedding(vocab.size, n_embd)
+        self.tok_emb = TokenEmbedding(vocab, n_embd, cfg.value_order, mu, M)
         self.local_pos = nn.Embedding(cfg.context, n_embd)
         # Timestep within the window; a window holds at most `context` timesteps (one token each).
         self.step_pos = nn.Embedding(cfg.context, n_embd)
@@ -337,8 +405,7 @@ class GatoModel(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(n_embd, n_head, d_ff, cfg.dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
-        self.head = nn.Linear(n_embd, vocab.size, bias=False)
-        self.head.weight = self.tok_emb.weight  # tied: see the module docstring
+        # The output head is tied to the token table (see the module docstring): logits() reads it.
         self.apply(self._init)
         for name, p in self.named_parameters():
             # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer) so the residual stream's
@@ -352,8 +419,10 @@ class GatoModel(nn.Module):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
+        elif isinstance(m, (nn.Embedding, TokenEmbedding)):
             nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, TokenEmbedding) and m.ordinal is not None:
+            nn.init.normal_(m.ordinal, std=ORDINAL_INIT_STD)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters (a tied weight once); ``non_embedding`` leaves out the lookup tables."""
@@ -501,7 +570,7 @@ class GatoModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., D) -> next-token logits (..., V)."""
-        return self.head(self.ln_f(hidden))
+        return F.linear(self.ln_f(hidden), self.tok_emb.table())
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty cache on the model's device and dtype."""
@@ -553,13 +622,37 @@ class GatoModel(nn.Module):
         targets_N = ids_BxL[b_idx, j_idx]
         n = torch.tensor(targets_N.numel(), device=x.device)
         if targets_N.numel():
-            loss = F.cross_entropy(logits_NxV, targets_N)
+            cont_S = torch.cat([torch.full((f.tokens,), f.loss and f.modality == Modality.CONTINUOUS)
+                                for f in layout.fields]).to(x.device)
+            loss = self.action_loss(logits_NxV, targets_N, cont_S[j_idx % layout.step_tokens])
         else:
             loss = logits_NxV.sum() * 0.0  # keeps the graph (and DDP's reducer) intact
         correct = (logits_NxV.argmax(-1) == targets_N).sum()
         return ModelOutput(
-            loss=loss, num_loss_tokens=n, num_correct=correct, logits=logits_NxV if return_logits else None
+            loss=loss, num_loss_tokens=n, num_correct=correct,
+            logits=logits_NxV if return_logits else None, targets=targets_N if return_logits else None,
         )
+
+    def action_loss(self, logits_NxV: torch.Tensor, targets_N: torch.Tensor, continuous_N: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over N loss tokens; continuous-action tokens against HL-Gauss targets.
+
+        A continuous action's target bin t gets a soft target: the mass of a Gaussian centred on t with
+        ``model.continuous_target_sigma`` bins of std that falls in each value bin (normalized over the
+        value range). Neighbouring bins then count as nearly right, which one-hot cross-entropy over
+        1,024 classes cannot express (bench/README.md, "Learning"). Other tokens keep one-hot targets.
+        """
+        logp_NxV = F.log_softmax(logits_NxV, dim=-1)
+        nll_N = -logp_NxV.gather(1, targets_N[:, None])[:, 0]
+        sigma = self.cfg.continuous_target_sigma
+        if sigma > 0 and bool(continuous_N.any()):
+            lo, hi = self.vocab.ranges()["value"]
+            t_C = (targets_N[continuous_N] - lo).to(logits_NxV.dtype)
+            edges_K = torch.arange(hi - lo + 1, device=logits_NxV.device, dtype=logits_NxV.dtype)
+            cdf_CxK = torch.special.ndtr((edges_K[None, :] - (t_C[:, None] + 0.5)) / sigma)
+            mass_CxB = cdf_CxK[:, 1:] - cdf_CxK[:, :-1]
+            target_CxB = mass_CxB / mass_CxB.sum(dim=1, keepdim=True)
+            nll_N = nll_N.masked_scatter(continuous_N, -(target_CxB * logp_NxV[continuous_N, lo:hi]).sum(dim=1))
+        return nll_N.mean()
 
     def full_logits(self, batch: Mapping[str, torch.Tensor], layout: SequenceLayout) -> torch.Tensor:
         """(B, L, V): at every position j the logits predicting the token after j (for tests and acting references)."""
@@ -577,7 +670,7 @@ def count_flops_per_token(model: GatoModel, seq_len: int, logit_fraction: float 
     L x L score and value products, as masked SDPA computes them (PaLM's convention).
     """
     blocks = sum(p.numel() for p in model.blocks.parameters())
-    head = model.head.weight.numel() * logit_fraction
+    head = model.tok_emb.weight.numel() * logit_fraction
     return 6.0 * (blocks + head) + 12.0 * len(model.blocks) * model.n_embd * seq_len
 
 
@@ -586,7 +679,7 @@ def count_flops_per_token(model: GatoModel, seq_len: int, logit_fraction: float 
 
 
 def save_model(model: GatoModel, path: str | Path) -> Path:
-    """Write ``{"format", "model_config", "vocab", "patch_size", "state_dict"}`` atomically (temp file + rename)."""
+    """Write ``{"format", "model_config", "vocab", "patch_size", "mu_law", "state_dict"}`` atomically (temp file + rename)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -594,6 +687,7 @@ def save_model(model: GatoModel, path: str | Path) -> Path:
         "model_config": dataclasses.asdict(model.cfg),
         "vocab": {"text_size": model.vocab.text_size, "value_bins": model.vocab.value_bins},
         "patch_size": model.patch_size,
+        "mu_law": {"mu": model.mu, "M": model.M},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -624,7 +718,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> Ga
     try:
         cfg = ModelConfig(**payload["model_config"])
         vocab = VocabLayout(**payload["vocab"])
-        model = GatoModel(cfg, vocab, patch_size=int(payload["patch_size"]))
+        mu_law = payload["mu_law"]
+        model = GatoModel(cfg, vocab, patch_size=int(payload["patch_size"]), mu=float(mu_law["mu"]),
+                          M=float(mu_law["M"]))
         model.load_state_dict(payload["state_dict"])
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"model checkpoint {path} does not describe a GatoModel: {e}") from e

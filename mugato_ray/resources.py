@@ -15,6 +15,8 @@ cores a process may use):
 2. Training gets the rest: ``cpus_per_worker = (CPUs - data) / train_workers`` unless
    ``train.cpus_per_worker`` is set; an explicit value that leaves data less than its minimum raises
    an error naming the key instead of hanging.
+   With ``train.eval_every > 0``, :data:`EVAL_SHARE` of the CPUs (at most one) is held back from training
+   for the evaluator actor.
 3. GPUs: with ``train.use_gpu`` every worker takes one GPU; asking for more workers than GPUs raises.
 4. ``train.num_workers = 0`` runs the loop in the driver, which reserves nothing.
 
@@ -37,6 +39,9 @@ DATA_SHARE = 0.5
 """Largest fraction of the cluster's CPUs that tokenize actors and read tasks reserve together."""
 MIN_DATA_CPUS = 0.05
 """Smallest reservation of one tokenize actor or read task."""
+EVAL_SHARE = 0.1
+"""Fraction of the cluster's CPUs (at most one CPU) held back from training for the actor that evaluates
+snapshots while training goes on (``train.eval_every > 0``; see mugato_ray.train_eval)."""
 MAX_AUTO_TOKENIZE_ACTORS = 8
 """Upper bound on tokenize actors per task when ``data.num_tokenize_actors = 0``."""
 
@@ -57,6 +62,8 @@ class Plan:
     """Logical CPUs each tokenize actor (and each read task) reserves."""
     torch_threads: int
     """Intra-op threads of each train worker's torch."""
+    eval_cpus: float = 0.0
+    """Logical CPUs of the evaluator actor (0 when training evaluates nothing)."""
 
     @property
     def data_cpus(self) -> float:
@@ -91,12 +98,14 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
     slots = n_tasks * (actors + 1)
     actor_cpus = min(actor_cpus, data_budget / slots)
 
-    # 2. Training: the rest, or the configured amount if it leaves data enough.
+    # 2. Training: the rest (less the evaluator's share), or the configured amount if it leaves data enough.
+    eval_cpus = math.floor(min(1.0, cpus * EVAL_SHARE) * 1e4) / 1e4 if cfg.train.eval_every > 0 else 0.0
+    cpus_for_train = cpus - eval_cpus
     if workers == 0:
         per_worker = 0.0
     elif cfg.train.cpus_per_worker > 0:
         per_worker = cfg.train.cpus_per_worker
-        left = cpus - workers * per_worker
+        left = cpus_for_train - workers * per_worker
         if left < slots * MIN_DATA_CPUS:
             raise ValueError(
                 f"train.cpus_per_worker={per_worker:g} x train.num_workers={workers} leaves {left:g} of "
@@ -106,7 +115,7 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
             )
         actor_cpus = min(actor_cpus, left / slots)
     else:
-        per_worker = (cpus - slots * actor_cpus) / workers
+        per_worker = (cpus_for_train - slots * actor_cpus) / workers
     if actor_cpus < MIN_DATA_CPUS:
         raise ValueError(
             f"{n_tasks} tasks x ({actors} tokenize actors + 1 read task) do not fit in {cpus:g} CPUs at "
@@ -126,6 +135,7 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
         tokenize_actors=actors,
         tokenize_cpus=actor_cpus,
         torch_threads=threads,
+        eval_cpus=eval_cpus,
     )
 
 
@@ -135,4 +145,5 @@ def describe(plan: Plan, n_tasks: int) -> str:
         f"{plan.train_workers} train workers x {plan.cpus_per_worker:g} CPU"
         f"{' + 1 GPU' if plan.use_gpu else ''} ({plan.torch_threads} torch threads); "
         f"{n_tasks} tasks x {plan.tokenize_actors} tokenize actors x {plan.tokenize_cpus:g} CPU"
+        + (f"; evaluator {plan.eval_cpus:g} CPU" if plan.eval_cpus else "")
     )

@@ -141,15 +141,33 @@ def make_policy(spec: PolicySpec, task: TaskInfo, envs: Sequence[gym.Env], cfg: 
 
     model = load_model(spec.checkpoint)
     space = tasks.task_spec(task.name, cfg)
-    # The checkpoint's own context decides the acting window; cfg.model may describe another model.
-    context = getattr(getattr(model, "cfg", None), "context", cfg.model.context)
-    layout = sequence.make_layout(task.name, space, context)
+    layout = checkpoint_layout(spec.checkpoint, task.name, space)
+    if layout is None:
+        # The checkpoint's own context decides the acting window; cfg.model may describe another model.
+        context = getattr(getattr(model, "cfg", None), "context", cfg.model.context)
+        entry = next((t for t in cfg.tasks if t.name == task.name), None)
+        layout = sequence.make_layout(task.name, space, context, entry.window if entry else None)
     text_tokenizer = tokenizer.make_text_tokenizer(cfg.tokenizer)
     prompt = demonstration_prompt(task.name, space, layout, text_tokenizer, cfg) if spec.prompt else None
     # Modules hold no device: this actor places the model on a GPU only when Ray gave it one.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return ModelPolicy(model, space, layout, text_tokenizer, len(envs), temperature=spec.temperature,
                        device=device, prompt_tokens=prompt)
+
+
+def checkpoint_layout(model_file: str | Path, task: str, space: Any) -> Any:
+    """The layout a checkpoint was trained with for ``task`` (its ``layouts.json``), so that acting uses
+    the training window; None when the checkpoint has no layouts file, lacks the task, or was trained on
+    another observation/action spec (then the caller derives the layout from the config)."""
+    from mugato_ray.data import LAYOUTS_FILE, load_layouts
+
+    path = Path(model_file).parent / LAYOUTS_FILE
+    if not path.is_file():
+        return None
+    specs, layouts = load_layouts(path)
+    if task not in layouts or specs[task] != space:
+        return None
+    return layouts[task]
 
 
 def demonstration_prompt(task: str, space: Any, layout: Any, text_tokenizer: Any, cfg: Config) -> dict:
@@ -200,11 +218,27 @@ class _EnvSlot(gym.Wrapper):
         self.env = self._make()
 
 
+def perturb(action: np.ndarray, space: gym.Space, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """The action an env executes under DART noise ``noise`` (see ``TaskEntry.expert_noise``): a Box action
+    plus Gaussian noise of std ``noise`` times its half-range, clipped to the bounds; a Discrete action
+    replaced by a uniformly random one with probability ``noise``."""
+    if isinstance(space, gym.spaces.Box):
+        half = (space.high - space.low) / 2.0
+        return np.clip(action + rng.normal(size=space.shape) * noise * half, space.low, space.high).astype(space.dtype)
+    if isinstance(space, gym.spaces.Discrete):
+        if rng.random() < noise:
+            return np.asarray(space.start + rng.integers(space.n), dtype=space.dtype)
+        return action
+    raise ValueError(f"expert_noise supports Box and Discrete action spaces, not {space}")
+
+
 class _Trajectory:
     """Steps of one running episode: flat observations, actions and rewards."""
 
     def __init__(self, seed: int):
         self.seed, self.obs, self.actions, self.rewards = seed, [], [], []
+        # The episode's own noise stream: a result does not depend on the slot or the batch.
+        self.rng = np.random.default_rng([seed, 0xDA127])
 
     def add(self, obs: dict, action: np.ndarray, reward: float) -> None:
         # Copy: some env wrappers return views of a buffer they overwrite on the next step.
@@ -236,6 +270,8 @@ class RolloutWorker:
         self.envs = [_EnvSlot(lambda: envs.make_env(self.info)) for _ in range(self.num_envs)]
         self.spec = tasks.task_spec(self.info, cfg)
         self.policy = make_policy(policy, self.info, self.envs, cfg)
+        entry = next((t for t in cfg.tasks if t.name == self.info.name), None)
+        self.noise = entry.expert_noise if entry is not None and policy.kind == "expert" else 0.0
 
     def _maybe_exit(self, seed: int) -> None:
         f = self.faults
@@ -306,8 +342,11 @@ class RolloutWorker:
                                  f"of shape {actions.shape}, expected ({n}, ...)")
             for i, env in enumerate(self.envs):
                 traj = trajs[i]
+                executed = actions[i]
+                if self.noise and traj is not None:  # DART: execute a perturbed action, record the expert's
+                    executed = perturb(actions[i], env.action_space, traj.rng, self.noise)
                 try:
-                    raw, reward, terminated, truncated, info = env.step(actions[i])
+                    raw, reward, terminated, truncated, info = env.step(executed)
                 except Exception as e:  # noqa: BLE001 - any env error loses only this episode
                     if traj is not None:
                         fail(i, traj.seed, e)

@@ -117,12 +117,12 @@ Mode = Literal["train", "act"]
 # Layout
 
 
-def make_layout(task: str, spec: SpaceSpec, context: int) -> SequenceLayout:
+def make_layout(task: str, spec: SpaceSpec, context: int, max_steps: int | None = None) -> SequenceLayout:
     """The fixed ``(E, T, C)`` shapes of every sequence of ``task`` for a ``context``-token window.
 
     Fields in timestep order: ``"obs/<key>"`` in spec order (GATO: text, images, the rest, each sorted
     by key), ``"sep"`` (only when the task has observation AND action fields), ``"act/<key>"``.
-    ``E = context // step_tokens``. A text-only task (no observation field, one TEXT action field) is
+    ``E = context // step_tokens``, at most ``max_steps`` (the task's ``window``). A text-only task (no observation field, one TEXT action field) is
     one step of ``context`` text tokens: its text fills the whole window.
     """
     if not spec.action:
@@ -146,7 +146,10 @@ def make_layout(task: str, spec: SpaceSpec, context: int) -> SequenceLayout:
             f"({', '.join(f'{f.key}={f.tokens}' for f in fields)}) but model.context={context}; "
             "raise model.context or shrink the observation (e.g. tokenizer.max_text_tokens, image size)"
         )
-    return SequenceLayout(task=task, fields=fields, steps=context // step_tokens, vocab=spec.vocab)
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"task '{task}': a window of max_steps={max_steps} timesteps; use at least 1")
+    steps = context // step_tokens if max_steps is None else min(max_steps, context // step_tokens)
+    return SequenceLayout(task=task, fields=fields, steps=steps, vocab=spec.vocab)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,7 +368,8 @@ class SequenceBuilder:
                 f"task '{task}': tokenizer.text={cfg.tokenizer.text!r} has {self.text_tokenizer.size} ids but the "
                 f"spec's vocab has text_size={spec.vocab.text_size}; build both from the same tokenizer config"
             )
-        self.layout = make_layout(task, spec, cfg.model.context)
+        entry = next((t for t in cfg.tasks if t.name == task), None)
+        self.layout = make_layout(task, spec, cfg.model.context, entry.window if entry else None)
 
     def _rng(self, episodes: list[Episode]) -> np.random.Generator:
         # crc32, not hash(): str hashes are salted per process and would differ between actors.
@@ -373,7 +377,10 @@ class SequenceBuilder:
         return np.random.default_rng([self.seed % 2**64, key])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        episodes = episodes_from_batch(batch)
+        return self.build(episodes_from_batch(batch))
+
+    def build(self, episodes: list[Episode]) -> dict[str, np.ndarray]:
+        """One training sequence per episode (see the class docstring), stacked: key -> (N, ...)."""
         if not episodes:
             return empty_batch(self.layout)
         for i, ep in enumerate(episodes):

@@ -43,6 +43,7 @@ from mugato_ray.data import (
     micro_batches_per_step,
     save_layouts,
     step_tasks,
+    task_batch_size,
     task_weights,
 )
 from mugato_ray.resources import Plan, describe, plan_resources
@@ -66,6 +67,8 @@ class TrainResult:
     """The last reported metrics."""
     history: list[dict[str, Any]] = field(default_factory=list)
     """Every report of rank 0's last attempt, in order."""
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    """Scores of the snapshots evaluated during training (``train.eval_every``), by step."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     torch.set_num_threads(plan.torch_threads)
 
     vocab = next(iter(specs.values())).vocab
-    model = GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size)
+    model = GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size, mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
     start, state = 0, None
     local = config.get("local_mode", False)
     checkpoint = ray.train.get_checkpoint()
@@ -270,12 +273,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
 
-    streams = {t: TaskStream(ray.train.get_dataset_shard(t), cfg.data.batch_size, tcfg.seed * 7919 + rank, device)
+    streams = {t: TaskStream(ray.train.get_dataset_shard(t), task_batch_size(cfg, t), tcfg.seed * 7919 + rank, device)
                for t in tasks}
     if start < tcfg.steps:  # tasks of weight 0 are never drawn: their datasets never start
         start_streams({t: streams[t] for t, w in zip(tasks, task_weights(cfg)) if w > 0})
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    evaluator = config.get("evaluator")  # scores snapshots while training goes on (mugato_ray.train_eval)
     crash_at = config.get("crash_at_step")
     marker = Path(cfg.run_dir).resolve() / f".crashed_at_step_{crash_at}"
     m = micro_batches_per_step(cfg)
@@ -309,6 +313,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         optimizer.step()
 
         done = step + 1
+        if evaluator is not None and rank == 0 and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+            from mugato_ray.train_eval import write_snapshot
+
+            # Not awaited: the actor scores it while training goes on.
+            evaluator.evaluate.remote(done, str(write_snapshot(cfg, raw_model, done, specs, layouts)))
         log_now = done % tcfg.log_every == 0 or done == tcfg.steps
         ckpt_now = done % tcfg.checkpoint_every == 0 or done == tcfg.steps
         if not (log_now or ckpt_now):
@@ -378,6 +387,11 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
     data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers))
     resources = {"CPU": plan.cpus_per_worker} | ({"GPU": 1} if plan.use_gpu else {})
     crash_at = os.environ.get(CRASH_ENV)
+    evaluator = None
+    if cfg.train.eval_every > 0:
+        from mugato_ray.train_eval import start_evaluator
+
+        evaluator = start_evaluator(cfg, plan.eval_cpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -387,6 +401,7 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
             "layouts": data.layouts,
             "crash_at_step": int(crash_at) if crash_at else None,
             "local_mode": plan.train_workers == 0,
+            "evaluator": evaluator,
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -400,7 +415,13 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
         ),
         datasets=data.datasets,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+        # Actor calls run in order: this returns once every submitted snapshot is scored.
+        evaluations = ray.get(evaluator.results.remote()) if evaluator is not None else []
+    finally:
+        if evaluator is not None:
+            ray.kill(evaluator)
     history = list(result.return_value or [])
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
@@ -408,4 +429,5 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
         with contextlib.suppress(FileNotFoundError):
             ckpt = str(latest_checkpoint(cfg))
     final_step = int(metrics["step"]) if "step" in metrics else (int(read_state(Path(ckpt))["step"]) if ckpt else 0)
-    return TrainResult(checkpoint_path=ckpt, final_step=final_step, metrics=metrics, history=history)
+    return TrainResult(checkpoint_path=ckpt, final_step=final_step, metrics=metrics, history=history,
+                       evaluations=evaluations)

@@ -1,0 +1,158 @@
+"""Evaluation during training: snapshots of the weights are scored while training goes on.
+
+Every ``train.eval_every`` steps (and at the last step) rank 0 writes a snapshot of the weights,
+``<run_dir>/snapshots/step_<N>/model.pt`` with its ``layouts.json``, and hands its path to a
+:class:`TrainingEvaluator` actor without waiting. The actor scores snapshots one after the other, in
+its own process, with the evaluation harness's pieces (``RolloutWorker.sample`` for environment tasks,
+``score_dataset_chunk`` for dataset tasks), on ``train.eval_episodes`` *validation* seeds per task:
+``eval.validation_seed_offset + i``, disjoint from the collection seeds and from the final evaluation's
+seeds, so that choosing a snapshot by its score does not leak into the reported numbers.
+
+Each record (``{"step", "tasks": {task: {"mean_return", "normalized", "success_rate"}}, "iqm"}``) is
+appended to ``<run_dir>/snapshots/scores.json`` as it lands. The main job then evaluates the snapshot
+with the best IQM (the latest of equals) and says which it chose (:func:`best_snapshot`).
+
+On a cluster the actor takes a CPU of its own (``resources.EVAL_CPUS`` logical CPUs are held back
+from training for it); on a 2-core laptop it shares the cores with training, which slows it down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mugato_ray.config import Config
+from mugato_ray.metrics import iqm, normalized_score
+
+SNAPSHOTS_DIR = "snapshots"
+SCORES_FILE = "scores.json"
+
+
+def snapshot_root(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / SNAPSHOTS_DIR
+
+
+def snapshot_file(cfg: Config, step: int) -> Path:
+    """Where the snapshot of ``step`` lives: ``<run_dir>/snapshots/step_<step>/model.pt``."""
+    return snapshot_root(cfg) / f"step_{step:08d}" / "model.pt"
+
+
+def validation_seeds(cfg: Config) -> list[int]:
+    """The seeds snapshots are scored on: ``eval.validation_seed_offset + i`` for ``i < train.eval_episodes``."""
+    return [cfg.eval.validation_seed_offset + i for i in range(cfg.train.eval_episodes)]
+
+
+def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dict) -> Path:
+    """Save ``model``'s weights and the layouts for ``step``; returns the model file."""
+    from mugato_ray.data import LAYOUTS_FILE, save_layouts
+    from mugato_ray.model import save_model
+
+    path = snapshot_file(cfg, step)
+    save_model(model, path)
+    save_layouts(path.parent / LAYOUTS_FILE, specs, layouts)
+    return path
+
+
+def score_policy(cfg: Config, task: str, policy: Any, seeds: Sequence[int]) -> dict:
+    """``{"mean_return", "normalized", "success_rate"}`` of ``policy`` on ``task`` over ``seeds``, in this process.
+
+    ``policy``: a ``PolicySpec``, or (environment tasks) any object of the rollout Policy protocol.
+    """
+    from mugato_ray.evaluate import _dataset_references, score_dataset_chunk
+    from mugato_ray.rollout import PolicySpec, RolloutWorker
+    from mugato_ray.tasks import get_task, reference_returns
+
+    info = get_task(task)
+    if info.has_env:
+        spec = policy if isinstance(policy, PolicySpec) else PolicySpec("random")
+        worker = RolloutWorker(info, spec, cfg, num_envs=min(len(seeds), cfg.rollout.envs_per_actor))
+        try:
+            if not isinstance(policy, PolicySpec):
+                worker.policy = policy
+            outcomes = worker.sample(list(seeds), source="policy", return_episodes=False).outcomes
+        finally:
+            worker.close()
+        references = reference_returns(task)
+    else:
+        outcomes = score_dataset_chunk(cfg, task, policy, list(seeds))
+        references = _dataset_references(task)
+    returns = [o["return"] for o in outcomes]
+    successes = [o["success"] for o in outcomes if o["success"] is not None]
+    mean = float(np.mean(returns)) if returns else float("nan")
+    return {"mean_return": mean, "normalized": normalized_score(mean, *references),
+            "success_rate": float(np.mean(successes)) if successes else None}
+
+
+class TrainingEvaluator:
+    """Scores snapshots in the order they are submitted (a Ray actor: its calls run one at a time)."""
+
+    def __init__(self, cfg: Config):
+        import dataclasses
+
+        import torch
+
+        torch.set_num_threads(1)  # it runs beside training: one core's worth at most
+        # Episodes run to each task's own limit, as in the final evaluation.
+        self.cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
+        # A resumed run keeps the scores of the snapshots its earlier attempts wrote.
+        self.records: list[dict] = read_scores(cfg)
+
+    def evaluate(self, step: int, model_file: str) -> dict:
+        from mugato_ray.rollout import PolicySpec
+
+        policy = PolicySpec("model", model_file, temperature=self.cfg.rollout.temperature)
+        seeds = validation_seeds(self.cfg)
+        tasks = {t.name: score_policy(self.cfg, t.name, policy, seeds) for t in self.cfg.tasks}
+        record = {"step": int(step), "model_file": model_file, "tasks": tasks,
+                  "iqm": iqm([t["normalized"] for t in tasks.values()])}
+        self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
+        _write_json(snapshot_root(self.cfg) / SCORES_FILE, self.records)
+        return record
+
+    def results(self) -> list[dict]:
+        """Every record so far (called after the last submission: it runs after every queued evaluation)."""
+        return list(self.records)
+
+
+def start_evaluator(cfg: Config, num_cpus: float) -> Any:
+    """A :class:`TrainingEvaluator` actor reserving ``num_cpus`` logical CPUs."""
+    import ray
+
+    return ray.remote(TrainingEvaluator).options(num_cpus=num_cpus).remote(cfg)
+
+
+def read_scores(cfg: Config) -> list[dict]:
+    """The records of ``<run_dir>/snapshots/scores.json`` (empty when there is none); a malformed file is an
+    error naming it."""
+    path = snapshot_root(cfg) / SCORES_FILE
+    if not path.is_file():
+        return []
+    try:
+        records = json.loads(path.read_text())
+        if not isinstance(records, list) or not all(isinstance(r, dict) and "step" in r for r in records):
+            raise ValueError("expected a list of {'step': ...} records")
+    except ValueError as e:
+        raise ValueError(f"snapshot scores {path} are malformed ({e}); delete the file to start them afresh") from e
+    return records
+
+
+def best_snapshot(records: Sequence[dict]) -> dict | None:
+    """The record with the highest IQM (the latest step among equals); None when none has an IQM."""
+    scored = [r for r in records if r.get("iqm") is not None]
+    if not scored:
+        return None
+    return max(scored, key=lambda r: (r["iqm"], r["step"]))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(tmp, path)
