@@ -34,42 +34,20 @@ from mugato_ray.baseline import BaselinePolicy, train_baseline
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter, save_layouts, step_tasks, task_batch_size, task_layouts
 from mugato_ray.episodes import read_episodes
-from mugato_ray.evaluate import eval_seeds, score_dataset_chunk
-from mugato_ray.metrics import normalized_score
+from mugato_ray.evaluate import eval_seeds
 from mugato_ray.model import GatoModel, save_model
-from mugato_ray.rollout import PolicySpec, RolloutWorker, store_dir
+from mugato_ray.rollout import PolicySpec, store_dir
 from mugato_ray.sequence import SequenceBuilder
-from mugato_ray.tasks import get_task, reference_returns
+from mugato_ray.tasks import get_task
 from mugato_ray.train import lr_at, make_optimizer
+from mugato_ray.train_eval import score_policy
 
 FIELDS = ["learner", "seed", "task", "step", "wall_s", "mean_return", "normalized", "success_rate"]
 
 
-def references(task: str) -> tuple[float | None, float | None]:
-    info = get_task(task)
-    if info.has_env:
-        return reference_returns(task)
-    return 1.0, 0.0  # dataset tasks: exact-match accuracy, random answers score 0
-
-
 def evaluate_policy(cfg, task: str, policy, episodes: int) -> dict:
-    """Mean return, normalized score and success rate of ``policy`` (a PolicySpec, or a Policy object
-    run through a RolloutWorker) on the first ``episodes`` evaluation seeds."""
-    seeds = eval_seeds(cfg)[:episodes]
-    if get_task(task).has_env:
-        spec = policy if isinstance(policy, PolicySpec) else PolicySpec("random")
-        worker = RolloutWorker(task, spec, cfg, num_envs=min(len(seeds), cfg.rollout.envs_per_actor))
-        if not isinstance(policy, PolicySpec):
-            worker.policy = policy
-        outcomes = worker.sample(seeds, source="policy").outcomes
-        worker.close()
-    else:
-        outcomes = score_dataset_chunk(cfg, task, policy, seeds)
-    returns = [o["return"] for o in outcomes]
-    successes = [o["success"] for o in outcomes if o["success"] is not None]
-    mean = float(np.mean(returns))
-    return {"mean_return": mean, "normalized": normalized_score(mean, *references(task)),
-            "success_rate": float(np.mean(successes)) if successes else None}
+    """Mean return, normalized score and success rate of ``policy`` on the first ``episodes`` evaluation seeds."""
+    return score_policy(cfg, task, policy, eval_seeds(cfg)[:episodes])
 
 
 def train_model(cfg, seed: int, eval_every: int, eval_episodes: int, out: Path, log) -> list[dict]:

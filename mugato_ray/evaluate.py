@@ -464,7 +464,65 @@ def markdown_report(report: dict) -> str:
     errors = [(k, e) for k, t in report["tasks"].items() for e in t.get("errors", [])]
     if errors:
         lines += ["", "Failed episodes:", ""] + [f"- {k}: {e}" for k, e in errors]
+    if report.get("training"):
+        lines += training_lines(report["training"])
     return "\n".join(lines) + "\n"
+
+
+def training_lines(training: dict) -> list[str]:
+    """eval.md's "During training" section: the snapshot scores by step and which snapshot was chosen."""
+    evals = training.get("evaluations", [])
+    tasks = sorted({t for r in evals for t in r["tasks"]})
+    lines = ["", "## During training", "", "![training curves](training.png)", ""]
+    if training.get("chosen_step") is not None:
+        lines += [f"Evaluated above: the snapshot of step {training['chosen_step']}, the best IQM "
+                  f"({_fmt(training.get('chosen_iqm'))}) of {len(evals)} snapshots scored on "
+                  f"{training.get('episodes', '?')} validation episodes per task (seeds disjoint from the ones above).", ""]
+    if evals:
+        lines += ["| step | IQM | " + " | ".join(tasks) + " |", "| ---: | ---: |" + " ---: |" * len(tasks)]
+        for r in evals:
+            cells = [_fmt(r["tasks"].get(t, {}).get("normalized")) for t in tasks]
+            lines.append(f"| {r['step']} | {_fmt(r['iqm'])} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def plot_training(training: dict, fh: Any) -> None:
+    """Training loss per task and the snapshots' normalized scores per task, against the step (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    try:
+        history = training.get("history", [])
+        for key in sorted({k for h in history for k in h if k.startswith("loss/")}):
+            pts = [(h["step"], h[key]) for h in history if key in h]
+            ax_loss.plot(*zip(*pts), label=key[5:])
+        ax_loss.set_xlabel("step")
+        ax_loss.set_ylabel("training loss")
+        ax_loss.set_yscale("log")
+        evals = training.get("evaluations", [])
+        for task in sorted({t for r in evals for t in r["tasks"]}):
+            pts = [(r["step"], r["tasks"][task]["normalized"]) for r in evals
+                   if task in r["tasks"] and r["tasks"][task]["normalized"] is not None]
+            if pts:
+                ax_score.plot(*zip(*pts), marker="o", ms=3, label=task)
+        pts = [(r["step"], r["iqm"]) for r in evals if r["iqm"] is not None]
+        if pts:
+            ax_score.plot(*zip(*pts), color="black", lw=2, label="IQM")
+        if training.get("chosen_step") is not None:
+            ax_score.axvline(training["chosen_step"], color="gray", ls=":", lw=1)
+        ax_score.axhline(1.0, color="gray", ls="--", lw=1)
+        ax_score.set_xlabel("step")
+        ax_score.set_ylabel("normalized score (validation seeds)")
+        for ax in (ax_loss, ax_score):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
+        fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -510,13 +568,18 @@ def plot_scores(report: dict, fh: Any) -> None:
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """eval.json, eval.md and normalized_scores.png under ``out_dir`` (each written atomically)."""
+    """eval.json, eval.md and normalized_scores.png (and training.png when the report has a "training"
+    section) under ``out_dir``, each written atomically."""
     out = Path(out_dir)
-    return {
+    paths = {
         "json": _atomic_write(out / "eval.json", lambda fh: json.dump(report, fh, indent=2, allow_nan=False)),
         "md": _atomic_write(out / "eval.md", lambda fh: fh.write(markdown_report(report))),
         "png": _atomic_write(out / "normalized_scores.png", lambda fh: plot_scores(report, fh), binary=True),
     }
+    if report.get("training"):
+        paths["training"] = _atomic_write(out / "training.png", lambda fh: plot_training(report["training"], fh),
+                                          binary=True)
+    return paths
 
 
 def eval_dir(cfg: Config) -> Path:

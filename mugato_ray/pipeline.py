@@ -51,9 +51,12 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     log(f"trained {result.final_step} steps; checkpoint: {result.checkpoint_path}")
 
     t0 = time.perf_counter()
+    checkpoint, training = choose_checkpoint(cfg, result, log)
     log(f"== evaluate: {cfg.eval.episodes} episodes per task")
-    policy = PolicySpec("model", result.checkpoint_path, temperature=cfg.rollout.temperature)
+    policy = PolicySpec("model", checkpoint, temperature=cfg.rollout.temperature)
     report = evaluate(cfg, policy, log=log)
+    if training:
+        report["training"] = training
     paths = write_report(report, eval_dir(cfg))
     seconds["evaluate"] = time.perf_counter() - t0
 
@@ -63,4 +66,25 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     for path in paths.values():
         log(f"wrote {path}")
     log("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    return MainResult(result.checkpoint_path, report, paths, seconds)
+    return MainResult(checkpoint, report, paths, seconds)
+
+
+def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[str, dict | None]:
+    """The weights to evaluate: the snapshot with the best IQM during training when snapshots were scored
+    (``train.eval_every``), else the final checkpoint; and the report's "training" section (or None)."""
+    from mugato_ray.train_eval import best_snapshot
+
+    if not result.evaluations:
+        return result.checkpoint_path, None
+    best = best_snapshot(result.evaluations)
+    training = {"evaluations": [{k: v for k, v in r.items() if k != "model_file"} for r in result.evaluations],
+                "history": result.history, "episodes": cfg.train.eval_episodes}
+    if best is None:
+        log("no snapshot has an IQM (no task has reference returns): evaluating the final checkpoint")
+        return result.checkpoint_path, training
+    iqms = ", ".join(f"{r['step']}: {r['iqm']:.3f}" for r in result.evaluations if r.get("iqm") is not None)
+    log(f"snapshot IQMs during training (step: IQM) {iqms}")
+    log(f"evaluating the snapshot of step {best['step']} (IQM {best['iqm']:.3f}), the best of "
+        f"{len(result.evaluations)}: {best['model_file']}")
+    training |= {"chosen_step": best["step"], "chosen_iqm": best["iqm"]}
+    return best["model_file"], training

@@ -62,12 +62,17 @@ def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dic
 def score_policy(cfg: Config, task: str, policy: Any, seeds: Sequence[int]) -> dict:
     """``{"mean_return", "normalized", "success_rate"}`` of ``policy`` on ``task`` over ``seeds``, in this process.
 
-    ``policy``: a ``PolicySpec``, or (environment tasks) any object of the rollout Policy protocol.
+    ``policy``: a ``PolicySpec``, or (environment tasks) any object of the rollout Policy protocol. Episodes
+    run to the task's own step limit, where the references were measured (``rollout.max_episode_steps``
+    is for collection).
     """
+    import dataclasses
+
     from mugato_ray.evaluate import _dataset_references, score_dataset_chunk
     from mugato_ray.rollout import PolicySpec, RolloutWorker
     from mugato_ray.tasks import get_task, reference_returns
 
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
     info = get_task(task)
     if info.has_env:
         spec = policy if isinstance(policy, PolicySpec) else PolicySpec("random")
@@ -93,13 +98,10 @@ class TrainingEvaluator:
     """Scores snapshots in the order they are submitted (a Ray actor: its calls run one at a time)."""
 
     def __init__(self, cfg: Config):
-        import dataclasses
-
         import torch
 
         torch.set_num_threads(1)  # it runs beside training: one core's worth at most
-        # Episodes run to each task's own limit, as in the final evaluation.
-        self.cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
+        self.cfg = cfg
         # A resumed run keeps the scores of the snapshots its earlier attempts wrote.
         self.records: list[dict] = read_scores(cfg)
 

@@ -1,0 +1,171 @@
+"""Learning: the model learns a control task, the data filter and DART noise do what they say, the
+baseline learns, and snapshots are scored during training and the best one chosen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+
+from mugato_ray import experts
+from mugato_ray.baseline import BaselinePolicy, train_baseline
+from mugato_ray.config import load_config
+from mugato_ray.data import EpisodeFilter, WindowSampler, synthetic_episodes, task_layouts, write_synthetic_store
+from mugato_ray.episodes import episode_to_row
+from mugato_ray.metrics import bootstrap_ci
+from mugato_ray.pipeline import choose_checkpoint
+from mugato_ray.rollout import PolicySpec, RolloutWorker, store_dir
+from mugato_ray.sequence import tokenize_episode
+from mugato_ray.tasks import reference_returns, task_spec
+from mugato_ray.tokenizer import ByteTokenizer
+from mugato_ray.train import TrainResult, train
+from mugato_ray.train_eval import SCORES_FILE, best_snapshot, read_scores, score_policy, snapshot_root
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_cfg(run_dir, tasks: str, *overrides):
+    return load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}", f"tasks={tasks}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield
+    ray.shutdown()
+
+
+def collect_in_process(cfg, task: str, seeds) -> list:
+    worker = RolloutWorker(task, PolicySpec("expert"), cfg, num_envs=4)
+    try:
+        return worker.sample(list(seeds), store_dir=store_dir(cfg, task)).episodes
+    finally:
+        worker.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The model learns
+
+
+def test_a_tiny_model_learns_cartpole_well_beyond_random(local_ray, tmp_path):
+    """20 expert episodes, the tiny preset, 200 steps through the real training path: the lower end of the
+    bootstrap CI of its held-out return is far above random's mean (22)."""
+    cfg = make_cfg(tmp_path, "[{name: CartPole-v1, episodes: 20, window: 2, batch_size: 32}]",
+                   "train.steps=200", "train.warmup_steps=20", "train.lr=3e-3", "train.checkpoint_every=200",
+                   "train.log_every=50", "data.prompt_prob=0.0")
+    collect_in_process(cfg, "CartPole-v1", range(20))
+    result = train(cfg)
+    outcome = RolloutWorker("CartPole-v1", PolicySpec("model", str(Path(result.checkpoint_path) / "model.pt")),
+                            cfg, num_envs=8).sample([1_000_000 + i for i in range(16)], return_episodes=False)
+    returns = [o["return"] for o in outcome.outcomes]
+    lo, _ = bootstrap_ci(returns, samples=1000, seed=0)
+    _, random_return = reference_returns("CartPole-v1")
+    assert lo > 5 * random_return, (lo, returns)
+
+
+def test_the_baseline_learns_cartpole(tmp_path):
+    cfg = make_cfg(tmp_path, "[{name: CartPole-v1, episodes: 10}]")
+    episodes = collect_in_process(cfg, "CartPole-v1", range(10))
+    net = train_baseline(task_spec("CartPole-v1", cfg), episodes, steps=300, seed=0)
+    score = score_policy(cfg, "CartPole-v1", BaselinePolicy(net), [1_000_000 + i for i in range(8)])
+    assert score["normalized"] > 0.8, score
+
+
+# ---------------------------------------------------------------------------------------------
+# The data filter
+
+
+def test_the_data_filter_keeps_only_listed_sources_above_the_threshold():
+    f = EpisodeFilter(("expert", "dagger"), min_return=100.0)
+    mask = f.mask(["expert", "expert", "random", "policy", "dagger"], [150.0, 50.0, 500.0, 500.0, 10.0])
+    # low-return expert dropped; random and policy not listed; dagger kept whatever its return
+    assert mask.tolist() == [True, False, False, False, True]
+    assert EpisodeFilter(("expert", "policy"), min_return=100.0).mask(["policy", "policy"], [99.0, 100.0]).tolist() \
+        == [False, True]
+
+
+def test_the_window_sampler_never_windows_a_filtered_episode(tmp_path):
+    """A store batch of expert, random and low-return expert episodes: only the kept ones give rows."""
+    cfg = make_cfg(tmp_path, "[{name: Pendulum-v1}]", "data.prompt_prob=0.0")
+    spec = task_spec("Pendulum-v1", cfg)
+    eps = synthetic_episodes("Pendulum-v1", spec, 6, seed=1, length=(3, 3))
+    for ep, (source, ret) in zip(eps, [("expert", 1.0), ("expert", 1.0), ("random", 1.0), ("policy", 1.0),
+                                       ("expert", -9.0), ("dagger", -9.0)]):
+        ep.source = source
+        ep.rewards = np.full(ep.length, ret / ep.length, np.float32)
+    rows = [episode_to_row(ep) for ep in eps]
+    batch = {k: np.array([r[k] for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+    sampler = WindowSampler("Pendulum-v1", spec, cfg, windows=1,
+                            episode_filter=EpisodeFilter(("expert", "dagger"), min_return=0.0))
+    (out,) = list(sampler(batch))
+    assert len(out["step_mask"]) == 3
+    # Each row is a whole kept episode (3 steps fit the window), in order: the observation tokens are theirs.
+    _, layouts = task_layouts(cfg)
+    for row, i in zip(out["obs/observation"], (0, 1, 5)):
+        tokens = tokenize_episode(eps[i], spec, ByteTokenizer(), layout=layouts["Pendulum-v1"])
+        assert np.array_equal(row[:3], tokens["obs/observation"])
+
+
+def test_training_refuses_a_store_with_nothing_the_filter_keeps(local_ray, tmp_path):
+    cfg = make_cfg(tmp_path, "[{name: Pendulum-v1}]", "data.sources=[dagger]")
+    write_synthetic_store(cfg, 4)  # expert episodes only
+    with pytest.raises(ValueError, match=r"Pendulum-v1.*data\.sources=\['dagger'\]"):
+        train(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# DART noise
+
+
+def test_expert_noise_perturbs_the_states_but_records_the_experts_actions(tmp_path):
+    cfg = make_cfg(tmp_path, "[{name: CartPole-v1, episodes: 4, expert_noise: 0.3}]")
+    noisy = collect_in_process(cfg, "CartPole-v1", range(4))
+    for ep in noisy:  # every recorded action is the expert's action on the recorded state
+        obs = np.asarray(ep.observations["observation"])
+        assert np.array_equal(np.asarray(ep.actions).reshape(-1), experts.cartpole(obs).reshape(-1))
+    clean_cfg = make_cfg(tmp_path / "clean", "[{name: CartPole-v1, episodes: 4}]")
+    clean = collect_in_process(clean_cfg, "CartPole-v1", range(4))
+    # The executed actions were not the expert's: the same seeds visit other states.
+    assert any(not np.array_equal(a.observations["observation"][:50], b.observations["observation"][:50])
+               for a, b in zip(noisy, clean))
+    # Reproducible: the noise comes from the episode's seed.
+    again = collect_in_process(make_cfg(tmp_path / "again", "[{name: CartPole-v1, episodes: 4, expert_noise: 0.3}]"),
+                               "CartPole-v1", range(4))
+    assert all(np.array_equal(a.observations["observation"], b.observations["observation"])
+               for a, b in zip(noisy, again))
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation during training
+
+
+def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, tmp_path):
+    cfg = make_cfg(tmp_path, "[{name: CartPole-v1, episodes: 4, window: 2}, {name: text-arith, episodes: 8}]",
+                   "train.steps=4", "train.eval_every=2", "train.eval_episodes=2", "train.checkpoint_every=4")
+    collect_in_process(cfg, "CartPole-v1", range(4))
+    from mugato_ray.collect import collect
+
+    collect(cfg, resume=True, log=lambda *_: None)  # the text task's episodes (no env: generated in the driver)
+    result = train(cfg)
+    assert [r["step"] for r in result.evaluations] == [2, 4]
+    for r in result.evaluations:
+        assert Path(r["model_file"]).is_file() and (Path(r["model_file"]).parent / "layouts.json").is_file()
+        assert set(r["tasks"]) == {"CartPole-v1", "text-arith"}
+        assert r["tasks"]["CartPole-v1"]["normalized"] is not None and r["iqm"] is not None
+    assert read_scores(cfg) == result.evaluations  # written as they land
+    assert (snapshot_root(cfg) / SCORES_FILE).is_file()
+    checkpoint, training = choose_checkpoint(cfg, result, log=lambda *_: None)
+    best = best_snapshot(result.evaluations)
+    assert checkpoint == best["model_file"] and training["chosen_step"] == best["step"]
+
+
+def test_best_snapshot_takes_the_highest_iqm_then_the_latest_step():
+    records = [{"step": 2, "iqm": 0.5}, {"step": 4, "iqm": 0.9}, {"step": 6, "iqm": 0.9}, {"step": 8, "iqm": None}]
+    assert best_snapshot(records)["step"] == 6
+    assert best_snapshot([{"step": 2, "iqm": None}]) is None
+    no_evals = TrainResult(checkpoint_path="/x/checkpoint_00000004", final_step=4, metrics={})
+    assert choose_checkpoint(None, no_evals, log=lambda *_: None) == ("/x/checkpoint_00000004", None)
