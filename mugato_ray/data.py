@@ -49,6 +49,10 @@ MAX_WINDOWS_PER_PASS = 16
 """Cap on windows per episode in one pass. The windows of one batch of episodes leave the actor back to
 back, so a huge pass would feed long runs of the same episodes; past the cap the trainer iterates again
 (new epoch, new windows)."""
+MIN_BATCHES_PER_PASS = 32
+"""...but a pass always holds at least this many batches per rank: with few episodes and big batches (a
+Markov task with a 1-step window and 512 rows) 16 windows per episode were 3 batches, and the pass
+restarted every 3 steps, each restart stalling training (bench/README.md, "Learning")."""
 LAYOUTS_FILE = "layouts.json"
 
 
@@ -102,10 +106,13 @@ def windows_per_pass(micro_batches: int, batch_size: int, world_size: int, episo
     """Windows per episode in one pass so that every rank can draw ``micro_batches`` full batches.
 
     ``streaming_split(equal=True)`` gives each rank ``floor(rows / world)`` rows and batches drop the
-    remainder, hence one spare batch per rank. Capped at :data:`MAX_WINDOWS_PER_PASS`.
+    remainder, hence one spare batch per rank. Capped at :data:`MAX_WINDOWS_PER_PASS`, or at the windows
+    that make :data:`MIN_BATCHES_PER_PASS` batches per rank if that is more.
     """
+    episodes = max(episodes, 1)
     need = (micro_batches + 1) * batch_size * world_size
-    return int(min(MAX_WINDOWS_PER_PASS, max(1, math.ceil(need / max(episodes, 1)))))
+    cap = max(MAX_WINDOWS_PER_PASS, math.ceil(MIN_BATCHES_PER_PASS * batch_size * world_size / episodes))
+    return int(min(cap, max(1, math.ceil(need / episodes))))
 
 
 # ---------------------------------------------------------------------------------------------

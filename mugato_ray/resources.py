@@ -124,7 +124,9 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
     # Ray rounds reservations to 1e-4 CPU; round down so that the sum never exceeds the cluster.
     actor_cpus = math.floor(actor_cpus * 1e4) / 1e4
     per_worker = math.floor(per_worker * 1e4) / 1e4
-    if workers == 0:
+    if cfg.train.torch_threads > 0:
+        threads = cfg.train.torch_threads
+    elif workers == 0:
         threads = max(1, math.floor(cpus - slots * actor_cpus))
     else:
         threads = max(1, round(per_worker))

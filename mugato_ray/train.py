@@ -317,7 +317,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             from mugato_ray.train_eval import write_snapshot
 
             # Not awaited: the actor scores it while training goes on.
-            evaluator.evaluate.remote(done, str(write_snapshot(cfg, raw_model, done, specs, layouts)))
+            snapshot = write_snapshot(config["eval_cfg"], raw_model, done, specs, layouts)
+            evaluator.evaluate.remote(done, str(snapshot))
         log_now = done % tcfg.log_every == 0 or done == tcfg.steps
         ckpt_now = done % tcfg.checkpoint_every == 0 or done == tcfg.steps
         if not (log_now or ckpt_now):
@@ -387,11 +388,11 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
     data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers))
     resources = {"CPU": plan.cpus_per_worker} | ({"GPU": 1} if plan.use_gpu else {})
     crash_at = os.environ.get(CRASH_ENV)
-    evaluator = None
+    evaluator, eval_cfg = None, None
     if cfg.train.eval_every > 0:
         from mugato_ray.train_eval import start_evaluator
 
-        evaluator = start_evaluator(cfg, plan.eval_cpus)
+        evaluator, eval_cfg = start_evaluator(cfg, plan.eval_cpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -402,6 +403,7 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
             "crash_at_step": int(crash_at) if crash_at else None,
             "local_mode": plan.train_workers == 0,
             "evaluator": evaluator,
+            "eval_cfg": eval_cfg,
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -49,11 +49,14 @@ def validation_seeds(cfg: Config) -> list[int]:
 
 
 def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dict) -> Path:
-    """Save ``model``'s weights and the layouts for ``step``; returns the model file."""
+    """Save ``model``'s weights and the layouts for ``step``; returns the model file. ``cfg.run_dir`` must be
+    absolute (:func:`start_evaluator`'s config): a Ray Train worker does not run in the driver's directory."""
     from mugato_ray.data import LAYOUTS_FILE, save_layouts
     from mugato_ray.model import save_model
 
     path = snapshot_file(cfg, step)
+    if not path.is_absolute():
+        raise ValueError(f"snapshot path {path} is relative; pass the evaluator's config (run_dir made absolute)")
     save_model(model, path)
     save_layouts(path.parent / LAYOUTS_FILE, specs, layouts)
     return path
@@ -122,11 +125,15 @@ class TrainingEvaluator:
         return list(self.records)
 
 
-def start_evaluator(cfg: Config, num_cpus: float) -> Any:
-    """A :class:`TrainingEvaluator` actor reserving ``num_cpus`` logical CPUs."""
+def start_evaluator(cfg: Config, num_cpus: float) -> tuple[Any, Config]:
+    """A :class:`TrainingEvaluator` actor reserving ``num_cpus`` logical CPUs, and the config it and the
+    train workers use: ``run_dir`` made absolute here, in the driver (workers and actors run elsewhere)."""
+    import dataclasses
+
     import ray
 
-    return ray.remote(TrainingEvaluator).options(num_cpus=num_cpus).remote(cfg)
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
+    return ray.remote(TrainingEvaluator).options(num_cpus=num_cpus).remote(cfg), cfg
 
 
 def read_scores(cfg: Config) -> list[dict]:

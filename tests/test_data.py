@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from collections import Counter
 
 import numpy as np
@@ -175,7 +176,10 @@ def test_windows_per_pass_covers_every_rank():
     # 10 micro-batches of 4 on 2 ranks need 2 * 4 * (10 + 1) = 88 rows: 8 windows of 11 episodes.
     assert windows_per_pass(10, 4, 2, 11) == 8
     assert windows_per_pass(0, 4, 1, 100) == 1
-    assert windows_per_pass(10**6, 32, 8, 10) == MAX_WINDOWS_PER_PASS
+    assert windows_per_pass(10**6, 4, 1, 100) == MAX_WINDOWS_PER_PASS
+    # Big batches of few episodes: the cap grows so that a pass still holds 32 batches per rank.
+    assert windows_per_pass(10**6, 512, 1, 100) == math.ceil(32 * 512 / 100)
+    assert windows_per_pass(10**6, 32, 8, 10) == 32 * 32 * 8 // 10 + 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -143,8 +143,10 @@ def test_expert_noise_perturbs_the_states_but_records_the_experts_actions(tmp_pa
 # Evaluation during training
 
 
-def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, tmp_path):
-    cfg = make_cfg(tmp_path, "[{name: CartPole-v1, episodes: 4, window: 2}, {name: text-arith, episodes: 8}]",
+def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, tmp_path, monkeypatch):
+    # A relative run_dir, as in the configs: train workers and the evaluator do not run in this directory.
+    monkeypatch.chdir(tmp_path)
+    cfg = make_cfg("run", "[{name: CartPole-v1, episodes: 4, window: 2}, {name: text-arith, episodes: 8}]",
                    "train.steps=4", "train.eval_every=2", "train.eval_episodes=2", "train.checkpoint_every=4")
     collect_in_process(cfg, "CartPole-v1", range(4))
     from mugato_ray.collect import collect
@@ -153,6 +155,7 @@ def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, 
     result = train(cfg)
     assert [r["step"] for r in result.evaluations] == [2, 4]
     for r in result.evaluations:
+        assert Path(r["model_file"]).is_relative_to(tmp_path.resolve() / "run" / "snapshots")
         assert Path(r["model_file"]).is_file() and (Path(r["model_file"]).parent / "layouts.json").is_file()
         assert set(r["tasks"]) == {"CartPole-v1", "text-arith"}
         assert r["tasks"]["CartPole-v1"]["normalized"] is not None and r["iqm"] is not None
