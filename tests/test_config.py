@@ -49,6 +49,13 @@ def test_values_and_nested_sections(tmp_path):
         ({"tasks": {"name": "CartPole-v1"}}, "tasks"),
         ({"data": {"prompt_prob": 1.5}}, "data.prompt_prob"),
         ({"model": "tiny"}, "model"),
+        ({"tasks": [{"name": "CartPole-v1", "window": 0}]}, "tasks[0].window"),
+        ({"tasks": [{"name": "CartPole-v1", "batch_size": 0}]}, "tasks[0].batch_size"),
+        ({"tasks": [{"name": "CartPole-v1", "expert_noise": 1.5}]}, "tasks[0].expert_noise"),
+        ({"data": {"sources": ["expert", "demos"]}}, "data.sources"),
+        ({"data": {"min_return_fraction": 2}}, "data.min_return_fraction"),
+        ({"train": {"eval_every": -1}}, "train.eval_every"),
+        ({"model": {"continuous_target_sigma": -1}}, "model.continuous_target_sigma"),
     ],
 )
 def test_bad_keys_and_types_name_key_and_file(tmp_path, data, key):

@@ -3,6 +3,7 @@ baseline learns, and snapshots are scored during training and the best one chose
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -143,10 +144,9 @@ def test_expert_noise_perturbs_the_states_but_records_the_experts_actions(tmp_pa
 # Evaluation during training
 
 
-def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, tmp_path, monkeypatch):
-    # A relative run_dir, as in the configs: train workers and the evaluator do not run in this directory.
-    monkeypatch.chdir(tmp_path)
-    cfg = make_cfg("run", "[{name: CartPole-v1, episodes: 4, window: 2}, {name: text-arith, episodes: 8}]",
+def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, tmp_path):
+    # A relative run_dir, as in the configs: Ray Train workers do not run in the driver's directory.
+    cfg = make_cfg(os.path.relpath(tmp_path / "run"), "[{name: CartPole-v1, episodes: 4, window: 2}, {name: text-arith, episodes: 8}]",
                    "train.steps=4", "train.eval_every=2", "train.eval_episodes=2", "train.checkpoint_every=4")
     collect_in_process(cfg, "CartPole-v1", range(4))
     from mugato_ray.collect import collect

@@ -20,9 +20,17 @@ from mugato_ray.model import (
     patch_position_ids,
     resolve_sizes,
     save_model,
+    value_features,
 )
 from mugato_ray.sequence import LayoutField, SequenceLayout
-from mugato_ray.tokenizer import Modality, VocabLayout
+from mugato_ray.tokenizer import (
+    Modality,
+    VocabLayout,
+    discretize,
+    mu_law_decode,
+    mu_law_encode,
+    undiscretize,
+)
 
 VOCAB = VocabLayout(text_size=256, value_bins=64)
 
@@ -385,3 +393,31 @@ def test_flops_per_token_counts_blocks_head_and_attention():
     blocks = n_layer * (4 * D * D + 4 * D + 2 * D * ff + ff + D + 4 * D)
     assert sum(p.numel() for p in model.blocks.parameters()) == blocks
     assert count_flops_per_token(model, 128) == 6 * (blocks + VOCAB.size * D) + 12 * n_layer * D * 128
+
+
+def test_value_features_are_smooth_in_the_bin_and_absent_elsewhere():
+    feats = value_features(VOCAB, mu=100.0, M=256.0)
+    lo, hi = VOCAB.ranges()["value"]
+    assert feats.shape == (VOCAB.size, 6)
+    assert torch.all(feats[:lo] == 0) and torch.all(feats[hi:] == 0)  # text, separator, pad, eos
+    v = feats[lo:hi]
+    # c rises by one bin width per bin; every tanh(x / s) rises with the bin; all are odd about the middle.
+    torch.testing.assert_close(v[1:, 0] - v[:-1, 0], torch.full((hi - lo - 1,), 2.0 / VOCAB.value_bins))
+    assert torch.all(v[1:, 2:] >= v[:-1, 2:])
+    torch.testing.assert_close(v[:, [0, 2, 3, 4, 5]], -v.flip(0)[:, [0, 2, 3, 4, 5]])
+    # x is the value the tokenizer decodes the bin to.
+    bins = discretize(mu_law_encode(np.array([0.5, -3.0, 40.0])), VOCAB.value_bins)
+    x = mu_law_decode(undiscretize(bins, VOCAB.value_bins))
+    torch.testing.assert_close(v[bins, 3], torch.tanh(torch.as_tensor(x / 1.0, dtype=torch.float32)), atol=1e-5,
+                               rtol=0)
+
+
+def test_value_order_off_is_gatos_plain_table():
+    model = tiny_model(value_order=False)
+    assert model.tok_emb.ordinal is None
+    assert torch.equal(model.tok_emb.table(), model.tok_emb.weight)
+    with_order = tiny_model(value_order=True)
+    lo, hi = VOCAB.ranges()["value"]
+    table = with_order.tok_emb.table()
+    assert torch.equal(table[:lo], with_order.tok_emb.weight[:lo])  # only value ids change
+    assert not torch.equal(table[lo:hi], with_order.tok_emb.weight[lo:hi])

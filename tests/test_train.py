@@ -94,6 +94,16 @@ def test_plan_never_gives_training_every_cpu(tmp_path, resources, workers, gpu):
     assert plan.torch_threads >= 1
 
 
+def test_plan_holds_cpus_back_for_the_evaluator_and_honours_torch_threads(tmp_path):
+    base = plan_resources(make_cfg(tmp_path), {"CPU": 2.0})
+    plan = plan_resources(make_cfg(tmp_path, "train.eval_every=10", "train.torch_threads=2"), {"CPU": 2.0})
+    assert base.eval_cpus == 0 and plan.eval_cpus == pytest.approx(0.2)
+    data = len(TASKS) * plan.data_cpus
+    assert plan.cpus_per_worker + data + plan.eval_cpus <= 2.0 + 1e-9
+    assert plan.cpus_per_worker == pytest.approx(base.cpus_per_worker - 0.2, abs=1e-3)
+    assert plan.torch_threads == 2 and base.torch_threads == 1
+
+
 def test_plan_rejects_what_cannot_fit(tmp_path):
     with pytest.raises(ValueError, match="train.use_gpu"):
         plan_resources(make_cfg(tmp_path, "train.use_gpu=true"), {"CPU": 8.0})
