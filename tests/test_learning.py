@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
 
 from mugato_ray import experts
 from mugato_ray.baseline import BaselinePolicy, train_baseline
@@ -29,15 +28,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_cfg(run_dir, tasks: str, *overrides):
     return load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}", f"tasks={tasks}", *overrides])
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
 
 
 def collect_in_process(cfg, task: str, seeds) -> list:

@@ -41,15 +41,6 @@ def make_cfg(run_dir, *overrides, tasks=TASKS):
     return load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}", f"tasks=[{names}]", *overrides])
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
 
