@@ -281,7 +281,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     evaluator = config.get("evaluator")  # scores snapshots while training goes on (mugato_ray.train_eval)
     crash_at = config.get("crash_at_step")
-    marker = Path(cfg.run_dir).resolve() / f".crashed_at_step_{crash_at}"
+    marker = Path(config["run_dir_abs"]) / f".crashed_at_step_{crash_at}"
     m = micro_batches_per_step(cfg)
 
     history: list[dict[str, Any]] = []
@@ -401,6 +401,8 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
             "specs": data.specs,
             "layouts": data.layouts,
             "crash_at_step": int(crash_at) if crash_at else None,
+            # Resolved here: Ray Train workers do not run in the driver's directory.
+            "run_dir_abs": str(Path(cfg.run_dir).resolve()),
             "local_mode": plan.train_workers == 0,
             "evaluator": evaluator,
             "eval_cfg": eval_cfg,
