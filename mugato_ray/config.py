@@ -219,6 +219,10 @@ class Config:
     tasks: list[TaskEntry] = field(default_factory=list)
     """The task mixture."""
 
+    def task(self, name: str) -> TaskEntry | None:
+        """The entry of task ``name`` in ``tasks`` (None when the config does not list it)."""
+        return next((t for t in self.tasks if t.name == name), None)
+
 
 # ---------------------------------------------------------------------------------------------
 # Strict construction from plain data

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ def task_weights(cfg: Config) -> np.ndarray:
 
 def task_batch_size(cfg: Config, task: str) -> int:
     """Rows per micro-batch of ``task``: its ``tasks[i].batch_size``, else ``data.batch_size``."""
-    entry = next(t for t in cfg.tasks if t.name == task)
+    entry = cfg.task(task)
+    if entry is None:
+        raise KeyError(f"task '{task}' is not in config key 'tasks'")
     return entry.batch_size if entry.batch_size is not None else cfg.data.batch_size
 
 
@@ -156,14 +159,13 @@ def count_kept(files: Sequence[Path], episode_filter: EpisodeFilter) -> tuple[in
     """Episodes of ``files`` the filter keeps, and all episodes by source (reads two columns only)."""
     import pyarrow.parquet as pq
 
-    kept, by_source = 0, {}
+    kept, by_source = 0, Counter()
     for f in files:
         table = pq.read_table(f, columns=["source", "return"])
         sources, returns = table.column("source").to_pylist(), table.column("return").to_pylist()
         kept += int(episode_filter.mask(sources, returns).sum())
-        for src in sources:
-            by_source[src] = by_source.get(src, 0) + 1
-    return kept, by_source
+        by_source.update(sources)
+    return kept, dict(by_source)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +185,7 @@ class WindowSampler:
                  episode_filter: EpisodeFilter | None = None):
         self.builder = SequenceBuilder(task, spec, cfg, seed=seed)
         self.seed, self.windows = int(seed), int(windows)
-        self.filter = episode_filter or EpisodeFilter(tuple(cfg.data.sources))
+        self.filter = episode_filter or EpisodeFilter.from_config(cfg, task)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
         keep = self.filter.mask(batch["source"], batch["return"])
@@ -220,11 +222,6 @@ def store_files(cfg: Config, task: str) -> list[Path]:
             "first (python jobs/collect.py --config ...) or remove the task from config key 'tasks'"
         )
     return files
-
-
-def store_dir_of(files: Sequence[Path]) -> str:
-    """The folder of a task's store files, for messages."""
-    return str(Path(files[0]).parent) if files else "?"
 
 
 def count_episodes(files: Sequence[Path]) -> int:
@@ -327,7 +324,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
         episodes[entry.name], by_source = count_kept(files, episode_filter)
         if episodes[entry.name] == 0:
             raise ValueError(
-                f"task '{entry.name}': none of the {sum(by_source.values())} episodes in {store_dir_of(files)} "
+                f"task '{entry.name}': none of the {sum(by_source.values())} episodes in {files[0].parent} "
                 f"(by source: {by_source}) passes the data filter: data.sources={list(episode_filter.sources)}, "
                 f"data.min_return_fraction={cfg.data.min_return_fraction} (return >= {episode_filter.min_return})"
             )

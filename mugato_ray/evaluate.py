@@ -296,11 +296,11 @@ def _evaluate_dataset_task(cfg: Config, task: str, policy: PolicySpec, log: Call
         (ref,), refs = ray.wait(refs, num_returns=1)
         outcomes.extend(ray.get(ref))
         _progress(log, task, outcomes, failed, len(seeds), len(outcomes), time.perf_counter() - t0, "answers")
-    expert, random = _dataset_references(task)
+    expert, random = dataset_references(task)
     return summarize_task(cfg, task, outcomes, failed, len(outcomes), time.perf_counter() - t0, (expert, random))
 
 
-def _dataset_references(task: str) -> tuple[float, float]:
+def dataset_references(task: str) -> tuple[float, float]:
     from mugato_ray.tasks import reference_returns
 
     expert, random = reference_returns(task)

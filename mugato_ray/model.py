@@ -40,10 +40,10 @@ and padded steps never influence real tokens, wherever they sit (this also lets 
 cache entries of a finished episode invalid instead of rebuilding the cache). Each token may always
 attend to itself, so an invalid query never has an empty row (which would give NaN).
 
-Loss: cross-entropy (HL-Gauss soft targets for continuous actions, see :meth:`GatoModel.action_loss`) on action-field tokens (the action of agent tasks, the text of text tasks) of
-real, non-prompt steps whose id is not pad. The prediction for a loss position j comes from the
-hidden state at the previous VALID position (a cummax over valid indices), so pads inside a
-timestep never feed a prediction; a loss position with no valid token before it is skipped. Logits
+Loss: cross-entropy (HL-Gauss soft targets for continuous actions, see :meth:`GatoModel.action_loss`)
+on action-field tokens (the action of agent tasks, the text of text tasks) of real, non-prompt steps
+whose id is not pad. The prediction for a loss position j comes from the hidden state at the previous
+VALID position (a cummax over valid indices), so pads inside a timestep never feed a prediction; a loss position with no valid token before it is skipped. Logits
 are computed only at those positions: the head dominates the cost of small models.
 
 The output head is tied to the token embedding: an id means the same thing in and out (observation
@@ -65,13 +65,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mugato_ray.config import ModelConfig
 from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY, LayoutField, SequenceLayout
-from mugato_ray.tokenizer import Modality, VocabLayout
+from mugato_ray.tokenizer import Modality, VocabLayout, mu_law_decode, undiscretize
 
 PRESETS: dict[str, tuple[int, int, int, int]] = {
     "tiny": (2, 64, 4, 256),
@@ -220,8 +221,8 @@ def value_features(vocab: VocabLayout, mu: float, M: float) -> torch.Tensor:
     restored 0.98 (bench/README.md, "Learning").
     """
     lo, hi = vocab.ranges()["value"]
-    c = (torch.arange(vocab.value_bins, dtype=torch.float64) + 0.5) * (2.0 / vocab.value_bins) - 1.0
-    x = torch.sign(c) * (torch.pow(M * mu + 1.0, c.abs()) - 1.0) / mu  # tokenizer.mu_law_decode
+    centres = undiscretize(np.arange(vocab.value_bins), vocab.value_bins).astype(np.float64)
+    c, x = torch.from_numpy(centres), torch.from_numpy(mu_law_decode(centres, mu, M))
     feats = [c, c**2, *(torch.tanh(x / s) for s in VALUE_SCALES)]
     out_VxF = torch.zeros(vocab.size, len(feats), dtype=torch.float64)
     out_VxF[lo:hi] = torch.stack(feats, dim=1)
@@ -254,8 +255,12 @@ class TokenEmbedding(nn.Module):
         return self.weight + self.features.to(self.weight.dtype) @ self.ordinal
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(...) int ids -> (..., D)."""
-        return F.embedding(ids, self.table())
+        """(...) int ids -> (..., D): the rows of :meth:`table`, computed for the looked-up ids only (acting
+        embeds a few tokens per call; the whole table would cost V x F x D each time)."""
+        x = F.embedding(ids, self.weight)
+        if self.ordinal is None:
+            return x
+        return x + F.embedding(ids, self.features.to(self.weight.dtype)) @ self.ordinal
 
 
 # ---------------------------------------------------------------------------------------------

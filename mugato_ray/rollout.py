@@ -145,7 +145,7 @@ def make_policy(spec: PolicySpec, task: TaskInfo, envs: Sequence[gym.Env], cfg: 
     if layout is None:
         # The checkpoint's own context decides the acting window; cfg.model may describe another model.
         context = getattr(getattr(model, "cfg", None), "context", cfg.model.context)
-        entry = next((t for t in cfg.tasks if t.name == task.name), None)
+        entry = cfg.task(task.name)
         layout = sequence.make_layout(task.name, space, context, entry.window if entry else None)
     text_tokenizer = tokenizer.make_text_tokenizer(cfg.tokenizer)
     prompt = demonstration_prompt(task.name, space, layout, text_tokenizer, cfg) if spec.prompt else None
@@ -270,8 +270,12 @@ class RolloutWorker:
         self.envs = [_EnvSlot(lambda: envs.make_env(self.info)) for _ in range(self.num_envs)]
         self.spec = tasks.task_spec(self.info, cfg)
         self.policy = make_policy(policy, self.info, self.envs, cfg)
-        entry = next((t for t in cfg.tasks if t.name == self.info.name), None)
+        entry = cfg.task(self.info.name)
         self.noise = entry.expert_noise if entry is not None and policy.kind == "expert" else 0.0
+        space = self.envs[0].action_space
+        if self.noise and not isinstance(space, gym.spaces.Box | gym.spaces.Discrete):
+            raise ValueError(f"task {self.info.name!r}: tasks[].expert_noise={self.noise} needs a Box or Discrete "
+                             f"action space, not {space}; set it to 0 for this task")
 
     def _maybe_exit(self, seed: int) -> None:
         f = self.faults

@@ -122,7 +122,8 @@ def make_layout(task: str, spec: SpaceSpec, context: int, max_steps: int | None 
 
     Fields in timestep order: ``"obs/<key>"`` in spec order (GATO: text, images, the rest, each sorted
     by key), ``"sep"`` (only when the task has observation AND action fields), ``"act/<key>"``.
-    ``E = context // step_tokens``, at most ``max_steps`` (the task's ``window``). A text-only task (no observation field, one TEXT action field) is
+    ``E = context // step_tokens``, at most ``max_steps`` (the task's ``window``). A text-only task (no
+    observation field, one TEXT action field) is
     one step of ``context`` text tokens: its text fills the whole window.
     """
     if not spec.action:
@@ -368,7 +369,7 @@ class SequenceBuilder:
                 f"task '{task}': tokenizer.text={cfg.tokenizer.text!r} has {self.text_tokenizer.size} ids but the "
                 f"spec's vocab has text_size={spec.vocab.text_size}; build both from the same tokenizer config"
             )
-        entry = next((t for t in cfg.tasks if t.name == task), None)
+        entry = cfg.task(task)
         self.layout = make_layout(task, spec, cfg.model.context, entry.window if entry else None)
 
     def _rng(self, episodes: list[Episode]) -> np.random.Generator:

@@ -23,6 +23,7 @@ Test hook: ``MUGATO_TEST_CRASH_AT_STEP=<n>`` makes rank 0 exit hard once when it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -281,7 +282,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     evaluator = config.get("evaluator")  # scores snapshots while training goes on (mugato_ray.train_eval)
     crash_at = config.get("crash_at_step")
-    marker = Path(config["run_dir_abs"]) / f".crashed_at_step_{crash_at}"
+    # The run directory as the driver resolved it: Ray Train workers do not run in the driver's directory.
+    local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
+    marker = Path(local_cfg.run_dir) / f".crashed_at_step_{crash_at}"
     m = micro_batches_per_step(cfg)
 
     history: list[dict[str, Any]] = []
@@ -317,7 +320,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             from mugato_ray.train_eval import write_snapshot
 
             # Not awaited: the actor scores it while training goes on.
-            snapshot = write_snapshot(config["eval_cfg"], raw_model, done, specs, layouts)
+            snapshot = write_snapshot(local_cfg, raw_model, done, specs, layouts)
             evaluator.evaluate.remote(done, str(snapshot))
         log_now = done % tcfg.log_every == 0 or done == tcfg.steps
         ckpt_now = done % tcfg.checkpoint_every == 0 or done == tcfg.steps
@@ -388,11 +391,11 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
     data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers))
     resources = {"CPU": plan.cpus_per_worker} | ({"GPU": 1} if plan.use_gpu else {})
     crash_at = os.environ.get(CRASH_ENV)
-    evaluator, eval_cfg = None, None
+    evaluator = None
     if cfg.train.eval_every > 0:
         from mugato_ray.train_eval import start_evaluator
 
-        evaluator, eval_cfg = start_evaluator(cfg, plan.eval_cpus)
+        evaluator = start_evaluator(cfg, plan.eval_cpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -405,7 +408,6 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
             "run_dir_abs": str(Path(cfg.run_dir).resolve()),
             "local_mode": plan.train_workers == 0,
             "evaluator": evaluator,
-            "eval_cfg": eval_cfg,
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(

@@ -50,13 +50,13 @@ def validation_seeds(cfg: Config) -> list[int]:
 
 def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dict) -> Path:
     """Save ``model``'s weights and the layouts for ``step``; returns the model file. ``cfg.run_dir`` must be
-    absolute (:func:`start_evaluator`'s config): a Ray Train worker does not run in the driver's directory."""
+    absolute (resolved in the driver): a Ray Train worker does not run in the driver's directory."""
     from mugato_ray.data import LAYOUTS_FILE, save_layouts
     from mugato_ray.model import save_model
 
     path = snapshot_file(cfg, step)
     if not path.is_absolute():
-        raise ValueError(f"snapshot path {path} is relative; pass the evaluator's config (run_dir made absolute)")
+        raise ValueError(f"snapshot path {path} is relative; resolve run_dir in the driver first")
     save_model(model, path)
     save_layouts(path.parent / LAYOUTS_FILE, specs, layouts)
     return path
@@ -71,7 +71,7 @@ def score_policy(cfg: Config, task: str, policy: Any, seeds: Sequence[int]) -> d
     """
     import dataclasses
 
-    from mugato_ray.evaluate import _dataset_references, score_dataset_chunk
+    from mugato_ray.evaluate import dataset_references, score_dataset_chunk
     from mugato_ray.rollout import PolicySpec, RolloutWorker
     from mugato_ray.tasks import get_task, reference_returns
 
@@ -89,7 +89,7 @@ def score_policy(cfg: Config, task: str, policy: Any, seeds: Sequence[int]) -> d
         references = reference_returns(task)
     else:
         outcomes = score_dataset_chunk(cfg, task, policy, list(seeds))
-        references = _dataset_references(task)
+        references = dataset_references(task)
     returns = [o["return"] for o in outcomes]
     successes = [o["success"] for o in outcomes if o["success"] is not None]
     mean = float(np.mean(returns)) if returns else float("nan")
@@ -125,15 +125,15 @@ class TrainingEvaluator:
         return list(self.records)
 
 
-def start_evaluator(cfg: Config, num_cpus: float) -> tuple[Any, Config]:
-    """A :class:`TrainingEvaluator` actor reserving ``num_cpus`` logical CPUs, and the config it and the
-    train workers use: ``run_dir`` made absolute here, in the driver (workers and actors run elsewhere)."""
+def start_evaluator(cfg: Config, num_cpus: float) -> Any:
+    """A :class:`TrainingEvaluator` actor reserving ``num_cpus`` logical CPUs; ``run_dir`` is made absolute
+    here, in the driver (the actor does not run in the driver's directory)."""
     import dataclasses
 
     import ray
 
     cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
-    return ray.remote(TrainingEvaluator).options(num_cpus=num_cpus).remote(cfg), cfg
+    return ray.remote(TrainingEvaluator).options(num_cpus=num_cpus).remote(cfg)
 
 
 def read_scores(cfg: Config) -> list[dict]:

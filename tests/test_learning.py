@@ -162,3 +162,24 @@ def test_best_snapshot_takes_the_highest_iqm_then_the_latest_step():
     assert best_snapshot([{"step": 2, "iqm": None}]) is None
     no_evals = TrainResult(checkpoint_path="/x/checkpoint_00000004", final_step=4, metrics={})
     assert choose_checkpoint(None, no_evals, log=lambda *_: None) == ("/x/checkpoint_00000004", None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Acting uses the training window
+
+
+def test_acting_reads_the_window_a_checkpoint_was_trained_with(tmp_path):
+    from mugato_ray.data import save_layouts
+    from mugato_ray.rollout import checkpoint_layout
+
+    cfg = make_cfg(tmp_path, "[{name: CartPole-v1, window: 2}, {name: Pendulum-v1}]")
+    specs, layouts = task_layouts(cfg)
+    assert layouts["CartPole-v1"].steps == 2 and layouts["Pendulum-v1"].steps > 2
+    model_file = tmp_path / "ckpt" / "model.pt"
+    model_file.parent.mkdir()
+    assert checkpoint_layout(model_file, "CartPole-v1", specs["CartPole-v1"]) is None  # no layouts.json
+    save_layouts(model_file.parent / "layouts.json", specs, layouts)
+    # A config without the window (evaluating the checkpoint elsewhere) still acts with the trained one.
+    assert checkpoint_layout(model_file, "CartPole-v1", specs["CartPole-v1"]) == layouts["CartPole-v1"]
+    assert checkpoint_layout(model_file, "Acrobot-v1", specs["CartPole-v1"]) is None  # not trained on it
+    assert checkpoint_layout(model_file, "CartPole-v1", specs["Pendulum-v1"]) is None  # another spec
