@@ -2,7 +2,7 @@
 
 1. Ray Data pipeline: sequence rows/s of one task dataset (read -> tokenize/pad actors) with 2 actors
    over 1, and with 1 actor over the same WindowSampler called in a bare loop in this process.
-2. Training: tokens/s through Ray Data + a 1-worker TorchTrainer over the same model, data and loop
+2. Training: real (non-pad) tokens/s through Ray Data + a 1-worker TorchTrainer over the same model, data and loop
    (mixture, accumulation, AdamW, clipping) in a bare torch loop in this process, same torch threads.
 3. Model FLOP/s of that training over the machine's fp32 matmul rate, measured in the same run.
 
@@ -145,7 +145,7 @@ def bare_training(cfg, specs, layouts, threads: int, steps: int) -> tuple[float,
             batch = pools[task][(step * m + i) % len(pools[task])]
             out = model(batch, layouts[task])
             (out.loss / m + touch_all(model)).backward()
-            tokens += cfg.data.batch_size * layouts[task].seq_len
+            tokens += int(out.num_tokens)  # real tokens, as the Ray loop counts them (pads are not work)
             loss_tokens += int(out.num_loss_tokens)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()

@@ -68,6 +68,9 @@ class ModelConfig:
     """Value-id embeddings (and so the tied head's logits) get a learned function of the bin centre."""
     continuous_target_sigma: float = 10.0
     """HL-Gauss: a continuous action's target is a Gaussian over value bins with this std in bins (0: one-hot)."""
+    pack: bool = True
+    """Training packs the real tokens of a batch's rows into as few rows as they fit, attention kept within
+    each source row (mugato_ray.packing): exact, and pads cost no compute."""
 
 
 @dataclass

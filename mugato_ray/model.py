@@ -40,6 +40,11 @@ and padded steps never influence real tokens, wherever they sit (this also lets 
 cache entries of a finished episode invalid instead of rebuilding the cache). Each token may always
 attend to itself, so an invalid query never has an empty row (which would give NaN).
 
+Packing (``model.pack``, training only): since pads never influence a real token, the training forward
+moves the real tokens of its rows into as few rows of the layout's length as they fit and lets each
+attend only within its source row (:mod:`mugato_ray.packing`). The loss is unchanged; the pads of short
+episodes, questions and padded text fields are simply not computed.
+
 Loss: cross-entropy (HL-Gauss soft targets for continuous actions, see :meth:`GatoModel.action_loss`)
 on action-field tokens (the action of agent tasks, the text of text tasks) of real, non-prompt steps
 whose id is not pad. The prediction for a loss position j comes from the hidden state at the previous
@@ -71,6 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mugato_ray.config import ModelConfig
+from mugato_ray.packing import plan_packing
 from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY, LayoutField, SequenceLayout
 from mugato_ray.tokenizer import Modality, VocabLayout, mu_law_decode, undiscretize
 
@@ -123,6 +129,10 @@ class ModelOutput:
     """(num_loss_tokens, V) logits at the loss positions, when requested."""
     targets: torch.Tensor | None = None
     """(num_loss_tokens,) the target ids at those positions, with the logits."""
+    num_tokens: torch.Tensor | None = None
+    """Scalar int64: valid (non-pad) tokens of the batch."""
+    num_positions: int = 0
+    """Positions the blocks computed: B * L, or fewer when the rows were packed (``model.pack``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,6 +547,7 @@ class GatoModel(nn.Module):
         valid_BxL: torch.Tensor,
         cache: KVCache | None = None,
         outputs: int | None = None,
+        source_row_BxL: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The block stack: hidden states (B, L, D) before the final LayerNorm.
 
@@ -545,6 +556,8 @@ class GatoModel(nn.Module):
         only the last ``outputs`` positions (B, outputs, D); the last block then computes attention and
         MLP for those alone, which is exact: the other tokens still give it their keys and values, the
         only thing a cache keeps (acting reads logits at the last position, or none after a prefill).
+        ``source_row_BxL`` (packed rows, :mod:`mugato_ray.packing`): a token attends only to keys of
+        the same source row.
         """
         B, L, _ = x_BxLxD.shape
         dev = x_BxLxD.device
@@ -559,7 +572,12 @@ class GatoModel(nn.Module):
         q_pos = torch.arange(start, start + L, device=dev)[:, None]
         k_pos = torch.arange(start + L, device=dev)[None, :]
         # Causal AND the key is valid; a token always sees itself, so no row is empty (NaN).
-        mask_Bx1xLxK = (((k_pos <= q_pos)[None] & key_valid_BxK[:, None, :]) | (k_pos == q_pos)[None])[:, None]
+        allowed_BxLxK = (k_pos <= q_pos)[None] & key_valid_BxK[:, None, :]
+        if source_row_BxL is not None:
+            if cache is not None:
+                raise ValueError("packed rows are a training input; a KV cache holds unpacked rows")
+            allowed_BxLxK = allowed_BxLxK & (source_row_BxL[:, :, None] == source_row_BxL[:, None, :])
+        mask_Bx1xLxK = (allowed_BxLxK | (k_pos == q_pos)[None])[:, None]
         if cache is not None:
             # Additive form, built once for all layers: SDPA's CPU kernel converts a bool mask to this at
             # every call (a quarter of its time while acting). The cache's dtype is the queries' dtype.
@@ -622,8 +640,15 @@ class GatoModel(nn.Module):
         last_valid_BxL = torch.where(valid_BxL, pos_L, -1).cummax(dim=1).values
         prev_BxL = F.pad(last_valid_BxL[:, :-1], (1, 0), value=-1)
         b_idx, j_idx = (loss_BxL & (prev_BxL >= 0)).nonzero(as_tuple=True)
-        hidden = self.trunk(x, valid_BxL)
-        logits_NxV = self.logits(hidden[b_idx, prev_BxL[b_idx, j_idx]]).float()
+        packing = plan_packing(valid_BxL) if self.cfg.pack else None
+        if packing is None:
+            hidden_ND = self.trunk(x, valid_BxL)[b_idx, prev_BxL[b_idx, j_idx]]
+            positions = B * L
+        else:
+            hidden = self.trunk(packing.pack(x), packing.occupied_PxC, source_row_BxL=packing.row_PxC)
+            hidden_ND = packing.gather(hidden, b_idx, prev_BxL[b_idx, j_idx])
+            positions = packing.rows * packing.capacity
+        logits_NxV = self.logits(hidden_ND).float()
         targets_N = ids_BxL[b_idx, j_idx]
         n = torch.tensor(targets_N.numel(), device=x.device)
         if targets_N.numel():
@@ -635,6 +660,7 @@ class GatoModel(nn.Module):
         correct = (logits_NxV.argmax(-1) == targets_N).sum()
         return ModelOutput(
             loss=loss, num_loss_tokens=n, num_correct=correct,
+            num_tokens=valid_BxL.sum(), num_positions=positions,
             logits=logits_NxV if return_logits else None, targets=targets_N if return_logits else None,
         )
 

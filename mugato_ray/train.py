@@ -10,7 +10,8 @@ from the cluster (``mugato_ray.resources``) and runs :func:`train_loop_per_worke
 - AdamW (weight decay on matrices and embeddings, i.e. tensors with >= 2 dims; none on norms and
   biases), linear warmup then cosine decay to ``lr * min_lr_ratio`` (a pure function of the step, so a
   resumed run needs no scheduler state), global gradient-norm clipping, bf16 autocast on GPU only;
-- every ``log_every`` steps ``ray.train.report`` gets the per-task loss, tokens/s, lr and grad norm;
+- every ``log_every`` steps ``ray.train.report`` gets the per-task loss and non-pad fraction of the
+  positions computed (``nonpad/<task>``, after packing), real tokens/s (pads not counted), lr and grad norm;
   every ``checkpoint_every`` steps (and at the end) rank 0 adds a checkpoint directory:
   ``model.pt`` (``model.save_model``), ``state.pt`` (optimizer, step, torch RNG), ``config.yaml`` and
   ``layouts.json`` (``data.save_layouts``), all loadable without executing code.
@@ -291,7 +292,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     # Summed on the device: reading a loss back (.item()) would synchronize a GPU every micro-batch.
     loss_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
     loss_cnt = torch.zeros(len(tasks), dtype=torch.float64, device=device)
-    tokens, t_window = 0, time.perf_counter()
+    tokens = torch.zeros(len(tasks), dtype=torch.float64, device=device)  # real (non-pad) tokens
+    positions = torch.zeros(len(tasks), dtype=torch.float64, device=device)  # positions the blocks computed
+    t_window = time.perf_counter()
     model.train()
     for step in range(start, tcfg.steps):
         if crash_at is not None and step == crash_at and rank == 0 and not marker.exists():
@@ -311,7 +314,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                 (out.loss / m + touch_all(raw_model)).backward()
             loss_sum[k] += out.loss.detach().double()
             loss_cnt[k] += 1
-            tokens += batch["step_mask"].shape[0] * layouts[task].seq_len
+            tokens[k] += out.num_tokens
+            positions[k] += out.num_positions
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
         optimizer.step()
 
@@ -328,7 +332,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         metrics: dict[str, Any] = {"step": done, "lr": lr, "grad_norm": float(grad_norm)}
         if log_now:
-            stats = torch.stack([loss_sum, loss_cnt, torch.full_like(loss_sum, tokens)])
+            stats = torch.stack([loss_sum, loss_cnt, tokens, positions])
             if world > 1:  # sums over ranks: tiny all-reduces, on log steps only
                 import torch.distributed as dist
 
@@ -340,15 +344,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
                 metrics["rank_param_spread"] = float(spread.sum())
             stats = stats.cpu()
             elapsed = time.perf_counter() - t_window
-            metrics["tokens_per_s"] = float(stats[2, 0]) / elapsed
+            metrics["tokens_per_s"] = float(stats[2].sum()) / elapsed
             for j, task in enumerate(tasks):
                 if stats[1, j] > 0:
                     metrics[f"loss/{task}"] = float(stats[0, j] / stats[1, j])
+                    metrics[f"nonpad/{task}"] = float(stats[2, j] / stats[3, j])
             seen = stats[1] > 0
             metrics["loss"] = float((stats[0][seen] / stats[1][seen]).mean()) if seen.any() else float("nan")
             loss_sum.zero_()
             loss_cnt.zero_()
-            tokens, t_window = 0, time.perf_counter()
+            tokens.zero_()
+            positions.zero_()
+            t_window = time.perf_counter()
         if rank == 0:
             history.append(metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))

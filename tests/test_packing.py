@@ -1,0 +1,110 @@
+"""Packing: the real tokens of padded rows moved into fewer rows, exactly (same loss and gradients)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mugato_ray.packing import first_fit_decreasing, plan_packing
+from tests.test_model import VOCAB, _loss_and_grads, agent_layout, make_batch, text_layout, tiny_model
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 20), min_size=1, max_size=30), st.integers(20, 40))
+def test_first_fit_decreasing_places_every_item_without_overlap(lengths, capacity):
+    lengths = np.asarray(lengths)
+    bin_B, offset_B = first_fit_decreasing(lengths, capacity)
+    used = {}
+    for n, b, o in zip(lengths, bin_B, offset_B):
+        assert 0 <= o and o + n <= capacity
+        for q in range(o, o + n):
+            assert (b, q) not in used  # no two items share a position
+            used[(b, q)] = True
+    # First fit: an item opened a new bin only when no earlier bin had room, so any two bins hold more
+    # than the capacity together, hence fewer than 2 * total / capacity + 1 bins.
+    bins = int(bin_B.max()) + 1
+    assert bins == 1 or bins < 2 * lengths.sum() / capacity + 1
+    again = first_fit_decreasing(lengths, capacity)
+    assert (again[0] == bin_B).all() and (again[1] == offset_B).all()
+
+
+def test_plan_packing_keeps_order_and_source_rows():
+    valid = torch.tensor([
+        [1, 1, 0, 0, 1, 0, 0, 0],
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 1, 1, 0, 0],
+        [0, 1, 1, 0, 0, 0, 0, 0],
+    ], dtype=torch.bool)
+    p = plan_packing(valid)
+    assert p is not None and p.rows == 2 and p.capacity == 8  # 3 + 1 + 5 + 2 = 11 tokens in 2 rows
+    for b in range(4):
+        flat = p.where_BxL[b][valid[b]]
+        assert (flat[1:] > flat[:-1]).all()  # the row's order survives
+        assert (p.row_PxC.reshape(-1)[flat] == b).all()
+        assert (flat // 8 == flat[0] // 8).all()  # never split over two packed rows
+    assert (p.where_BxL[~valid] == -1).all()
+    assert int(p.occupied_PxC.sum()) == int(valid.sum())
+    x = torch.arange(4 * 8, dtype=torch.float32).reshape(4, 8, 1)
+    packed = p.pack(x)
+    b, j = valid.nonzero(as_tuple=True)
+    assert torch.equal(p.gather(packed, b, j)[:, 0], x[b, j, 0])
+    with pytest.raises(ValueError, match="pad"):
+        p.gather(packed, torch.tensor([0]), torch.tensor([2]))
+
+
+def test_no_plan_when_packing_saves_no_row():
+    assert plan_packing(torch.ones(4, 8, dtype=torch.bool)) is None
+    assert plan_packing(torch.ones(1, 8, dtype=torch.bool)) is None
+    five_of_eight = torch.arange(8)[None].expand(3, 8) < 5  # no two rows fit together
+    assert plan_packing(five_of_eight) is None
+
+
+@pytest.mark.parametrize("layout_name", ["agent", "text"])
+def test_packed_forward_equals_unpacked_and_computes_fewer_positions(layout_name):
+    """The model trains on packed rows (fails if packing is bypassed) with the unpacked loss and gradients."""
+    if layout_name == "agent":
+        layout = agent_layout(steps=4)
+        batch = make_batch(layout, [1, 2, 1, 1, 4, 1, 2, 1], seed=3, prompt_steps=1)
+    else:
+        layout = text_layout(tokens=24)
+        batch = make_batch(layout, [1] * 8, seed=3)
+    packed_model = tiny_model().eval()  # eval: patch positions are deterministic, no dropout
+    plain_model = tiny_model(pack=False).eval()
+    plain_model.load_state_dict(packed_model.state_dict())
+
+    seen_rows = []
+    hook = packed_model.blocks[0].register_forward_hook(lambda m, args, out: seen_rows.append(args[0].shape[0]))
+    loss_p, grads_p = _loss_and_grads(packed_model, batch, layout)
+    hook.remove()
+    loss_u, grads_u = _loss_and_grads(plain_model, batch, layout)
+
+    B, L = batch["step_mask"].shape[0], layout.seq_len
+    assert seen_rows == [packed_model(batch, layout).num_positions // L] and seen_rows[0] < B
+    out = packed_model(batch, layout)
+    assert out.num_positions < B * L and plain_model(batch, layout).num_positions == B * L
+    real = int(out.num_tokens)
+    assert real / (B * L) < 0.5 and real / out.num_positions >= 0.75  # most pads are gone from the computation
+    torch.testing.assert_close(loss_p, loss_u, atol=1e-6, rtol=1e-6)
+    assert grads_p.keys() == grads_u.keys()
+    for k in grads_p:
+        torch.testing.assert_close(grads_p[k], grads_u[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_packed_rows_do_not_see_each_other():
+    """Changing one source row leaves the loss terms of the rows packed beside it unchanged."""
+    layout = text_layout(tokens=24)
+    batch = make_batch(layout, [1] * 6, seed=5)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        ref = model(batch, layout, return_logits=True)
+        other = {k: v.clone() for k, v in batch.items()}
+        keep = other["act/text"][0] != VOCAB.pad
+        other["act/text"][0][keep] = (other["act/text"][0][keep] + 7) % 256  # row 0's text, same length
+        out = model(other, layout, return_logits=True)
+    assert out.num_positions < 6 * layout.seq_len  # really packed
+    n0 = int((batch["act/text"][0] != VOCAB.pad).sum()) - 1  # row 0's loss tokens come first
+    assert not torch.allclose(ref.logits[:n0], out.logits[:n0])
+    torch.testing.assert_close(ref.logits[n0:], out.logits[n0:])
