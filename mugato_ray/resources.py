@@ -37,8 +37,10 @@ if TYPE_CHECKING:
 
 DATA_SHARE = 0.5
 """Largest fraction of the cluster's CPUs that tokenize actors and read tasks reserve together."""
-MIN_DATA_CPUS = 0.05
-"""Smallest reservation of one tokenize actor or read task."""
+MIN_DATA_CPUS = 0.02
+"""Smallest reservation of one tokenize actor or read task. Reservations are logical (they decide what
+Ray schedules, not how many cores a process uses); 0.02 lets the learning suite's 11 tasks x (1 actor + 1
+read task) fit the data share of a 2-CPU laptop (1 CPU / 22 = 0.045 each)."""
 EVAL_SHARE = 0.1
 """Fraction of the cluster's CPUs (at most one CPU) held back from training for the actor that evaluates
 snapshots while training goes on (``train.eval_every > 0``; see mugato_ray.train_eval)."""

@@ -95,6 +95,15 @@ def test_plan_holds_cpus_back_for_the_evaluator_and_honours_torch_threads(tmp_pa
     assert plan.torch_threads == 2 and base.torch_threads == 1
 
 
+@pytest.mark.parametrize("name", ["demo.yaml", "suite.yaml"])
+def test_laptop_configs_plan_on_two_cpus(tmp_path, name):
+    """The configs meant for a 2-core laptop fit it (the suite's 11 task datasets included)."""
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name, [f"run_dir={tmp_path}"])
+    plan = plan_resources(cfg, {"CPU": 2.0})
+    used = plan.train_workers * plan.cpus_per_worker + len(cfg.tasks) * plan.data_cpus + plan.eval_cpus
+    assert plan.tokenize_cpus > 0 and plan.cpus_per_worker > 0 and used <= 2.0 + 1e-9
+
+
 def test_plan_rejects_what_cannot_fit(tmp_path):
     with pytest.raises(ValueError, match="train.use_gpu"):
         plan_resources(make_cfg(tmp_path, "train.use_gpu=true"), {"CPU": 8.0})
