@@ -22,12 +22,11 @@ import pyarrow.parquet as pq
 import ray
 
 from mugato_ray.config import Config, TaskEntry
-from mugato_ray.episodes import write_episodes
+from mugato_ray.episodes import env_episode_id, stored_ids, write_episodes
 from mugato_ray.rollout import (
     FaultInjection,
     PolicySpec,
     RolloutResult,
-    chunk_file_name,
     run_on_pool,
     split_seeds,
     store_dir,
@@ -73,24 +72,34 @@ def min_return(cfg: Config, task: str) -> float | None:
     return base + fraction * (expert - base)
 
 
-def chunk_seeds(cfg: Config, entry: TaskEntry) -> list[list[int]]:
-    """The task's episode seeds in chunks; a pure function of the config, so reruns find their files."""
-    seeds = [cfg.rollout.seed + i for i in range(entry.episodes)]
-    return split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor)
+def task_seeds(cfg: Config, entry: TaskEntry) -> list[int]:
+    """The task's episode seeds: ``rollout.seed + i`` for i < ``entry.episodes``."""
+    return [cfg.rollout.seed + i for i in range(entry.episodes)]
 
 
-def _existing(folder: Path, pattern: str) -> list[Path]:
-    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+def chunk_seeds(cfg: Config, entry: TaskEntry, seeds: list[int] | None = None) -> list[list[int]]:
+    """``seeds`` (default: all the task's seeds) in chunks for the pool (``rollout.num_actors``)."""
+    seeds = task_seeds(cfg, entry) if seeds is None else seeds
+    return split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor) if seeds else []
 
 
-def _stored_returns(files: list[Path]) -> list[float]:
-    return [r for f in files for r in pq.read_table(f, columns=["return"]).column("return").to_pylist()]
-
-
-def _check_new(task: str, found: list[Path], resume: bool) -> None:
+def _stored(folder: Path, ids: dict[str, int], resume: bool, task: str) -> dict[int, tuple[Path, float]]:
+    """``seed -> (file, return)`` of the wanted episodes (``id -> seed``) already in ``folder``. Without
+    ``resume`` any of them being stored is an error: a silent mix of old and new data is worse."""
+    stored = stored_ids(folder)
+    found = {i: stored[i] for i in ids if i in stored}
     if found and not resume:
-        raise FileExistsError(f"collect {task!r}: the store already holds {[str(p) for p in found[:3]]}"
-                              f"{' ...' if len(found) > 3 else ''}; resume, or use another run_dir or rollout.seed")
+        files = sorted({str(f) for f in found.values()})
+        raise FileExistsError(f"collect {task!r}: the store already holds {len(found)} of these episodes (in "
+                              f"{files[:3]}{' ...' if len(files) > 3 else ''}); resume, or use another run_dir "
+                              "or rollout.seed")
+    out = {}
+    for file in sorted(set(found.values())):
+        table = pq.read_table(file, columns=["episode_id", "return"])
+        for i, r in zip(table.column("episode_id").to_pylist(), table.column("return").to_pylist()):
+            if i in found and ids[i] not in out:
+                out[ids[i]] = (file, float(r))
+    return out
 
 
 def collect(cfg: Config, policy: PolicySpec = EXPERT, source: str = "expert", *,
@@ -98,8 +107,9 @@ def collect(cfg: Config, policy: PolicySpec = EXPERT, source: str = "expert", *,
             log: Callable[[str], None] = print) -> dict[str, CollectSummary]:
     """Collect every task of ``cfg.tasks`` into ``<run_dir>/data/<task>/``; needs Ray for env tasks.
 
-    ``resume``: chunks whose file already exists are kept and not run again (without it, existing files are
-    an error: a silent mix of old and new data is worse). Dataset tasks are only generated for the expert
+    ``resume``: episodes already stored (by id: task, source, seed) are kept and not run again, whatever
+    pool size wrote them (without it, any of them being stored is an error: a silent mix of old and new
+    data is worse). Dataset tasks are only generated for the expert
     policy. Prints one progress line per finished chunk.
     """
     from mugato_ray.tasks import get_task
@@ -122,16 +132,19 @@ def _collect_dataset(cfg: Config, entry: TaskEntry, source: str, resume: bool,
     from mugato_ray.tasks import task_spec
 
     t0, out, seed = time.perf_counter(), store_dir(cfg, entry.name), cfg.rollout.seed
-    path = out / f"{source}-{seed}-{seed + entry.episodes - 1}.parquet"
     summary = CollectSummary(entry.name, entry.episodes)
-    _check_new(entry.name, _existing(out, path.name), resume)
-    if not path.exists():
-        episodes = generate_episodes(entry.name, entry.episodes, seed, cfg)
-        write_episodes(out, episodes, name=path.name, spec=task_spec(entry.name, cfg))
-    returns = _stored_returns([path])
-    summary.kept, summary.files = len(returns), [str(path)]
+    # Generation is cheap and deterministic per seed: make them all, keep those not stored yet.
+    episodes = generate_episodes(entry.name, entry.episodes, seed, cfg)
+    stored = _stored(out, {ep.episode_id: ep.seed for ep in episodes}, resume, entry.name)
+    new = [ep for ep in episodes if ep.seed not in stored]
+    files = sorted({str(f) for f, _ in stored.values()})
+    if new:
+        name = f"{source}-{new[0].seed}-{new[-1].seed}.parquet"
+        files += [str(p) for p in write_episodes(out, new, name=name, spec=task_spec(entry.name, cfg))]
+    returns = [r for _, r in stored.values()] + [ep.episode_return for ep in new]
+    summary.kept, summary.files = len(returns), sorted(files)
     summary.mean_return, summary.seconds = float(np.mean(returns)), time.perf_counter() - t0
-    log(f"collect {entry.name}: {summary.kept}/{entry.episodes} episodes generated -> {path}")
+    log(f"collect {entry.name}: {summary.kept}/{entry.episodes} episodes ({len(new)} generated now) -> {out}")
     return summary
 
 
@@ -141,15 +154,12 @@ def _collect_env(cfg: Config, entry: TaskEntry, policy: PolicySpec, source: str,
     summary, returns, threshold = CollectSummary(name, entry.episodes), [], None
     if source == "expert":
         threshold = min_return(cfg, name)
-    todo = []
-    for chunk in chunk_seeds(cfg, entry):
-        found = _existing(out, chunk_file_name(source, 0, chunk).replace("-w0-", "-w*-", 1))
-        _check_new(name, found, resume)
-        if found:  # resume: this chunk's episodes are already in the store
-            returns += _stored_returns(found)
-            summary.files += [str(p) for p in found]
-        else:
-            todo.append(chunk)
+    # Resume by episode id, whatever pool size wrote them: only seeds not stored yet are run.
+    seeds = task_seeds(cfg, entry)
+    stored = _stored(out, {env_episode_id(name, source, s): s for s in seeds}, resume, name)
+    returns += [r for _, r in stored.values()]
+    summary.files += sorted({str(f) for f, _ in stored.values()})
+    todo = chunk_seeds(cfg, entry, [s for s in seeds if s not in stored])
     summary.kept = len(returns)
     if not todo:
         log(f"collect {name}: all {entry.episodes} episodes already in {out}")
@@ -191,5 +201,5 @@ def _collect_env(cfg: Config, entry: TaskEntry, policy: PolicySpec, source: str,
                                "return_episodes": False})
     summary.mean_return = float(np.mean(returns)) if returns else None
     summary.seconds = time.perf_counter() - t0
-    summary.files.sort()
+    summary.files = sorted(set(summary.files))
     return summary

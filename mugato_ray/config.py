@@ -180,7 +180,8 @@ class RolloutConfig:
     actor_cpus: float = 0.5
     """CPUs reserved by each rollout actor."""
     actor_gpus: float = 0.0
-    """GPUs reserved by each rollout actor (model policies act on the GPU when Ray gives them one)."""
+    """GPUs reserved by each rollout actor that runs the model (evaluation, online experience); the policy
+    acts on the GPU when Ray gives it one. Expert and random collection reserve none."""
     max_episode_steps: int | None = None
     """Step limit per episode (None: the task's own limit)."""
     temperature: float = 0.0
@@ -381,6 +382,10 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),
         (cfg.rollout.envs_per_actor >= 1, "rollout.envs_per_actor", "at least 1"),
+        (cfg.rollout.actor_cpus > 0, "rollout.actor_cpus", "positive"),
+        (cfg.rollout.actor_gpus >= 0, "rollout.actor_gpus", "non-negative"),
+        (cfg.data.tokenize_actor_cpus > 0, "data.tokenize_actor_cpus", "positive"),
+        (cfg.data.num_tokenize_actors >= 0, "data.num_tokenize_actors", "non-negative"),
         (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),
         (cfg.eval.episodes >= 1, "eval.episodes", "at least 1"),
     ]

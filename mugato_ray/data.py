@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -44,8 +46,12 @@ if TYPE_CHECKING:
     from mugato_ray.config import Config
     from mugato_ray.resources import Plan
 
+log = logging.getLogger(__name__)
+
 WINDOW_SEED_KEY = "window_seed"
 """Column added to store rows: a per-epoch random number that seeds the windows of the rows' batch."""
+PATH_KEY = "path"
+"""The column Ray Data adds with ``include_paths``: the file a row was read from (when repeats are filtered)."""
 MAX_WINDOWS_PER_PASS = 16
 """Cap on windows per episode in one pass. The windows of one batch of episodes leave the actor back to
 back, so a huge pass would feed long runs of the same episodes; past the cap the trainer iterates again
@@ -129,41 +135,75 @@ whatever the policy's return was (its failures are where those labels matter mos
 @dataclass(frozen=True)
 class EpisodeFilter:
     """Keep an episode when its source is in ``sources`` and, for expert and policy episodes, its return is
-    at least ``min_return`` (None: no threshold)."""
+    at least ``min_return`` (None: no threshold), and read each episode id once: ``repeats`` lists the
+    later copies of ids stored in more than one file (see :func:`repeated_ids`), and a second copy within
+    one file is dropped too."""
 
     sources: tuple[str, ...]
     min_return: float | None = None
+    repeats: frozenset[tuple[str, str]] = frozenset()
+    """``(real path of a file, episode_id)`` of copies to skip: the id was stored in an earlier file."""
 
     @classmethod
-    def from_config(cls, cfg: Config, task: str) -> EpisodeFilter:
+    def from_config(cls, cfg: Config, task: str, files: Sequence[Path] = ()) -> EpisodeFilter:
         from mugato_ray.collect import min_return  # the threshold's one definition; collect imports ray
 
-        return cls(tuple(cfg.data.sources), min_return(cfg, task))
+        return cls(tuple(cfg.data.sources), min_return(cfg, task), repeated_ids(files))
 
-    def mask(self, sources: Sequence[str], returns: Sequence[float]) -> np.ndarray:
-        """(N,) bool: which of N episodes (their ``source`` and ``return`` columns) training reads."""
+    def mask(self, sources: Sequence[str], returns: Sequence[float], ids: Sequence[str] | None = None,
+             path: str | None = None) -> np.ndarray:
+        """(N,) bool: which of N episodes (their ``source``, ``return`` and ``episode_id`` columns, from the file
+        ``path``) training reads."""
         src = np.asarray(sources, dtype=object)
         keep = np.isin(src, self.sources)
         if self.min_return is not None:
             low = np.asarray(returns, np.float64) < self.min_return
             keep &= ~(low & np.isin(src, RETURN_FILTERED_SOURCES))
+        if ids is not None:
+            real = os.path.realpath(path) if path is not None else None
+            seen: set[str] = set()
+            for j, i in enumerate(ids):
+                if i in seen or (real is not None and (real, i) in self.repeats):
+                    keep[j] = False
+                seen.add(i)
         return keep
 
     def apply(self, episodes: Sequence[Any]) -> list[Any]:
-        """The kept ones of a list of Episodes."""
-        keep = self.mask([ep.source for ep in episodes], [ep.episode_return for ep in episodes])
+        """The kept ones of a list of Episodes (an id that appears again is read once, the first time)."""
+        keep = self.mask([ep.source for ep in episodes], [ep.episode_return for ep in episodes],
+                         [ep.episode_id for ep in episodes])
         return [ep for ep, k in zip(episodes, keep) if k]
 
 
+def repeated_ids(files: Sequence[Path]) -> frozenset[tuple[str, str]]:
+    """``(real path, episode_id)`` for every copy of an id that an earlier file of ``files`` already holds.
+
+    The store refuses a second copy at write time (``episodes.write_episodes``); this catches a file put in
+    by hand. Each such copy is logged once, naming both files."""
+    import pyarrow.parquet as pq
+
+    first: dict[str, Path] = {}
+    repeats = set()
+    for f in files:
+        for i in set(pq.read_table(f, columns=["episode_id"]).column("episode_id").to_pylist()):
+            if i in first:
+                repeats.add((os.path.realpath(f), i))
+                log.warning("episode %r is stored in %s and again in %s; training reads it once", i, first[i], f)
+            else:
+                first[i] = f
+    return frozenset(repeats)
+
+
 def count_kept(files: Sequence[Path], episode_filter: EpisodeFilter) -> tuple[int, dict[str, int]]:
-    """Episodes of ``files`` the filter keeps, and all episodes by source (reads two columns only)."""
+    """Episodes of ``files`` the filter keeps, and all episodes by source (reads three columns only)."""
     import pyarrow.parquet as pq
 
     kept, by_source = 0, Counter()
     for f in files:
-        table = pq.read_table(f, columns=["source", "return"])
+        table = pq.read_table(f, columns=["source", "return", "episode_id"])
         sources, returns = table.column("source").to_pylist(), table.column("return").to_pylist()
-        kept += int(episode_filter.mask(sources, returns).sum())
+        ids = table.column("episode_id").to_pylist()
+        kept += int(episode_filter.mask(sources, returns, ids, str(f)).sum())
         by_source.update(sources)
     return kept, dict(by_source)
 
@@ -188,8 +228,11 @@ class WindowSampler:
         self.filter = episode_filter or EpisodeFilter.from_config(cfg, task)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        keep = self.filter.mask(batch["source"], batch["return"])
-        rows = {k: v[keep] for k, v in batch.items() if k != WINDOW_SEED_KEY}
+        paths = batch.get(PATH_KEY)
+        # One block is one file (task_dataset), so the batch's rows share its path.
+        path = str(paths[0]) if paths is not None and len(paths) else None
+        keep = self.filter.mask(batch["source"], batch["return"], batch["episode_id"], path)
+        rows = {k: v[keep] for k, v in batch.items() if k not in (WINDOW_SEED_KEY, PATH_KEY)}
         seeds = batch.get(WINDOW_SEED_KEY)
         # float in [0, 1) -> 53 bits, the whole entropy of the value.
         epoch_key = int(seeds[0] * 2**53) if seeds is not None and len(seeds) else 0
@@ -269,7 +312,8 @@ def task_dataset(
     try:
         # One block per file (Ray Data would split files into many tiny blocks): an actor call then
         # sees a whole file of episodes, the donors of its prompts, and pays its overheads once.
-        ds = ray.data.read_parquet(paths, num_cpus=actor_cpus, override_num_blocks=len(paths))
+        ds = ray.data.read_parquet(paths, num_cpus=actor_cpus, override_num_blocks=len(paths),
+                                   include_paths=bool(episode_filter and episode_filter.repeats))
     finally:
         ctx.use_datasource_v2 = use_v2
     # The same CPUs as the read and the actors, so that Ray Data fuses read, column and tokenizing into
@@ -320,7 +364,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
     datasets, episodes, windows = {}, {}, {}
     for i, entry in enumerate(cfg.tasks):
         files = store_files(cfg, entry.name)
-        episode_filter = EpisodeFilter.from_config(cfg, entry.name)
+        episode_filter = EpisodeFilter.from_config(cfg, entry.name, files)
         episodes[entry.name], by_source = count_kept(files, episode_filter)
         if episodes[entry.name] == 0:
             raise ValueError(

@@ -20,6 +20,12 @@ Store schema (one file per task; ``write_episodes`` refuses to mix tasks in one 
 Keys may contain "/" (nested Dicts) but may not end in ".dtype" or ".shape", which would make the
 column names ambiguous. Files are written atomically (hidden temporary file, fsync, link into place)
 and never overwritten, so a reader never sees a partial file.
+
+Identity: an episode's id is a function of what it is (:func:`env_episode_id`: task, source, seed), never
+of how the work was split, and a task's folder holds each id once: :func:`write_episodes` refuses an id
+that a file of the folder already holds (:func:`stored_ids`), so a rerun or a resume with another pool
+size cannot duplicate episodes. (Two writers racing with the same new id are not caught: the collector
+gives every writer disjoint seeds.)
 """
 
 from __future__ import annotations
@@ -350,6 +356,26 @@ def _schema(row: dict) -> pa.Schema:
     return pa.schema(list(types.items()))
 
 
+def env_episode_id(task: str, source: str, seed: int) -> str:
+    """The id of the episode that ``source`` produced in ``task``'s env reset with ``seed``."""
+    return f"{task}-{source}-{int(seed)}"
+
+
+def stored_ids(directory: str | Path) -> dict[str, Path]:
+    """``episode_id -> file`` for every episode of the non-hidden ``*.parquet`` files of ``directory``
+    (sorted; an id stored twice maps to its first file). Reads the id column only; an unreadable file
+    raises EpisodeError naming it."""
+    out: dict[str, Path] = {}
+    for file in _parquet_files(directory) if Path(directory).is_dir() else []:
+        try:
+            ids = pq.read_table(file, columns=["episode_id"]).column("episode_id").to_pylist()
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise EpisodeError(f"cannot read the episode ids: {e}", where=str(file)) from None
+        for i in ids:
+            out.setdefault(i, file)
+    return out
+
+
 def _exists(path: Path) -> FileExistsError:
     return FileExistsError(f"{path} already exists; the episode store never overwrites a file")
 
@@ -357,7 +383,8 @@ def _exists(path: Path) -> FileExistsError:
 def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = None) -> list[Path]:
     """Validate all episodes of ONE task, then write them atomically to one new Parquet file.
 
-    Nothing is written if any episode is bad. Raises FileExistsError rather than overwrite a file.
+    Nothing is written if any episode is bad, or if a file of ``directory`` already holds one of their
+    ids (EpisodeError naming the id and that file). Raises FileExistsError rather than overwrite a file.
     """
     episodes = list(episodes)
     if not episodes:
@@ -371,6 +398,11 @@ def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = 
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EpisodeError("appears more than once in one write", field="episode_id", episode_id=dup)
+    stored = stored_ids(directory)
+    for i in ids:
+        if i in stored:
+            raise EpisodeError(f"is already stored in {stored[i]}; an episode is written once (resume skips "
+                               "stored ids)", field="episode_id", episode_id=i)
     rows = [episode_to_row(ep) for ep in episodes]
     schema = _schema(rows[0])
     for ep, row in zip(episodes, rows):

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from mugato_ray.config import ModelConfig
 from mugato_ray.packing import plan_packing
-from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY, LayoutField, SequenceLayout
+from mugato_ray.sequence import STEP_MASK_KEY, LayoutField, SequenceLayout, flatten_ids
 from mugato_ray.tokenizer import Modality, VocabLayout, mu_law_decode, undiscretize
 
 PRESETS: dict[str, tuple[int, int, int, int]] = {
@@ -629,12 +629,11 @@ class GatoModel(nn.Module):
         """Loss on one task's batch of sequence rows (see the module docstring for the targets)."""
         self._check_batch(batch, layout)
         step_BxE = batch[STEP_MASK_KEY].bool()
-        x, valid_BxL, ids_BxL = self.embed(batch, layout.fields, step_BxE, step_index_BxE=self.window_steps(step_BxE))
+        x, _, _ = self.embed(batch, layout.fields, step_BxE, step_index_BxE=self.window_steps(step_BxE))
+        # The row contract (sequence.flatten_ids): ids, validity, and the loss positions (action-role
+        # fields of real, non-prompt steps whose id is not pad).
+        ids_BxL, valid_BxL, loss_BxL = flatten_ids(batch, layout)
         B, L = ids_BxL.shape
-        # Loss positions: action-role fields of real, non-prompt steps whose id is not pad.
-        role_S = torch.cat([torch.full((f.tokens,), f.loss, dtype=torch.bool) for f in layout.fields]).to(x.device)
-        counted_BxE = step_BxE & ~batch[PROMPT_MASK_KEY].bool()
-        loss_BxL = (counted_BxE[:, :, None] & role_S).reshape(B, L) & (ids_BxL != self.vocab.pad)
         # The prediction for j comes from the last valid position before j.
         pos_L = torch.arange(L, device=x.device)
         last_valid_BxL = torch.where(valid_BxL, pos_L, -1).cummax(dim=1).values

@@ -34,7 +34,7 @@ import gymnasium as gym
 import numpy as np
 import ray
 
-from mugato_ray.episodes import Episode, read_episodes, write_episodes
+from mugato_ray.episodes import Episode, env_episode_id, read_episodes, stored_ids, write_episodes
 
 if TYPE_CHECKING:
     from mugato_ray.config import Config
@@ -105,7 +105,7 @@ class RolloutResult:
     filtered: int = 0
     """Finished episodes dropped by the return filter (min_return)."""
     files: list[str] = field(default_factory=list)
-    """Parquet files written (at most one)."""
+    """Parquet files holding the kept episodes: the one written, or those of an earlier attempt."""
     outcomes: list[dict] = field(default_factory=list)
     """One ``{"seed", "return", "length", "success"}`` per finished episode (kept and filtered), in seed order:
     what evaluation needs, without shipping observations through the object store."""
@@ -373,10 +373,14 @@ class RolloutWorker:
         kept = [ep for ep in done if min_return is None or ep.episode_return >= min_return]
         files = []
         if store_dir is not None and kept:
-            path = Path(store_dir) / chunk_file_name(source, self.worker_index, seeds)
-            # A retried call whose first attempt died after writing finds its (identical) file: keep it.
-            files = [str(path)] if path.exists() else [str(p) for p in write_episodes(
-                store_dir, kept, name=path.name, spec=self.spec)]
+            # Idempotent by episode id: a retried call whose first attempt died after writing (perhaps on
+            # another actor, under another file name) finds its episodes stored and writes nothing again.
+            stored = stored_ids(store_dir)
+            new = [ep for ep in kept if ep.episode_id not in stored]
+            files = sorted({str(stored[ep.episode_id]) for ep in kept if ep.episode_id in stored})
+            if new:
+                name = chunk_file_name(source, self.worker_index, [ep.seed for ep in new])
+                files += [str(p) for p in write_episodes(store_dir, new, name=name, spec=self.spec)]
         return RolloutResult(episodes=kept if return_episodes else [], returns=[ep.episode_return for ep in kept],
                              failed=failed, env_steps=sum(ep.length for ep in done),
                              seconds=time.perf_counter() - t0, filtered=len(done) - len(kept), files=files,
@@ -387,7 +391,7 @@ class RolloutWorker:
         rewards = np.asarray(traj.rewards, dtype=np.float32)
         ep_return = float(np.sum(rewards, dtype=np.float64))
         return Episode(
-            task=self.info.name, episode_id=f"{self.info.name}-{source}-{traj.seed}", source=source,
+            task=self.info.name, episode_id=env_episode_id(self.info.name, source, traj.seed), source=source,
             seed=traj.seed, observations=self._envs.stack_observations(traj.obs), actions=np.stack(traj.actions),
             rewards=rewards, terminated=terminated,
             success=self._envs.is_success(self.info, ep_return, terminated, info),
@@ -464,7 +468,9 @@ def run_on_pool(task: str | TaskInfo, policy: PolicySpec, cfg: Config, chunks: S
         return
 
     def new_actor(k: int):
-        return RolloutActor.options(num_cpus=cfg.rollout.actor_cpus).remote(
+        # Only a model policy uses a GPU; experts and random policies never load torch.
+        gpus = cfg.rollout.actor_gpus if policy.kind == "model" else 0.0
+        return RolloutActor.options(num_cpus=cfg.rollout.actor_cpus, num_gpus=gpus).remote(
             task, policy, cfg, cfg.rollout.envs_per_actor, k, faults=faults)
 
     actors = [new_actor(k) for k in range(actor_count(cfg, min(cfg.rollout.num_actors, len(todo)), log))]

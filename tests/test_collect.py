@@ -88,6 +88,24 @@ def test_two_actors_collect_every_episode(ray_local, tmp_path):
     assert len(read_episodes(store)) == 6
 
 
+def test_resume_with_another_pool_size_collects_each_episode_once(ray_local, tmp_path):
+    """Episode identity is (task, source, seed): chunk files named by another pool split are still found."""
+    tasks_ = [{"name": "CartPole-v1", "episodes": 6}, {"name": "text-arith", "episodes": 3}]
+    collect(make_cfg(tmp_path, tasks_, num_actors=2), log=lambda _: None)
+    more = [{"name": "CartPole-v1", "episodes": 9}, {"name": "text-arith", "episodes": 5}]
+    bigger = make_cfg(tmp_path, more, num_actors=1, envs_per_actor=3)
+    with pytest.raises(FileExistsError, match="6 of these episodes"):
+        collect(bigger, log=lambda _: None)
+    out = collect(bigger, resume=True, log=lambda _: None)
+    assert out["CartPole-v1"].kept == 9 and out["CartPole-v1"].env_steps == 3 * 40  # only seeds 6..8 ran
+    ids = [ep.episode_id for ep in read_episodes(store_dir(bigger, "CartPole-v1"))]
+    assert sorted(ids) == sorted(f"CartPole-v1-expert-{i}" for i in range(9))
+    text = [ep.episode_id for ep in read_episodes(store_dir(bigger, "text-arith"))]
+    assert out["text-arith"].kept == 5 and sorted(text) == sorted(f"text-arith-s{i}" for i in range(5))
+    again = collect(make_cfg(tmp_path, tasks_, num_actors=2), resume=True, log=lambda _: None)
+    assert again["CartPole-v1"].env_steps == 0 and len(read_episodes(store_dir(bigger, "CartPole-v1"))) == 9
+
+
 def test_dead_actor_run_completes_without_partial_files(ray_local, tmp_path):
     cfg = make_cfg(tmp_path, [{"name": "CartPole-v1", "episodes": 8}])
     marker = tmp_path / "exited"

@@ -56,6 +56,9 @@ def test_values_and_nested_sections(tmp_path):
         ({"data": {"min_return_fraction": 2}}, "data.min_return_fraction"),
         ({"train": {"eval_every": -1}}, "train.eval_every"),
         ({"model": {"continuous_target_sigma": -1}}, "model.continuous_target_sigma"),
+        ({"rollout": {"actor_gpus": -0.5}}, "rollout.actor_gpus"),
+        ({"rollout": {"actor_cpus": 0}}, "rollout.actor_cpus"),
+        ({"data": {"tokenize_actor_cpus": 0}}, "data.tokenize_actor_cpus"),
     ],
 )
 def test_bad_keys_and_types_name_key_and_file(tmp_path, data, key):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -15,7 +16,9 @@ from mugato_ray.config import TaskEntry, load_config
 from mugato_ray.data import (
     MAX_WINDOWS_PER_PASS,
     WINDOW_SEED_KEY,
+    EpisodeFilter,
     WindowSampler,
+    count_kept,
     load_layouts,
     save_layouts,
     step_tasks,
@@ -26,6 +29,7 @@ from mugato_ray.data import (
     windows_per_pass,
     write_synthetic_store,
 )
+from mugato_ray.episodes import read_episodes
 from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY
 
 TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
@@ -91,6 +95,26 @@ def test_rows_have_the_fixed_layout_shapes(local_ray, store):
             assert not real[np.argmin(real):].any() or real.all()  # padding only at the end
             if "sep" in row:
                 assert (row["sep"][real] == specs[task].vocab.separator).all()
+
+
+def test_training_reads_an_id_once_even_if_a_copy_got_in_by_hand(local_ray, tmp_path):
+    cfg = make_cfg(tmp_path / "run", ["Pendulum-v1"])
+    write_synthetic_store(cfg, EPISODES, files=FILES, length=(20, 60))
+    specs, _ = task_layouts(cfg)
+    files = store_files(cfg, "Pendulum-v1")
+    copy = files[0].parent / "zz-copy.parquet"  # sorts last: the original file keeps its episodes
+    shutil.copyfile(files[0], copy)
+    files = store_files(cfg, "Pendulum-v1")
+    f = EpisodeFilter.from_config(cfg, "Pendulum-v1", files)
+    assert len(f.repeats) == EPISODES // FILES and all(path.endswith("zz-copy.parquet") for path, _ in f.repeats)
+    assert count_kept(files, f)[0] == EPISODES
+    rows = task_dataset("Pendulum-v1", files, specs["Pendulum-v1"], cfg, windows=1, episode_filter=f).take_all()
+    assert len(rows) == EPISODES  # one window per distinct episode, none from the copy
+    unfiltered = EpisodeFilter(f.sources, f.min_return)
+    assert len(task_dataset("Pendulum-v1", files, specs["Pendulum-v1"], cfg, windows=1,
+                            episode_filter=unfiltered).take_all()) == EPISODES + EPISODES // FILES
+    eps = read_episodes(files[0])
+    assert [e.episode_id for e in f.apply(eps + eps)] == [e.episode_id for e in eps]  # a list: first copy only
 
 
 def test_two_actors_give_the_same_rows_as_one(local_ray, store):

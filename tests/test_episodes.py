@@ -223,6 +223,19 @@ def test_one_bad_episode_means_nothing_is_written(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+def test_store_refuses_an_id_it_already_holds(tmp_path):
+    (first,) = write_episodes(tmp_path, [make_episode(0), make_episode(1)], name="a.parquet")
+    with pytest.raises(EpisodeError, match=r"grid-1.*already stored in .*a\.parquet"):
+        write_episodes(tmp_path, [make_episode(2), make_episode(1)], name="b.parquet")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.parquet"]  # nothing of the refused write is left
+    assert E.stored_ids(tmp_path) == {"grid-0": first, "grid-1": first}
+    write_episodes(tmp_path, [make_episode(2)], name="b.parquet")
+    assert sorted(E.stored_ids(tmp_path)) == ["grid-0", "grid-1", "grid-2"]
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet")
+    with pytest.raises(EpisodeError, match="bad.parquet"):
+        E.stored_ids(tmp_path)
+
+
 def test_write_rejects_mixed_tasks_and_duplicate_ids(tmp_path):
     with pytest.raises(EpisodeError, match=r"arm.*grid|grid.*arm"):
         write_episodes(tmp_path, [make_episode(0), make_episode(1, task="arm")])

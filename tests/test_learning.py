@@ -16,7 +16,7 @@ from mugato_ray.data import EpisodeFilter, WindowSampler, synthetic_episodes, ta
 from mugato_ray.episodes import episode_to_row
 from mugato_ray.metrics import bootstrap_ci
 from mugato_ray.pipeline import choose_checkpoint
-from mugato_ray.rollout import PolicySpec, RolloutWorker, store_dir
+from mugato_ray.rollout import PolicySpec, RolloutWorker, perturb, store_dir
 from mugato_ray.sequence import tokenize_episode
 from mugato_ray.tasks import reference_returns, task_spec
 from mugato_ray.tokenizer import ByteTokenizer
@@ -110,6 +110,23 @@ def test_training_refuses_a_store_with_nothing_the_filter_keeps(local_ray, tmp_p
 
 # ---------------------------------------------------------------------------------------------
 # DART noise
+
+
+def test_perturb_noises_box_and_discrete_actions_and_names_other_spaces():
+    import gymnasium as gym
+
+    rng = np.random.default_rng(0)
+    box = gym.spaces.Box(-2.0, 2.0, (3,), np.float32)
+    edge = np.stack([perturb(np.full(3, 1.9, np.float32), box, rng, 0.5) for _ in range(500)])
+    assert edge.dtype == np.float32 and (edge <= 2.0).all() and (edge >= -2.0).all() and (edge == 2.0).any()
+    centre = np.stack([perturb(np.zeros(3, np.float32), box, rng, 0.5) for _ in range(2000)])
+    assert abs(float(centre.std()) - 1.0) < 0.1  # std 0.5 x half-range 2 (clipping at 2 sigma trims ~4%)
+    disc = gym.spaces.Discrete(4)
+    changed = np.mean([perturb(np.asarray(2), disc, rng, 0.4) != 2 for _ in range(2000)])
+    assert abs(changed - 0.4 * 3 / 4) < 0.05  # replaced w.p. 0.4, by another action 3 times in 4
+    assert perturb(np.asarray(2), disc, rng, 0.0) == 2
+    with pytest.raises(ValueError, match="MultiDiscrete"):
+        perturb(np.zeros(2, np.int64), gym.spaces.MultiDiscrete([3, 3]), rng, 0.3)
 
 
 def test_expert_noise_perturbs_the_states_but_records_the_experts_actions(tmp_path):
