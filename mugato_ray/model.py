@@ -632,7 +632,7 @@ class GatoModel(nn.Module):
         x, _, _ = self.embed(batch, layout.fields, step_BxE, step_index_BxE=self.window_steps(step_BxE))
         # The row contract (sequence.flatten_ids): ids, validity, and the loss positions (action-role
         # fields of real, non-prompt steps whose id is not pad).
-        ids_BxL, valid_BxL, loss_BxL = flatten_ids(batch, layout)
+        ids_BxL, valid_BxL, loss_BxL = flatten_ids(batch, layout, self.vocab.pad)
         B, L = ids_BxL.shape
         # The prediction for j comes from the last valid position before j.
         pos_L = torch.arange(L, device=x.device)

@@ -414,17 +414,18 @@ class SequenceBuilder:
 # The flat view
 
 
-def flatten_ids(batch: dict[str, Any], layout: SequenceLayout) -> tuple[Any, Any, Any]:
+def flatten_ids(batch: dict[str, Any], layout: SequenceLayout, pad: int | None = None) -> tuple[Any, Any, Any]:
     """The flat token view of a batch: ``(ids_BxL int64, valid_BxL bool, loss_BxL bool)``, L = E * step_tokens.
 
     Fields are concatenated along T within a step, then steps follow each other. Image positions hold
     ``vocab.pad`` in ids (the model embeds them from the patches) but are valid in real steps.
     valid: real step and (image, or id != pad). loss: valid, action field, not a prompt step.
-    Works on numpy arrays and, unchanged, on torch tensors (the model's batches).
+    Works on numpy arrays and, unchanged, on torch tensors (the model's batches). ``pad``: the pad id
+    (default: the layout's vocab's).
     """
     step_BxE, prompt_BxE = batch[STEP_MASK_KEY], batch[PROMPT_MASK_KEY]
     xp = _TorchOps(step_BxE) if type(step_BxE).__module__.startswith("torch") else _NumpyOps
-    pad = layout.pad
+    pad = layout.pad if pad is None else pad
     parts = [
         xp.full(batch[f.key].shape[:3], pad, like=step_BxE) if f.is_image else xp.int64(batch[f.key][..., 0])
         for f in layout.fields
