@@ -117,6 +117,9 @@ class DataConfig:
     Random and policy episodes are never mixed into the demonstrations unless listed here."""
     text_folder: str | None = None
     """Folder of .txt/.jsonl files for the text_files dataset (None: the samples shipped with the package)."""
+    on_bad_file: Literal["error", "skip"] = "error"
+    """A store file that is not readable Parquet, or lacks the store's columns for its task: stop before
+    training starts, naming every such file and why (error), or leave it out and say so (skip)."""
 
 
 @dataclass
@@ -154,8 +157,10 @@ class TrainConfig:
     """Steps between checkpoints."""
     keep_checkpoints: int = 2
     """Checkpoints kept by Ray Train."""
-    max_failures: int = 0
-    """Worker failures Ray Train recovers from by restoring the last checkpoint."""
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from by restarting the workers from the newest verified
+    checkpoint (-1: without limit). A deterministic error (a bug, a bad input) is then raised after as many
+    retries, naming this key."""
     storage_path: str | None = None
     """Where Ray Train stores checkpoints (None: <run_dir>/checkpoints); use shared storage on a cluster."""
     log_every: int = 10
@@ -378,6 +383,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (cfg.train.eval_every >= 0, "train.eval_every", "non-negative"),
+        (cfg.train.max_failures >= -1, "train.max_failures", "at least -1 (-1: retry without limit)"),
         (cfg.train.torch_threads >= 0, "train.torch_threads", "non-negative"),
         (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),

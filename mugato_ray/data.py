@@ -267,6 +267,50 @@ def store_files(cfg: Config, task: str) -> list[Path]:
     return files
 
 
+def check_store_files(files: Sequence[Path], task: str, spec: SpaceSpec) -> list[tuple[Path, str]]:
+    """``(file, reason)`` for every file of ``task``'s store that training could not read: not Parquet (or
+    truncated: the footer is read), missing a column of the store's schema for this task's spec, or
+    holding rows of another task. Reads footers and the ``task`` column only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mugato_ray.episodes import STORE_COLUMNS
+
+    needed = [*STORE_COLUMNS, *(f"obs.{f.key}" for f in spec.observation)]
+    bad = []
+    for f in files:
+        try:
+            names = set(pq.ParquetFile(f).schema_arrow.names)
+            missing = [c for c in needed if c not in names]
+            if missing:
+                bad.append((f, f"not an episode file of this task: missing columns {missing[:6]}"))
+                continue
+            other = set(pq.read_table(f, columns=["task"]).column("task").to_pylist()) - {task}
+            if other:
+                bad.append((f, f"holds episodes of task(s) {sorted(other)}, not '{task}'"))
+        except (pa.ArrowException, OSError) as e:
+            bad.append((f, f"unreadable Parquet: {e}"))
+    return bad
+
+
+def usable_store_files(cfg: Config, task: str, spec: SpaceSpec) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The task's store files training reads, and those left out (``data.on_bad_file: skip``). With
+    ``error`` (the default) any bad file is a ValueError naming every one and why, before Ray Data starts."""
+    files = store_files(cfg, task)
+    bad = check_store_files(files, task, spec)
+    if bad and cfg.data.on_bad_file == "error":
+        lines = "\n".join(f"  {f}: {why}" for f, why in bad)
+        raise ValueError(f"task '{task}': {len(bad)} store file(s) cannot be read:\n{lines}\nremove them, or set "
+                         "data.on_bad_file=skip to train without them")
+    for f, why in bad:
+        log.warning("task '%s': skipping store file %s: %s (data.on_bad_file=skip)", task, f, why)
+    skip = {f for f, _ in bad}
+    good = [f for f in files if f not in skip]
+    if not good:
+        raise ValueError(f"task '{task}': every store file is bad ({len(bad)} skipped); nothing to train on")
+    return good, bad
+
+
 def count_episodes(files: Sequence[Path]) -> int:
     """Rows (episodes) in Parquet files, from their footers (no data is read)."""
     import pyarrow.parquet as pq
@@ -342,6 +386,8 @@ class TaskData:
     """task -> episodes training reads (those the data filter keeps)."""
     windows: dict[str, int]
     """task -> windows per episode in one pass."""
+    skipped_files: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
+    """task -> (file, reason) of store files left out (``data.on_bad_file: skip``)."""
 
 
 def task_layouts(cfg: Config) -> tuple[dict[str, SpaceSpec], dict[str, SequenceLayout]]:
@@ -362,8 +408,13 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
     specs, layouts = task_layouts(cfg)
     counts = task_counts(cfg, 0, cfg.train.steps)
     datasets, episodes, windows = {}, {}, {}
+    skipped: dict[str, list[tuple[str, str]]] = {}
+    for entry in cfg.tasks:  # every store checked before any dataset starts
+        files, bad = usable_store_files(cfg, entry.name, specs[entry.name])
+        if bad:
+            skipped[entry.name] = [(str(f), why) for f, why in bad]
     for i, entry in enumerate(cfg.tasks):
-        files = store_files(cfg, entry.name)
+        files = [f for f in store_files(cfg, entry.name) if str(f) not in {p for p, _ in skipped.get(entry.name, [])}]
         episode_filter = EpisodeFilter.from_config(cfg, entry.name, files)
         episodes[entry.name], by_source = count_kept(files, episode_filter)
         if episodes[entry.name] == 0:
@@ -386,7 +437,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
             seed=int(np.random.SeedSequence([cfg.train.seed, i]).generate_state(1)[0]),
             episode_filter=episode_filter,
         )
-    return TaskData(datasets, specs, layouts, episodes, windows)
+    return TaskData(datasets, specs, layouts, episodes, windows, skipped)
 
 
 # ---------------------------------------------------------------------------------------------

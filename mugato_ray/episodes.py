@@ -49,6 +49,9 @@ MODALITIES = ("text", "image", "discrete", "continuous")
 _NUMERIC_KINDS = "biuf"  # bool, int, uint, float: what the tokenizer can encode
 _SPEC_KINDS = {"image": "u", "discrete": "biu", "continuous": "f"}
 _META = (".dtype", ".shape")
+STORE_COLUMNS = ("task", "episode_id", "source", "seed", "return", "length", "terminated", "success",
+                 "actions", "actions.dtype", "actions.shape", "rewards")
+"""Columns every store file has (plus ``obs.<key>``, ``.dtype`` and ``.shape`` per observation field)."""
 _FIXED = {
     "task": pa.string(),
     "episode_id": pa.string(),

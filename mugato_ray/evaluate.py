@@ -464,6 +464,9 @@ def markdown_report(report: dict) -> str:
     errors = [(k, e) for k, t in report["tasks"].items() for e in t.get("errors", [])]
     if errors:
         lines += ["", "Failed episodes:", ""] + [f"- {k}: {e}" for k, e in errors]
+    if report.get("skipped_store_files"):
+        lines += ["", "Store files left out of training (data.on_bad_file: skip):", ""]
+        lines += [f"- {task}: `{f}`: {why}" for task, bad in report["skipped_store_files"].items() for f, why in bad]
     if report.get("training"):
         lines += training_lines(report["training"])
     return "\n".join(lines) + "\n"

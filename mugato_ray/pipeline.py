@@ -57,6 +57,8 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     report = evaluate(cfg, policy, log=log)
     if training:
         report["training"] = training
+    if result.skipped_files:
+        report["skipped_store_files"] = result.skipped_files
     paths = write_report(report, eval_dir(cfg))
     seconds["evaluate"] = time.perf_counter() - t0
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import os
@@ -54,6 +56,12 @@ log = logging.getLogger(__name__)
 
 CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.pt", "state.pt", "config.yaml"
+class TrainingFailedError(RuntimeError):
+    """Training failed past ``train.max_failures`` worker restarts; the message names the key and the cause."""
+
+
+MANIFEST_FILE = "manifest.json"
+"""Written last into every checkpoint: each file's size and SHA-256, so a checkpoint can be verified."""
 STATE_FORMAT = 1
 SHUFFLE_BUFFER_BATCHES = 8
 """Local shuffle buffer of each task stream, in batches: mixes the back-to-back windows of one actor call."""
@@ -71,6 +79,8 @@ class TrainResult:
     """Every report of rank 0's last attempt, in order."""
     evaluations: list[dict[str, Any]] = field(default_factory=list)
     """Scores of the snapshots evaluated during training (``train.eval_every``), by step."""
+    skipped_files: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    """task -> (file, reason) of store files left out (``data.on_bad_file: skip``)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,17 +139,71 @@ def checkpoint_dir_name(step: int) -> str:
     return f"checkpoint_{step:08d}"
 
 
-def latest_checkpoint(cfg: Config) -> Path:
-    """The newest complete checkpoint directory of this run; FileNotFoundError naming where it looked."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """``manifest.json``: size and SHA-256 of every other file of ``directory``; written last, atomically."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"files": manifest}, indent=1))
+    return tmp.replace(directory / MANIFEST_FILE)
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """None when ``directory`` is a complete checkpoint whose files match its manifest, else the reason."""
+    directory = Path(directory)
+    try:
+        files = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (it is written last: the checkpoint was never completed)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_FILE} is unreadable ({e})"
+    for name in (MODEL_FILE, STATE_FILE):
+        if name not in files:
+            return f"{MANIFEST_FILE} does not list {name}"
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want.get('bytes')}"
+        if _sha256(path) != want.get("sha256"):
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def latest_checkpoint(cfg: Config, warn: bool = True) -> Path:
+    """The newest checkpoint of this run that verifies against its manifest, whatever Ray's own bookkeeping
+    says (checked newest first, so older ones are not read). Newer ones that do not verify are logged
+    (``warn``), each with its reason and folder. FileNotFoundError naming where it looked, and what it
+    skipped, when none verifies."""
     if "://" in storage_path(cfg):
         raise ValueError(f"train.storage_path={storage_path(cfg)!r} is not a local or mounted path; open its "
                          "checkpoints with ray.train.Result.from_path")
     root = Path(storage_path(cfg)) / run_name(cfg)
-    found = sorted(root.glob("checkpoint_[0-9]*")) if root.is_dir() else []
-    complete = [d for d in found if (d / MODEL_FILE).is_file() and (d / STATE_FILE).is_file()]
-    if not complete:
-        raise FileNotFoundError(f"no checkpoint of run '{run_name(cfg)}' under {root}; train first (jobs/train.py)")
-    return complete[-1]
+    newest, skipped = None, []
+    for d in sorted(root.glob("checkpoint_[0-9]*"), reverse=True) if root.is_dir() else []:
+        why = verify_checkpoint(d) if d.is_dir() else "not a directory"
+        if why is None:
+            newest = d
+            break
+        skipped.append((d, why))
+    if warn:
+        for d, why in skipped:
+            log.warning("checkpoint %s does not verify (%s); using %s instead. Delete that folder to silence "
+                        "this.", d, why, newest or "none (training starts at step 0)")
+    if newest is None:
+        also = f"; skipped {len(skipped)} that do not verify: {[str(d) for d, _ in skipped][:3]}" if skipped else ""
+        raise FileNotFoundError(f"no checkpoint of run '{run_name(cfg)}' under {root}{also}; train first "
+                                "(jobs/train.py)")
+    return newest
 
 
 def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -154,6 +218,7 @@ def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.o
     save_layouts(directory / LAYOUTS_FILE, specs, layouts)
     if cfg.tokenizer.text == "bpe" and cfg.tokenizer.bpe_path:
         shutil.copyfile(cfg.tokenizer.bpe_path, directory / "tokenizer.json")
+    write_manifest(directory)  # last: a checkpoint without it never completed
 
 
 def save_local_checkpoint(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
@@ -256,10 +321,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     model = GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size, mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
     start, state = 0, None
     local = config.get("local_mode", False)
+    # The run directory as the driver resolved it: Ray Train workers do not run in the driver's directory.
+    local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and local:  # the driver-mode loop keeps its own checkpoints, see below
+    if "://" not in storage_path(local_cfg):
+        # The newest checkpoint that verifies, whatever Ray's bookkeeping says: after a SIGKILL Ray may
+        # know only an older one, and its newest may be truncated. (The driver-mode loop keeps its own
+        # checkpoints, which Ray does not track at all.) Workers read the same shared storage.
+        checkpoint = None
         with contextlib.suppress(FileNotFoundError):
-            checkpoint = ray.train.Checkpoint.from_directory(str(latest_checkpoint(cfg)))
+            checkpoint = ray.train.Checkpoint.from_directory(str(latest_checkpoint(local_cfg, warn=rank == 0)))
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_model(Path(d) / MODEL_FILE).state_dict())
@@ -283,8 +354,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     evaluator = config.get("evaluator")  # scores snapshots while training goes on (mugato_ray.train_eval)
     crash_at = config.get("crash_at_step")
-    # The run directory as the driver resolved it: Ray Train workers do not run in the driver's directory.
-    local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
     marker = Path(local_cfg.run_dir) / f".crashed_at_step_{crash_at}"
     m = micro_batches_per_step(cfg)
 
@@ -429,7 +498,14 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
         datasets=data.datasets,
     )
     try:
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.TrainingFailedError as e:
+            raise TrainingFailedError(
+                f"training of run '{run_name(cfg)}' failed after train.max_failures={cfg.train.max_failures} "
+                "restarts of its workers (raise it to survive more failures; a rerun resumes from the newest "
+                f"verified checkpoint under {Path(storage_path(cfg)) / run_name(cfg)}). Cause: {e}"
+            ) from e
         # Actor calls run in order: this returns once every submitted snapshot is scored.
         evaluations = ray.get(evaluator.results.remote()) if evaluator is not None else []
     finally:
@@ -443,4 +519,4 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
             ckpt = str(latest_checkpoint(cfg))
     final_step = int(metrics["step"]) if "step" in metrics else (int(read_state(Path(ckpt))["step"]) if ckpt else 0)
     return TrainResult(checkpoint_path=ckpt, final_step=final_step, metrics=metrics, history=history,
-                       evaluations=evaluations)
+                       evaluations=evaluations, skipped_files=data.skipped_files)

@@ -7,6 +7,7 @@ import hashlib
 import math
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from mugato_ray.data import (
     WINDOW_SEED_KEY,
     EpisodeFilter,
     WindowSampler,
+    build_datasets,
     count_kept,
     load_layouts,
     save_layouts,
@@ -115,6 +117,35 @@ def test_training_reads_an_id_once_even_if_a_copy_got_in_by_hand(local_ray, tmp_
                             episode_filter=unfiltered).take_all()) == EPISODES + EPISODES // FILES
     eps = read_episodes(files[0])
     assert [e.episode_id for e in f.apply(eps + eps)] == [e.episode_id for e in eps]  # a list: first copy only
+
+
+def _bad_store_files(cfg, task):
+    """A truncated copy of a real file, a garbage file and a Parquet file of another schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = store_files(cfg, task)[0].parent
+    good = store_files(cfg, task)[0].read_bytes()
+    (folder / "truncated.parquet").write_bytes(good[: len(good) // 2])
+    (folder / "bad.parquet").write_bytes(b"this is not parquet")
+    pq.write_table(pa.table({"x": [1, 2]}), folder / "foreign.parquet")
+    return {"truncated.parquet", "bad.parquet", "foreign.parquet"}
+
+
+def test_bad_store_files_are_named_before_training_or_skipped_when_asked(local_ray, tmp_path):
+    cfg = make_cfg(tmp_path / "run", ["Pendulum-v1"])
+    write_synthetic_store(cfg, EPISODES, files=FILES, length=(20, 60))
+    bad_names = _bad_store_files(cfg, "Pendulum-v1")
+    with pytest.raises(ValueError) as e:
+        build_datasets(cfg)  # fails on the check, before any Ray Data work
+    message = str(e.value)
+    assert all(name in message for name in bad_names) and "data.on_bad_file=skip" in message
+    assert "unreadable Parquet" in message and "missing columns" in message
+    skip = make_cfg(tmp_path / "run", ["Pendulum-v1"], "data.on_bad_file=skip")
+    data = build_datasets(skip)
+    assert {Path(f).name for f, _ in data.skipped_files["Pendulum-v1"]} == bad_names
+    assert data.episodes["Pendulum-v1"] == EPISODES
+    assert len(data.datasets["Pendulum-v1"].take_all()) >= EPISODES
 
 
 def test_two_actors_give_the_same_rows_as_one(local_ray, store):

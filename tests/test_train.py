@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -25,11 +26,13 @@ from mugato_ray.model import GatoModel, load_model
 from mugato_ray.resources import plan_resources
 from mugato_ray.train import (
     CRASH_ENV,
+    TrainingFailedError,
     latest_checkpoint,
     lr_at,
     make_optimizer,
     read_state,
     train,
+    verify_checkpoint,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -178,6 +181,52 @@ def test_driver_mode_keeps_and_resumes_its_own_checkpoints(local_ray, tmp_path):
     second = train(cfg)
     assert [h["step"] for h in second.history] == [3]
     assert [p.name for p in latest_checkpoint(cfg).parent.glob("checkpoint_*")] == ["checkpoint_00000003"]
+
+
+def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_one_before(local_ray, tmp_path):
+    """Ray's bookkeeping names checkpoint 4 as the latest; its model.pt is cut short, so the rerun resumes
+    from checkpoint 2 (verified against its manifest) instead of failing, and writes 4 again."""
+    cfg = make_cfg(tmp_path, "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
+                   "train.keep_checkpoints=3", tasks=["Pendulum-v1"])
+    write_synthetic_store(cfg, 4)
+    train(cfg)
+    newest = latest_checkpoint(cfg)
+    assert newest.name == "checkpoint_00000004" and verify_checkpoint(newest) is None
+    model = newest / "model.pt"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a real truncated file
+    assert "model.pt has" in verify_checkpoint(newest)
+    assert latest_checkpoint(cfg).name == "checkpoint_00000002"
+    cfg.train.steps = 6
+    again = train(cfg)
+    assert [h["step"] for h in again.history] == [3, 4, 5, 6]  # resumed at 2, not 4 and not 0
+    assert verify_checkpoint(newest) is None and latest_checkpoint(cfg).name == "checkpoint_00000006"
+
+
+def test_a_failure_past_max_failures_names_the_key(local_ray, tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path, "train.steps=3", "train.max_failures=0", tasks=["Pendulum-v1"])
+    write_synthetic_store(cfg, 4)
+    monkeypatch.setenv(CRASH_ENV, "1")
+    with pytest.raises(TrainingFailedError, match=r"train\.max_failures=0 restarts"):
+        train(cfg)
+
+
+def test_resume_skips_unfinished_and_corrupt_checkpoints_and_says_which(local_ray, tmp_path, caplog):
+    cfg = make_cfg(tmp_path, "train.num_workers=0", "train.steps=3", "train.checkpoint_every=1",
+                   "train.keep_checkpoints=3", tasks=["Pendulum-v1"])
+    write_synthetic_store(cfg, 4)
+    train(cfg)
+    c1, c2, c3 = sorted(latest_checkpoint(cfg).parent.glob("checkpoint_*"))
+    (c3 / "manifest.json").unlink()  # killed before its manifest was written: never completed
+    (c2 / "state.pt").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="mugato_ray.train"):
+        assert latest_checkpoint(cfg) == c1
+    assert c3.name in caplog.text and "no manifest.json" in caplog.text and c2.name in caplog.text
+    assert "state.pt" in verify_checkpoint(c2)
+    (c1 / "model.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="skipped 3 that do not verify"):
+        latest_checkpoint(cfg)
+    cfg.train.steps = 4
+    assert [h["step"] for h in train(cfg).history] == [1, 2, 3, 4]  # nothing verifies: from step 0
 
 
 @pytest.mark.slow
