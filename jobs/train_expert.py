@@ -31,7 +31,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    cfg, args = cli.parse_job_args(argv, __doc__.splitlines()[0], add_args)
+    cfg, args = cli.parse_job_args(argv, __doc__.splitlines()[0], add_args, needs_tasks=False)
     names = args.task or [t.name for t in cfg.tasks if tasks.get_task(t.name).has_env]
     if not names:
         sys.exit("train_expert: no env task given (use --task NAME or list env tasks in the config)")

@@ -1,7 +1,8 @@
 """What every job shares: its command line and how it joins Ray.
 
-Jobs run as ``python jobs/<name>.py --config configs/<x>.yaml [key=value ...]``: the config file, then
-dotted overrides (``train.lr=3e-4 rollout.num_actors=4``) parsed by ``config.load_config``.
+Jobs run as ``python jobs/<name>.py --config configs/<x>.yaml [key=value ...]``: the config file, and
+dotted overrides (``train.lr=3e-4 rollout.num_actors=4``, anywhere on the line) parsed by
+``config.load_config``; then :func:`preflight` checks what would otherwise fail only after Ray started.
 """
 
 from __future__ import annotations
@@ -10,16 +11,19 @@ import argparse
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mugato_ray.config import Config, ConfigError, load_config
 
 
 def parse_job_args(argv: Sequence[str] | None, description: str | None,
-                   add_args: Callable[[argparse.ArgumentParser], None] | None = None
-                   ) -> tuple[Config, argparse.Namespace]:
+                   add_args: Callable[[argparse.ArgumentParser], None] | None = None, *,
+                   needs_tasks: bool = True) -> tuple[Config, argparse.Namespace]:
     """``--config PATH [key=value ...]`` (plus a job's own flags from ``add_args``) -> (config, args).
 
-    A bad config file or override exits with the usage line and the error naming the file and key.
+    Overrides may come anywhere on the command line, before or after the job's flags. A bad config file
+    or override, and every problem :func:`preflight` finds, exit with the usage line and the errors
+    (exit code 2) before anything starts: no Ray, no file written.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="YAML experiment config, e.g. configs/smoke.yaml")
@@ -27,12 +31,43 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
                         help="dotted config overrides, e.g. train.lr=3e-4 run_dir=/tmp/run")
     if add_args is not None:
         add_args(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
+    problems = preflight(cfg, args.config, needs_tasks=needs_tasks)
+    if problems:
+        parser.error("\n  ".join([f"{len(problems)} problem(s) with {args.config}:", *problems]))
     return cfg, args
+
+
+def preflight(cfg: Config, where: str, *, needs_tasks: bool = True) -> list[str]:
+    """Every problem a job would otherwise meet only after Ray has started: no or unknown tasks, a
+    ``run_dir`` that is a file or cannot be created, a task's store path that is a file."""
+    from mugato_ray import tasks  # the registry (imports gymnasium lazily)
+
+    problems = []
+    if needs_tasks and not cfg.tasks:
+        problems.append(f"config key 'tasks' is empty (is {where} empty?): list at least one task")
+    known = set(tasks.TASKS)
+    for i, entry in enumerate(cfg.tasks):
+        if entry.name not in known:
+            close = sorted(k for k in known if entry.name.lower()[:6] in k.lower())[:5]
+            problems.append(f"tasks[{i}].name: unknown task {entry.name!r}"
+                            + (f" (did you mean {close}?)" if close else f"; known tasks: {sorted(known)}"))
+    run_dir = Path(cfg.run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        problems.append(f"run_dir: {run_dir} exists and is not a directory")
+    elif not run_dir.exists():
+        parent = next((p for p in run_dir.absolute().parents if p.exists()), None)
+        if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            problems.append(f"run_dir: {run_dir} cannot be created ({parent} is not a writable directory)")
+    for entry in cfg.tasks:
+        store = run_dir / "data" / entry.name
+        if store.exists() and not store.is_dir():
+            problems.append(f"tasks '{entry.name}': its store {store} exists and is not a directory")
+    return problems
 
 
 def init_ray(cfg: Config | None = None) -> None:

@@ -146,12 +146,40 @@ def test_pool_raises_a_failed_call_unless_told_otherwise(ray_local, tmp_path):
 
 def test_parse_job_args(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("run_dir: /tmp/x\nrollout: {num_actors: 3}\n")
-    cfg, args = parse_job_args(["--config", str(path), "rollout.seed=7", "run_dir=/tmp/y"], "d",
-                               add_args=lambda p: p.add_argument("--resume", action="store_true"))
-    assert (cfg.rollout.num_actors, cfg.rollout.seed, cfg.run_dir, args.resume) == (3, 7, "/tmp/y", False)
+    path.write_text(f"run_dir: {tmp_path / 'x'}\nrollout: {{num_actors: 3}}\ntasks: [{{name: CartPole-v1}}]\n")
+    resume = {"add_args": lambda p: p.add_argument("--resume", action="store_true")}
+    cfg, args = parse_job_args(["--config", str(path), "rollout.seed=7", f"run_dir={tmp_path / 'y'}"], "d", **resume)
+    assert (cfg.rollout.num_actors, cfg.rollout.seed, cfg.run_dir, args.resume) == (3, 7, str(tmp_path / "y"), False)
+    # Overrides anywhere: after the job's own flags too.
+    cfg, args = parse_job_args(["--resume", "rollout.seed=8", "--config", str(path), "eval.episodes=3"], "d", **resume)
+    assert (cfg.rollout.seed, cfg.eval.episodes, args.resume) == (8, 3, True)
     with pytest.raises(SystemExit):
         parse_job_args(["--config", str(path), "rollout.nope=1"], "d")
+
+
+def test_every_problem_is_reported_before_anything_starts(tmp_path, capsys):
+    run_file = tmp_path / "a-file"
+    run_file.write_text("")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run_dir: {run_file}\ntasks: [{{name: CartPol-v1}}, {{name: Pendulum-v1}}]\n")
+    with pytest.raises(SystemExit) as e:
+        parse_job_args(["--config", str(path)], "d")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "2 problem(s)" in err
+    assert "tasks[0].name: unknown task 'CartPol-v1'" in err and "CartPole-v1" in err  # a suggestion
+    assert f"run_dir: {run_file} exists and is not a directory" in err
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    (run_dir / "data" / "Pendulum-v1").write_text("")
+    path.write_text(f"run_dir: {run_dir}\ntasks: [{{name: Pendulum-v1}}]\n")
+    with pytest.raises(SystemExit):
+        parse_job_args(["--config", str(path)], "d")
+    assert "its store" in capsys.readouterr().err and not (run_dir / "config.yaml").exists()
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(SystemExit) as e:
+        parse_job_args(["--config", str(empty)], "d")
+    assert e.value.code == 2 and "'tasks' is empty" in capsys.readouterr().err
 
 
 def test_collect_job_smoke(ray_local, tmp_path, capsys):
