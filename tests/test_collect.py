@@ -202,3 +202,29 @@ def test_chunk_that_always_kills_its_actor_is_given_up(ray_local, tmp_path):
     assert s.failed == len(bad) and s.kept == 8 - len(bad) and "actor died" in s.errors[0]
     kept = sorted(ep.seed for ep in read_episodes(store_dir(cfg, "CartPole-v1")))
     assert kept == sorted(set(range(8)) - set(bad))
+
+
+def test_sigterm_shuts_the_local_ray_down(tmp_path):
+    """A job's local Ray leaves no process behind when the job gets SIGTERM (as from a scheduler)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("from mugato_ray.cli import init_ray; import ray, time; init_ray(); "
+            "print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    gcs = proc.stdout.readline().strip()
+    assert gcs, "the child did not start Ray"
+
+    def ray_processes() -> list[str]:
+        out = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
+        return [line for line in out.splitlines() if gcs in line]
+
+    assert ray_processes()  # its raylet and friends name the GCS address
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == signal.SIGTERM  # Ray's driver handler: sys.exit(15), so atexit hooks run
+    deadline = time.time() + 30
+    while ray_processes() and time.time() < deadline:
+        time.sleep(0.5)
+    assert ray_processes() == []
