@@ -23,6 +23,7 @@ Everything here is numpy and vectorized over steps and tokens; only text loops, 
 from __future__ import annotations
 
 import enum
+import logging
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Modalities and the id space
@@ -346,22 +349,33 @@ def make_vocab(cfg: Any, text_tokenizer: TextTokenizer | None = None) -> VocabLa
     return VocabLayout(text_size=text_tokenizer.size, value_bins=cfg.value_bins)
 
 
+_WARNED_TRUNCATION: set[str] = set()
+
+
 def encode_text(
     texts: Sequence[str],
     text_tokenizer: TextTokenizer,
     vocab: VocabLayout,
     tokens: int,
     append_eos: bool = False,
+    field: str | None = None,
 ) -> np.ndarray:
     """E strings -> ``(E, tokens)`` int64 text ids, truncated to ``tokens`` and padded with ``vocab.pad``.
 
     With ``append_eos`` an ``eos`` id follows the text when it fits (free-text tasks need it to
-    learn where to stop; a mission string in an observation does not).
+    learn where to stop; a mission string in an observation does not). ``field``: the observation field
+    the strings belong to; the first truncation of each such field in a process is logged, since a cut
+    mission can lose what the task asks (``tokenizer.max_text_tokens`` sets the budget).
     """
     ids_ET = np.full((len(texts), tokens), vocab.pad, dtype=np.int64)
     # One encode per string; the per-byte work happens inside the tokenizer.
     for e, text in enumerate(texts):
-        ids = text_tokenizer.encode(text)[:tokens]
+        ids = text_tokenizer.encode(text)
+        if field is not None and len(ids) > tokens and field not in _WARNED_TRUNCATION:
+            _WARNED_TRUNCATION.add(field)
+            log.warning("text observation %r: %r is %d tokens, cut to %d (tokenizer.max_text_tokens); raise it "
+                        "if the end matters", field, text, len(ids), tokens)
+        ids = ids[:tokens]
         ids_ET[e, : len(ids)] = ids
         if append_eos and len(ids) < tokens:
             ids_ET[e, len(ids)] = vocab.eos
@@ -703,7 +717,7 @@ def encode_observations(
             raise KeyError(f"observation field {field.key!r} is missing; got keys {sorted(observations)}")
         x = observations[field.key]
         if field.modality is Modality.TEXT:
-            out[field.key] = encode_text(list(x), text_tokenizer, vocab, field.tokens)[..., None]
+            out[field.key] = encode_text(list(x), text_tokenizer, vocab, field.tokens, field=field.key)[..., None]
         elif field.modality is Modality.IMAGE:
             x = np.asarray(x)
             if x.dtype != np.uint8 or x.shape[1:] != field.shape:

@@ -59,6 +59,21 @@ def test_encode_text_truncates_and_appends_eos_only_when_it_fits():
     assert tk.decode_text(ids[0], BYTES, VOCAB) == "abcd"
 
 
+def test_a_cut_text_observation_is_logged_once_per_field(caplog, monkeypatch):
+    monkeypatch.setattr(tk, "_WARNED_TRUNCATION", set())
+    spec = spec_for(spaces.Dict({"mission": spaces.Text(200)}), text_tokens=8)
+    with caplog.at_level("WARNING", logger="mugato_ray.tokenizer"):
+        tk.encode_observations(spec, {"mission": ["go to the red ball"]}, BYTES)
+        tk.encode_observations(spec, {"mission": ["pick up the key on your left"]}, BYTES)
+        tk.encode_observations(spec, {"mission": ["short"]}, BYTES)
+    cut = [r for r in caplog.records if "cut to 8" in r.getMessage()]
+    assert len(cut) == 1 and "'mission'" in cut[0].getMessage() and "max_text_tokens" in cut[0].getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mugato_ray.tokenizer"):
+        tk.encode_text(["a long free text answer"], BYTES, VOCAB, tokens=4)  # a text action: cut by design
+    assert not caplog.records
+
+
 def test_text_tokens_override_sets_the_text_length():
     spec = spec_for(spaces.Text(5000), text_tokens=1024)
     assert spec.observation[0].tokens == 1024
