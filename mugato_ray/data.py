@@ -408,13 +408,13 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
     specs, layouts = task_layouts(cfg)
     counts = task_counts(cfg, 0, cfg.train.steps)
     datasets, episodes, windows = {}, {}, {}
-    skipped: dict[str, list[tuple[str, str]]] = {}
+    usable, skipped = {}, {}
     for entry in cfg.tasks:  # every store checked before any dataset starts
-        files, bad = usable_store_files(cfg, entry.name, specs[entry.name])
+        usable[entry.name], bad = usable_store_files(cfg, entry.name, specs[entry.name])
         if bad:
             skipped[entry.name] = [(str(f), why) for f, why in bad]
     for i, entry in enumerate(cfg.tasks):
-        files = [f for f in store_files(cfg, entry.name) if str(f) not in {p for p, _ in skipped.get(entry.name, [])}]
+        files = usable[entry.name]
         episode_filter = EpisodeFilter.from_config(cfg, entry.name, files)
         episodes[entry.name], by_source = count_kept(files, episode_filter)
         if episodes[entry.name] == 0:

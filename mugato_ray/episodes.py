@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -383,11 +384,13 @@ def _exists(path: Path) -> FileExistsError:
     return FileExistsError(f"{path} already exists; the episode store never overwrites a file")
 
 
-def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = None) -> list[Path]:
+def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = None,
+                   stored: Mapping[str, Path] | None = None) -> list[Path]:
     """Validate all episodes of ONE task, then write them atomically to one new Parquet file.
 
     Nothing is written if any episode is bad, or if a file of ``directory`` already holds one of their
-    ids (EpisodeError naming the id and that file). Raises FileExistsError rather than overwrite a file.
+    ids (EpisodeError naming the id and that file). ``stored``: the folder's :func:`stored_ids` when the
+    caller has just read them (read here otherwise). Raises FileExistsError rather than overwrite a file.
     """
     episodes = list(episodes)
     if not episodes:
@@ -401,7 +404,7 @@ def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = 
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EpisodeError("appears more than once in one write", field="episode_id", episode_id=dup)
-    stored = stored_ids(directory)
+    stored = stored_ids(directory) if stored is None else stored
     for i in ids:
         if i in stored:
             raise EpisodeError(f"is already stored in {stored[i]}; an episode is written once (resume skips "

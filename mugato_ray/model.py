@@ -48,7 +48,8 @@ episodes, questions and padded text fields are simply not computed.
 Loss: cross-entropy (HL-Gauss soft targets for continuous actions, see :meth:`GatoModel.action_loss`)
 on action-field tokens (the action of agent tasks, the text of text tasks) of real, non-prompt steps
 whose id is not pad. The prediction for a loss position j comes from the hidden state at the previous
-VALID position (a cummax over valid indices), so pads inside a timestep never feed a prediction; a loss position with no valid token before it is skipped. Logits
+VALID position (a cummax over valid indices), so pads inside a timestep never feed a prediction; a loss
+position with no valid token before it is skipped. Logits
 are computed only at those positions: the head dominates the cost of small models.
 
 The output head is tied to the token embedding: an id means the same thing in and out (observation

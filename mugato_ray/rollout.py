@@ -380,7 +380,7 @@ class RolloutWorker:
             files = sorted({str(stored[ep.episode_id]) for ep in kept if ep.episode_id in stored})
             if new:
                 name = chunk_file_name(source, self.worker_index, [ep.seed for ep in new])
-                files += [str(p) for p in write_episodes(store_dir, new, name=name, spec=self.spec)]
+                files += [str(p) for p in write_episodes(store_dir, new, name=name, spec=self.spec, stored=stored)]
         return RolloutResult(episodes=kept if return_episodes else [], returns=[ep.episode_return for ep in kept],
                              failed=failed, env_steps=sum(ep.length for ep in done),
                              seconds=time.perf_counter() - t0, filtered=len(done) - len(kept), files=files,

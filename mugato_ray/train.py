@@ -56,15 +56,15 @@ log = logging.getLogger(__name__)
 
 CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.pt", "state.pt", "config.yaml"
-class TrainingFailedError(RuntimeError):
-    """Training failed past ``train.max_failures`` worker restarts; the message names the key and the cause."""
-
-
 MANIFEST_FILE = "manifest.json"
 """Written last into every checkpoint: each file's size and SHA-256, so a checkpoint can be verified."""
 STATE_FORMAT = 1
 SHUFFLE_BUFFER_BATCHES = 8
 """Local shuffle buffer of each task stream, in batches: mixes the back-to-back windows of one actor call."""
+
+
+class TrainingFailedError(RuntimeError):
+    """Training failed past ``train.max_failures`` worker restarts; the message names the key and the cause."""
 
 
 @dataclass
@@ -498,16 +498,15 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
         datasets=data.datasets,
     )
     try:
-        try:
-            result = trainer.fit()
-        except ray.train.TrainingFailedError as e:
-            raise TrainingFailedError(
-                f"training of run '{run_name(cfg)}' failed after train.max_failures={cfg.train.max_failures} "
-                "restarts of its workers (raise it to survive more failures; a rerun resumes from the newest "
-                f"verified checkpoint under {Path(storage_path(cfg)) / run_name(cfg)}). Cause: {e}"
-            ) from e
+        result = trainer.fit()
         # Actor calls run in order: this returns once every submitted snapshot is scored.
         evaluations = ray.get(evaluator.results.remote()) if evaluator is not None else []
+    except ray.train.TrainingFailedError as e:
+        raise TrainingFailedError(
+            f"training of run '{run_name(cfg)}' failed after train.max_failures={cfg.train.max_failures} "
+            "restarts of its workers (raise it to survive more failures; a rerun resumes from the newest "
+            f"verified checkpoint under {Path(storage_path(cfg)) / run_name(cfg)}). Cause: {e}"
+        ) from e
     finally:
         if evaluator is not None:
             ray.kill(evaluator)
