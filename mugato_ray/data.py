@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.sequence import LayoutField, SequenceBuilder, SequenceLayout, make_layout
+from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
+from mugato_ray.sequence import LayoutField, SequenceBuilder, SequenceLayout
 from mugato_ray.tokenizer import FieldSpec, Modality, SpaceSpec, VocabLayout
 
 if TYPE_CHECKING:
@@ -145,10 +146,9 @@ class EpisodeFilter:
     """``(real path of a file, episode_id)`` of copies to skip: the id was stored in an earlier file."""
 
     @classmethod
-    def from_config(cls, cfg: Config, task: str, files: Sequence[Path] = ()) -> EpisodeFilter:
-        from mugato_ray.collect import min_return  # the threshold's one definition; collect imports ray
-
-        return cls(tuple(cfg.data.sources), min_return(cfg, task), repeated_ids(files))
+    def from_config(cls, cfg: Config, task: str | ResolvedTask, files: Sequence[Path] = ()) -> EpisodeFilter:
+        threshold = resolve_task(task, cfg).min_return(cfg.data.min_return_fraction)
+        return cls(tuple(cfg.data.sources), threshold, repeated_ids(files))
 
     def mask(self, sources: Sequence[str], returns: Sequence[float], ids: Sequence[str] | None = None,
              path: str | None = None) -> np.ndarray:
@@ -390,22 +390,23 @@ class TaskData:
     """task -> (file, reason) of store files left out (``data.on_bad_file: skip``)."""
 
 
-def task_layouts(cfg: Config) -> tuple[dict[str, SpaceSpec], dict[str, SequenceLayout]]:
-    """task -> SpaceSpec and task -> SequenceLayout for every configured task."""
-    from mugato_ray.tasks import task_spec
-
-    specs = {t.name: task_spec(t.name, cfg) for t in cfg.tasks}
-    layouts = {t.name: make_layout(t.name, specs[t.name], cfg.model.context, t.window) for t in cfg.tasks}
-    return specs, layouts
+def task_layouts(cfg: Config, resolved: Mapping[str, ResolvedTask] | None = None
+                 ) -> tuple[dict[str, SpaceSpec], dict[str, SequenceLayout]]:
+    """task -> SpaceSpec and task -> SequenceLayout for every configured task (``resolved``: resolve_tasks(cfg))."""
+    resolved = resolved if resolved is not None else resolve_tasks(cfg)
+    return {n: t.spec for n, t in resolved.items()}, {n: t.layout for n, t in resolved.items()}
 
 
-def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -> TaskData:
-    """One sequence dataset per configured task, each pass sized to the run (``train.steps``)."""
+def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
+                   resolved: Mapping[str, ResolvedTask] | None = None) -> TaskData:
+    """One sequence dataset per configured task, each pass sized to the run (``train.steps``).
+    ``resolved``: the run's tasks (default: ``resolve_tasks(cfg)``)."""
     import ray.data
 
     # One progress bar per operator and task floods the console; training prints its own progress lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    specs, layouts = task_layouts(cfg)
+    resolved = resolved if resolved is not None else resolve_tasks(cfg)
+    specs, layouts = task_layouts(cfg, resolved)
     counts = task_counts(cfg, 0, cfg.train.steps)
     datasets, episodes, windows = {}, {}, {}
     usable, skipped = {}, {}
@@ -415,7 +416,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1) -
             skipped[entry.name] = [(str(f), why) for f, why in bad]
     for i, entry in enumerate(cfg.tasks):
         files = usable[entry.name]
-        episode_filter = EpisodeFilter.from_config(cfg, entry.name, files)
+        episode_filter = EpisodeFilter.from_config(cfg, resolved[entry.name], files)
         episodes[entry.name], by_source = count_kept(files, episode_filter)
         if episodes[entry.name] == 0:
             raise ValueError(

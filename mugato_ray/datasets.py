@@ -41,6 +41,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mugato_ray.episodes import Episode
+from mugato_ray.tasks import get_task
 from mugato_ray.tokenizer import (
     FieldSpec,
     Modality,
@@ -365,10 +366,6 @@ def resolve(name: str) -> DatasetInfo:
     """The dataset of a dataset name (a key of DATASETS) or of a dataset task's name (mugato_ray.tasks)."""
     if name in DATASETS:
         return DATASETS[name]
-    try:
-        from mugato_ray.tasks import get_task  # lazy: tasks imports this module for dataset tasks
-    except ImportError as e:
-        raise DatasetError(f"unknown dataset {name!r} (known: {sorted(DATASETS)}); task registry unavailable: {e}") from e
     try:
         info = get_task(name)
     except (KeyError, ValueError) as e:

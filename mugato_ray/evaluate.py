@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +37,7 @@ import numpy as np
 
 from mugato_ray.config import Config, TaskEntry, load_config
 from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
+from mugato_ray.resolve import ResolvedTask, resolve_tasks
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
 
 if TYPE_CHECKING:
@@ -122,15 +123,14 @@ def policy_label(policy: PolicySpec) -> str:
 
 
 def evaluate(cfg: Config, policy: PolicySpec, *, log: Callable[[str], None] = print,
-             faults: FaultInjection | None = None) -> dict:
+             faults: FaultInjection | None = None, resolved: Mapping[str, ResolvedTask] | None = None) -> dict:
     """Evaluate ``policy`` on every task of ``cfg.tasks``; returns the report (the eval.json dict). Needs Ray.
 
     A model checkpoint may be a file or a checkpoint directory. ``cfg.eval.prompt`` prompts the model with a
-    successful expert demonstration from the store (collected first if the store has none).
+    successful expert demonstration from the store (collected first if the store has none). ``resolved``:
+    the run's tasks (default: resolved here, under the tokenizer the checkpoint was trained with).
     """
-    from mugato_ray.tasks import get_task
-
-    t0 = time.perf_counter()
+    t0, given = time.perf_counter(), cfg
     check_seeds_disjoint(cfg)
     if policy.kind == "model":
         model_file = resolve_checkpoint(policy.checkpoint)
@@ -141,21 +141,23 @@ def evaluate(cfg: Config, policy: PolicySpec, *, log: Callable[[str], None] = pr
         log(f"evaluate: episodes run to each task's own step limit; rollout.max_episode_steps="
             f"{cfg.rollout.max_episode_steps} applies to collection only")
     run_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
+    if resolved is None or cfg.tokenizer != given.tokenizer:  # the model's tokenizer decides the specs
+        resolved = resolve_tasks(cfg)
     tasks, skipped = {}, {}
     for entry in cfg.tasks:
-        info = get_task(entry.name)
-        reason = _skip_reason(info, policy)
+        task = resolved[entry.name]
+        reason = _skip_reason(task.info, policy)
         if reason is not None:
             skipped[entry.name] = reason
             log(f"eval {entry.name}: skipped ({reason})")
             continue
-        if info.has_env:
-            prompted = policy.kind == "model" and cfg.eval.prompt and ensure_demonstration(run_cfg, info, log)
+        if task.info.has_env:
+            prompted = policy.kind == "model" and cfg.eval.prompt and ensure_demonstration(run_cfg, task.info, log)
             task_policy = dataclasses.replace(policy, prompt=bool(prompted))
-            tasks[entry.name] = _evaluate_env_task(run_cfg, info, task_policy, faults, log)
+            tasks[entry.name] = _evaluate_env_task(run_cfg, task, task_policy, faults, log)
             tasks[entry.name]["prompted"] = bool(prompted)
         else:
-            tasks[entry.name] = _evaluate_dataset_task(run_cfg, entry.name, policy, log)
+            tasks[entry.name] = _evaluate_dataset_task(run_cfg, task, policy, log)
     scores = [t["normalized_score"] for t in tasks.values()]
     return {
         "checkpoint": policy_label(policy),
@@ -205,11 +207,11 @@ def ensure_demonstration(cfg: Config, info: TaskInfo, log: Callable[[str], None]
 # ------------------------------------------------------------------------------------------- env tasks
 
 
-def _evaluate_env_task(cfg: Config, info: TaskInfo, policy: PolicySpec, faults: FaultInjection | None,
+def _evaluate_env_task(cfg: Config, resolved: ResolvedTask, policy: PolicySpec, faults: FaultInjection | None,
                        log: Callable[[str], None]) -> dict:
-    """``eval.episodes`` episodes on the actor pool. The actors get the TaskInfo itself, so a task registered
-    in this process only (``tasks.register_task``) runs too."""
-    t0, task = time.perf_counter(), info.name
+    """``eval.episodes`` episodes on the actor pool. The actors get the resolved task itself, so a task
+    registered in this process only (``resolve.register_task``) runs too."""
+    t0, task = time.perf_counter(), resolved.name
     seeds = eval_seeds(cfg)
     outcomes, failed, steps = [], [], [0]
 
@@ -230,10 +232,10 @@ def _evaluate_env_task(cfg: Config, info: TaskInfo, policy: PolicySpec, faults: 
         failed.extend({"seed": s, "error": f"{type(err).__name__}: {err}"} for s in chunk)
         _progress(log, task, outcomes, failed, len(seeds), steps[0], time.perf_counter() - t0)
 
-    run_on_pool(info, policy, cfg, split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor),
+    run_on_pool(resolved, policy, cfg, split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor),
                 on_result, sample_kwargs={"source": SOURCES[policy.kind], "return_episodes": False}, faults=faults,
                 on_error=on_error, log=log)
-    return summarize_task(cfg, task, outcomes, failed, steps[0], time.perf_counter() - t0)
+    return summarize_task(cfg, task, outcomes, failed, steps[0], time.perf_counter() - t0, resolved.references)
 
 
 def _progress(log, task, outcomes, failed, total, steps, seconds, unit="env steps") -> None:
@@ -243,19 +245,18 @@ def _progress(log, task, outcomes, failed, total, steps, seconds, unit="env step
 
 
 def summarize_task(cfg: Config, task: str, outcomes: Sequence[dict], failed: Sequence[dict], env_steps: int,
-                   seconds: float, references: tuple[float | None, float | None] | None = None) -> dict:
-    """One task's entry of the report from per-episode outcomes ``{"seed", "return", "length", "success"}``.
+                   seconds: float, references: tuple[float | None, float | None]) -> dict:
+    """One task's entry of the report from per-episode outcomes ``{"seed", "return", "length", "success"}``
+    and the task's ``(expert, random)`` references.
 
     Raises EvaluationError when no episode finished (there is no number to report).
     """
-    from mugato_ray.tasks import reference_returns
-
     outcomes = sorted(outcomes, key=lambda o: o["seed"])
     if not outcomes:
         first = failed[0]["error"] if failed else "no episodes were run"
         raise EvaluationError(f"eval {task}: none of {len(failed)} episodes finished; first error: {first}")
     returns = np.asarray([o["return"] for o in outcomes], np.float64)
-    expert, random = references if references is not None else reference_returns(task)
+    expert, random = references
     mean = float(returns.mean())
     lo, hi = bootstrap_ci(returns, samples=cfg.eval.bootstrap_samples, seed=cfg.seed)
     norm_ci = [normalized_score(b, expert, random) for b in (lo, hi)]
@@ -282,28 +283,28 @@ def summarize_task(cfg: Config, task: str, outcomes: Sequence[dict], failed: Seq
 # ------------------------------------------------------------------------------------------- dataset tasks
 
 
-def _evaluate_dataset_task(cfg: Config, task: str, policy: PolicySpec, log: Callable[[str], None]) -> dict:
+def _evaluate_dataset_task(cfg: Config, resolved: ResolvedTask, policy: PolicySpec,
+                           log: Callable[[str], None]) -> dict:
     """Answers for held-out prompts, scored exactly, in Ray tasks of ``rollout.actor_cpus`` each (one per chunk)."""
     import ray
 
-    t0 = time.perf_counter()
+    t0, task = time.perf_counter(), resolved.name
     seeds = eval_seeds(cfg)
     chunks = split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor)
     score = ray.remote(score_dataset_chunk).options(num_cpus=cfg.rollout.actor_cpus)
-    refs = [score.remote(cfg, task, policy, chunk) for chunk in chunks]
+    refs = [score.remote(cfg, resolved.name, policy, chunk) for chunk in chunks]
     outcomes, failed = [], []
     while refs:
         (ref,), refs = ray.wait(refs, num_returns=1)
         outcomes.extend(ray.get(ref))
         _progress(log, task, outcomes, failed, len(seeds), len(outcomes), time.perf_counter() - t0, "answers")
-    expert, random = dataset_references(task)
-    return summarize_task(cfg, task, outcomes, failed, len(outcomes), time.perf_counter() - t0, (expert, random))
+    return summarize_task(cfg, task, outcomes, failed, len(outcomes), time.perf_counter() - t0,
+                          dataset_references(resolved))
 
 
-def dataset_references(task: str) -> tuple[float, float]:
-    from mugato_ray.tasks import reference_returns
-
-    expert, random = reference_returns(task)
+def dataset_references(task: ResolvedTask) -> tuple[float, float]:
+    """A dataset task's (expert, random) accuracy: the measured references, else ``DATASET_REFERENCES``."""
+    expert, random = task.references
     return (DATASET_REFERENCES[0] if expert is None else expert, DATASET_REFERENCES[1] if random is None else random)
 
 
@@ -354,8 +355,8 @@ def generate_answers(task: str, cfg: Config, episodes: Sequence[Any], prompts: S
     """
     import torch
 
+    from mugato_ray.resolve import task_spec
     from mugato_ray.sequence import make_layout
-    from mugato_ray.tasks import task_spec
     from mugato_ray.tokenizer import decode_text, encode_observations, encode_text
 
     spec = task_spec(task, cfg)

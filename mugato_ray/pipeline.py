@@ -29,17 +29,20 @@ class MainResult:
 
 def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     """Collect -> train -> evaluate -> report, on a connected Ray (``cli.init_ray``)."""
+    # Lazy: importing the stages loads torch and gymnasium; the CLI imports this module before Ray starts.
     from mugato_ray.collect import collect
     from mugato_ray.evaluate import eval_dir, evaluate, summary_lines, write_report
+    from mugato_ray.resolve import resolve_tasks
     from mugato_ray.rollout import PolicySpec
     from mugato_ray.train import train
 
     save_config(cfg)
     seconds = {}
+    resolved = resolve_tasks(cfg)  # once: every stage receives the same resolved tasks
 
     t0 = time.perf_counter()
     log(f"== collect: {len(cfg.tasks)} tasks into {Path(cfg.run_dir) / 'data'}")
-    collect(cfg, resume=True, log=log)
+    collect(cfg, resume=True, resolved=resolved, log=log)
     seconds["collect"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -54,7 +57,7 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     checkpoint, training = choose_checkpoint(cfg, result, log)
     log(f"== evaluate: {cfg.eval.episodes} episodes per task")
     policy = PolicySpec("model", checkpoint, temperature=cfg.rollout.temperature)
-    report = evaluate(cfg, policy, log=log)
+    report = evaluate(cfg, policy, log=log, resolved=resolved)
     if training:
         report["training"] = training
     if result.skipped_files:

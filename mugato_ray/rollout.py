@@ -34,7 +34,9 @@ import gymnasium as gym
 import numpy as np
 import ray
 
+from mugato_ray import envs, experts
 from mugato_ray.episodes import Episode, env_episode_id, read_episodes, stored_ids, write_episodes
+from mugato_ray.resolve import ResolvedTask, resolve_task
 
 if TYPE_CHECKING:
     from mugato_ray.config import Config
@@ -124,28 +126,27 @@ def chunk_file_name(source: str, worker_index: int, seeds: Sequence[int]) -> str
 # ------------------------------------------------------------------------------------------- policies
 
 
-def make_policy(spec: PolicySpec, task: TaskInfo, envs: Sequence[gym.Env], cfg: Config) -> Policy:
+def make_policy(spec: PolicySpec, task: ResolvedTask, envs: Sequence[gym.Env], cfg: Config) -> Policy:
     """Build the policy of ``spec`` for ``envs`` (imports are lazy: an expert actor never loads torch)."""
-    from mugato_ray import experts
-
     if spec.kind == "expert":
-        return experts.make_expert(task, envs)
+        return experts.make_expert(task.info, envs)
     if spec.kind == "random":
         return experts.RandomPolicy(envs[0].action_space, len(envs))
 
+    # Lazy: torch and the model stay out of expert and random actors.
     import torch
 
-    from mugato_ray import sequence, tasks, tokenizer
+    from mugato_ray import sequence, tokenizer
     from mugato_ray.model import load_model
     from mugato_ray.policy import ModelPolicy
 
     model = load_model(spec.checkpoint)
-    space = tasks.task_spec(task.name, cfg)
+    space = task.spec
     layout = checkpoint_layout(spec.checkpoint, task.name, space)
     if layout is None:
         # The checkpoint's own context decides the acting window; cfg.model may describe another model.
         context = getattr(getattr(model, "cfg", None), "context", cfg.model.context)
-        entry = cfg.task(task.name)
+        entry = task.entry
         layout = sequence.make_layout(task.name, space, context, entry.window if entry else None)
     text_tokenizer = tokenizer.make_text_tokenizer(cfg.tokenizer)
     prompt = demonstration_prompt(task.name, space, layout, text_tokenizer, cfg) if spec.prompt else None
@@ -253,12 +254,11 @@ class _Trajectory:
 class RolloutWorker:
     """N envs of one task and one policy; ``sample(seeds)`` runs one episode per seed (see module doc)."""
 
-    def __init__(self, task: str | TaskInfo, policy: PolicySpec, cfg: Config, num_envs: int | None = None,
-                 worker_index: int = 0, *, faults: FaultInjection | None = None):
-        from mugato_ray import envs, tasks
-
-        # A TaskInfo (not only a name) lets a caller run a task registered in its own process only.
-        self.info = tasks.get_task(task)
+    def __init__(self, task: str | TaskInfo | ResolvedTask, policy: PolicySpec, cfg: Config,
+                 num_envs: int | None = None, worker_index: int = 0, *, faults: FaultInjection | None = None):
+        # A resolved task (or a TaskInfo) lets a caller run a task registered in its own process only.
+        self.task = resolve_task(task, cfg)
+        self.info = self.task.info
         if self.info.env_id is None:
             raise ValueError(f"task {task!r} has no environment (dataset {self.info.dataset!r}); "
                              "its episodes come from mugato_ray.datasets, not from rollouts")
@@ -266,11 +266,10 @@ class RolloutWorker:
         self.faults = faults or FaultInjection()
         self.num_envs = num_envs or cfg.rollout.envs_per_actor
         self.max_steps = cfg.rollout.max_episode_steps
-        self._envs = envs
         self.envs = [_EnvSlot(lambda: envs.make_env(self.info)) for _ in range(self.num_envs)]
-        self.spec = tasks.task_spec(self.info, cfg)
-        self.policy = make_policy(policy, self.info, self.envs, cfg)
-        entry = cfg.task(self.info.name)
+        self.spec = self.task.spec
+        self.policy = make_policy(policy, self.task, self.envs, cfg)
+        entry = self.task.entry
         self.noise = entry.expert_noise if entry is not None and policy.kind == "expert" else 0.0
         space = self.envs[0].action_space
         if self.noise and not isinstance(space, gym.spaces.Box | gym.spaces.Discrete):
@@ -297,7 +296,7 @@ class RolloutWorker:
             raise ValueError(f"sample({self.info.name!r}): seeds must be distinct, got {seeds}")
         if not seeds:
             return RolloutResult(episodes=[], returns=[], failed=[], env_steps=0, seconds=0.0)
-        n, flatten = self.num_envs, self._envs.flatten_observation
+        n, flatten = self.num_envs, envs.flatten_observation
         queue, finished, failed = deque(seeds), {}, []
         trajs: list[_Trajectory | None] = [None] * n  # None: the slot is idle (throw-away episode)
         obs: list[dict | None] = [None] * n
@@ -340,7 +339,7 @@ class RolloutWorker:
         flush_resets()
         action_dtype = self.envs[0].action_space.dtype
         while any(t is not None for t in trajs):
-            actions = np.asarray(self.policy.act(self._envs.stack_observations(obs)), dtype=action_dtype)
+            actions = np.asarray(self.policy.act(envs.stack_observations(obs)), dtype=action_dtype)
             if actions.shape[:1] != (n,):
                 raise ValueError(f"policy {self.policy_spec.kind!r} of task {self.info.name!r} returned actions "
                                  f"of shape {actions.shape}, expected ({n}, ...)")
@@ -392,9 +391,9 @@ class RolloutWorker:
         ep_return = float(np.sum(rewards, dtype=np.float64))
         return Episode(
             task=self.info.name, episode_id=env_episode_id(self.info.name, source, traj.seed), source=source,
-            seed=traj.seed, observations=self._envs.stack_observations(traj.obs), actions=np.stack(traj.actions),
+            seed=traj.seed, observations=envs.stack_observations(traj.obs), actions=np.stack(traj.actions),
             rewards=rewards, terminated=terminated,
-            success=self._envs.is_success(self.info, ep_return, terminated, info),
+            success=envs.is_success(self.info, ep_return, terminated, info),
         ).validate(self.spec)
 
     def close(self) -> None:
@@ -449,7 +448,7 @@ def kill_actors(actors: Sequence, cpus_each: float, timeout_s: float = 10.0) -> 
         time.sleep(0.05)
 
 
-def run_on_pool(task: str | TaskInfo, policy: PolicySpec, cfg: Config, chunks: Sequence[Sequence[int]],
+def run_on_pool(task: str | TaskInfo | ResolvedTask, policy: PolicySpec, cfg: Config, chunks: Sequence[Sequence[int]],
                 on_result: Callable[[list[int], RolloutResult], None], *, sample_kwargs: dict | None = None,
                 faults: FaultInjection | None = None,
                 on_error: Callable[[list[int], Exception], None] | None = None,

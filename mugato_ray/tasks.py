@@ -1,8 +1,9 @@
 """The task registry: a plain table from task name to environment, wrappers, expert and success criterion.
 
-A task whose Gymnasium spaces are standard needs no code, only a row (or a ``register_task`` call).
-Dataset tasks (text, vision-language) have no environment: their episodes come from
-``mugato_ray.datasets`` and ``task_spec`` delegates to ``datasets.dataset_spec``.
+A leaf module: it imports nothing of the package. A task whose Gymnasium spaces are standard needs no
+code, only a row (or a ``resolve.register_task`` call, which validates the row first). Dataset tasks
+(text, vision-language) have no environment: their episodes come from ``mugato_ray.datasets``.
+``mugato_ray.resolve`` turns a row into what the pipeline uses (token spec, layout, references).
 
 Reference returns (expert and random, measured with our own code over >= 20 seeds by
 ``jobs/measure_references.py``) live in ``references.yaml`` next to this file; they turn returns into
@@ -15,13 +16,9 @@ import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
-
-if TYPE_CHECKING:
-    from mugato_ray.config import Config
-    from mugato_ray.tokenizer import SpaceSpec
 
 DOMAINS = ("babyai", "classic", "mujoco", "atari", "text", "vqa")
 ENV_DOMAINS = ("babyai", "classic", "mujoco", "atari")
@@ -121,43 +118,6 @@ def get_task(name: str | TaskInfo) -> TaskInfo:
         raise ValueError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}") from None
 
 
-def validate_task(info: TaskInfo) -> TaskInfo:
-    """Check a row against the known domains, wrappers, experts and success criteria; return it."""
-    from mugato_ray import envs, experts  # lazy: both import this module
-
-    where = f"task {info.name!r}"
-    if not info.name:
-        raise ValueError("a task needs a non-empty name")
-    if info.domain not in DOMAINS:
-        raise ValueError(f"{where}: domain must be one of {DOMAINS}, got {info.domain!r}")
-    if (info.domain in ENV_DOMAINS) != info.has_env:
-        raise ValueError(
-            f"{where}: domain {info.domain!r} {'needs' if info.domain in ENV_DOMAINS else 'takes no'} env_id"
-        )
-    if not info.has_env and not info.dataset:
-        raise ValueError(f"{where}: a task without env_id needs a dataset name")
-    for w in info.wrappers:
-        envs.parse_wrapper(w, where)
-    experts.parse_expert(info.expert, where)
-    if info.success is not None:
-        envs.success_criterion(info.success, where)
-    if info.max_episode_steps is not None and info.max_episode_steps < 1:
-        raise ValueError(f"{where}: max_episode_steps must be >= 1, got {info.max_episode_steps}")
-    return info
-
-
-def register_task(info: TaskInfo, *, replace: bool = False) -> None:
-    """Add a row (validated). Replacing an existing name needs ``replace=True``: silent shadowing hides typos.
-
-    A registration lives in this process only: Ray actors see the table as imported, so a task they must
-    run is either a table row or registered in the actor (or passed to them as a TaskInfo).
-    """
-    validate_task(info)
-    if info.name in TASKS and not replace:
-        raise ValueError(f"task {info.name!r} is already registered; pass replace=True to replace it")
-    TASKS[info.name] = info
-
-
 @functools.lru_cache(maxsize=1)
 def _references() -> dict[str, dict]:
     data = yaml.safe_load(REFERENCES_PATH.read_text()) or {}
@@ -166,37 +126,9 @@ def _references() -> dict[str, dict]:
     return data
 
 
-def reference_returns(name: str) -> tuple[float | None, float | None]:
+def reference_returns(name: str | TaskInfo) -> tuple[float | None, float | None]:
     """(expert_return, random_return) measured for ``name``; (None, None) where none was measured."""
-    get_task(name)  # unknown names are errors, not silently unreferenced
-    row = _references().get(name) or {}
+    info = get_task(name)  # unknown names are errors, not silently unreferenced
+    row = _references().get(info.name) or {}
     expert, random = row.get("expert_return"), row.get("random_return")
     return (None if expert is None else float(expert), None if random is None else float(random))
-
-
-@functools.lru_cache(maxsize=64)
-def env_spaces(info: TaskInfo) -> tuple[Any, Any]:
-    """(observation_space, action_space) of the task's wrapped env, built once per process."""
-    from mugato_ray.envs import make_env
-
-    env = make_env(info)
-    try:
-        return env.observation_space, env.action_space
-    finally:
-        env.close()
-
-
-def task_spec(name: str | TaskInfo, cfg: Config) -> SpaceSpec:
-    """How the task's observations and actions become tokens, under ``cfg.tokenizer``.
-
-    Env tasks: from the wrapped env's spaces via tokenizer.space_spec. Dataset tasks: datasets.dataset_spec.
-    """
-    info = get_task(name)
-    if not info.has_env:
-        from mugato_ray.datasets import dataset_spec
-
-        return dataset_spec(info.name, cfg)
-    from mugato_ray.tokenizer import make_vocab, space_spec
-
-    obs_space, act_space = env_spaces(info)
-    return space_spec(obs_space, act_space, cfg.tokenizer, make_vocab(cfg.tokenizer))

@@ -29,6 +29,7 @@ import numpy as np
 
 from mugato_ray.config import Config
 from mugato_ray.metrics import iqm, normalized_score
+from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
 
 SNAPSHOTS_DIR = "snapshots"
 SCORES_FILE = "scores.json"
@@ -62,7 +63,7 @@ def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dic
     return path
 
 
-def score_policy(cfg: Config, task: str, policy: Any, seeds: Sequence[int]) -> dict:
+def score_policy(cfg: Config, task: str | ResolvedTask, policy: Any, seeds: Sequence[int]) -> dict:
     """``{"mean_return", "normalized", "success_rate"}`` of ``policy`` on ``task`` over ``seeds``, in this process.
 
     ``policy``: a ``PolicySpec``, or (environment tasks) any object of the rollout Policy protocol. Episodes
@@ -73,22 +74,21 @@ def score_policy(cfg: Config, task: str, policy: Any, seeds: Sequence[int]) -> d
 
     from mugato_ray.evaluate import dataset_references, score_dataset_chunk
     from mugato_ray.rollout import PolicySpec, RolloutWorker
-    from mugato_ray.tasks import get_task, reference_returns
 
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
-    info = get_task(task)
-    if info.has_env:
+    task = resolve_task(task, cfg)
+    if task.info.has_env:
         spec = policy if isinstance(policy, PolicySpec) else PolicySpec("random")
-        worker = RolloutWorker(info, spec, cfg, num_envs=min(len(seeds), cfg.rollout.envs_per_actor))
+        worker = RolloutWorker(task, spec, cfg, num_envs=min(len(seeds), cfg.rollout.envs_per_actor))
         try:
             if not isinstance(policy, PolicySpec):
                 worker.policy = policy
             outcomes = worker.sample(list(seeds), source="policy", return_episodes=False).outcomes
         finally:
             worker.close()
-        references = reference_returns(task)
+        references = task.references
     else:
-        outcomes = score_dataset_chunk(cfg, task, policy, list(seeds))
+        outcomes = score_dataset_chunk(cfg, task.name, policy, list(seeds))
         references = dataset_references(task)
     returns = [o["return"] for o in outcomes]
     successes = [o["success"] for o in outcomes if o["success"] is not None]
@@ -105,6 +105,7 @@ class TrainingEvaluator:
 
         torch.set_num_threads(1)  # it runs beside training: one core's worth at most
         self.cfg = cfg
+        self.tasks = resolve_tasks(cfg)
         # A resumed run keeps the scores of the snapshots its earlier attempts wrote.
         self.records: list[dict] = read_scores(cfg)
 
@@ -113,7 +114,7 @@ class TrainingEvaluator:
 
         policy = PolicySpec("model", model_file, temperature=self.cfg.rollout.temperature)
         seeds = validation_seeds(self.cfg)
-        tasks = {t.name: score_policy(self.cfg, t.name, policy, seeds) for t in self.cfg.tasks}
+        tasks = {name: score_policy(self.cfg, task, policy, seeds) for name, task in self.tasks.items()}
         record = {"step": int(step), "model_file": model_file, "tasks": tasks,
                   "iqm": iqm([t["normalized"] for t in tasks.values()])}
         self.records = [r for r in self.records if r["step"] != record["step"]] + [record]

@@ -10,9 +10,10 @@ import ray
 
 from mugato_ray import tasks
 from mugato_ray.cli import parse_job_args
-from mugato_ray.collect import chunk_seeds, collect, min_return
+from mugato_ray.collect import chunk_seeds, collect
 from mugato_ray.config import config_from_dict
 from mugato_ray.episodes import read_episodes
+from mugato_ray.resolve import resolve_task
 from mugato_ray.rollout import FaultInjection, PolicySpec, actor_count, run_on_pool, store_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,18 +52,18 @@ def test_chunks_cover_the_seeds_once():
 def references(monkeypatch):
     """Fixed reference returns, so the filter tests do not depend on measured numbers."""
     table = {"CartPole-v1": (500.0, 20.0), "Pendulum-v1": (-150.0, -1200.0)}
-    monkeypatch.setattr(tasks, "reference_returns", lambda name: table.get(name, (None, None)))
+    monkeypatch.setattr(tasks, "reference_returns", lambda task: table.get(tasks.get_task(task).name, (None, None)))
     return table
 
 
 def test_gato_threshold_is_relative_to_random(references):
     cfg = config_from_dict({"data": {"min_return_fraction": 0.8}})
     expert, random = references["Pendulum-v1"]
-    threshold = min_return(cfg, "Pendulum-v1")
+    threshold = resolve_task("Pendulum-v1", cfg).min_return(0.8)
     assert random < threshold < expert  # f * expert would exceed the (negative) expert return
     assert threshold == pytest.approx(random + 0.8 * (expert - random))
-    assert min_return(config_from_dict({}), "CartPole-v1") is None  # fraction 0: no filter
-    assert min_return(cfg, "Acrobot-v1") is None  # no expert reference: nothing to filter against
+    assert resolve_task("CartPole-v1", cfg).min_return(0.0) is None  # fraction 0: no filter
+    assert resolve_task("Acrobot-v1", cfg).min_return(0.8) is None  # no expert reference: nothing to filter against
 
 
 def test_two_actors_collect_every_episode(ray_local, tmp_path):

@@ -16,9 +16,10 @@ from mugato_ray.data import EpisodeFilter, WindowSampler, synthetic_episodes, ta
 from mugato_ray.episodes import episode_to_row
 from mugato_ray.metrics import bootstrap_ci
 from mugato_ray.pipeline import choose_checkpoint
+from mugato_ray.resolve import task_spec
 from mugato_ray.rollout import PolicySpec, RolloutWorker, perturb, store_dir
 from mugato_ray.sequence import tokenize_episode
-from mugato_ray.tasks import reference_returns, task_spec
+from mugato_ray.tasks import reference_returns
 from mugato_ray.tokenizer import ByteTokenizer
 from mugato_ray.train import TrainResult, train
 from mugato_ray.train_eval import SCORES_FILE, best_snapshot, read_scores, score_policy, snapshot_root

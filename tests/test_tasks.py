@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from mugato_ray import envs, tasks
+from mugato_ray import envs, resolve, tasks
 from mugato_ray.config import Config
-from mugato_ray.tasks import TASKS, TaskInfo, get_task, reference_returns, register_task, task_spec
+from mugato_ray.resolve import register_task, task_spec
+from mugato_ray.tasks import TASKS, TaskInfo, get_task, reference_returns
 from mugato_ray.tokenizer import Modality
 
 ENV_TASKS = [n for n, t in TASKS.items() if t.has_env]
@@ -48,7 +49,7 @@ def test_initial_suite_is_registered():
 
 @pytest.mark.parametrize("name", list(TASKS))
 def test_every_row_validates(name):
-    assert tasks.validate_task(TASKS[name]) is TASKS[name]
+    assert resolve.validate_task(TASKS[name]) is TASKS[name]
     assert get_task(name) is TASKS[name]
 
 
