@@ -395,6 +395,16 @@ def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = 
     episodes = list(episodes)
     if not episodes:
         return []
+    table = _checked_table(episodes, spec, directory, stored)
+    name = name or f"part-{uuid.uuid4().hex}.parquet"
+    if "/" in name or name.startswith(".") or not name.endswith(".parquet"):
+        raise ValueError(f"file name {name!r} must be a plain, non-hidden '*.parquet' name")
+    return [_write_table_atomically(table, Path(directory), name)]
+
+
+def _checked_table(episodes: list[Episode], spec: Any, directory, stored: Mapping[str, Path] | None) -> pa.Table:
+    """The Arrow table of ``episodes`` once each is valid, they share one task and one schema, and none
+    of their ids repeats or is already stored in ``directory`` (EpisodeError otherwise)."""
     for ep in episodes:
         ep.validate(spec)
     tasks = sorted({ep.task for ep in episodes})
@@ -419,12 +429,13 @@ def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = 
                 field="observations",
                 episode_id=ep.episode_id,
             )
-    table = pa.Table.from_pylist(rows, schema=schema)
+    return pa.Table.from_pylist(rows, schema=schema)
 
-    name = name or f"part-{uuid.uuid4().hex}.parquet"
-    if "/" in name or name.startswith(".") or not name.endswith(".parquet"):
-        raise ValueError(f"file name {name!r} must be a plain, non-hidden '*.parquet' name")
-    directory = Path(directory)
+
+def _write_table_atomically(table: pa.Table, directory: Path, name: str) -> Path:
+    """Write ``table`` to ``directory/name`` through a hidden temporary file and a hard link, so a reader
+    never sees a partial file and an existing file is never replaced (FileExistsError); fsync the file
+    and the directory entry."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     if path.exists():
@@ -450,7 +461,7 @@ def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = 
         os.fsync(fd)  # make the new directory entry durable
     finally:
         os.close(fd)
-    return [path]
+    return path
 
 
 def _parquet_files(src) -> list[Path]:
