@@ -88,9 +88,33 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
             f"train.use_gpu=true with train.num_workers={workers} needs {max(workers, 1)} GPUs, "
             f"the cluster has {gpus:g}"
         )
+    actors, actor_cpus = _data_share(cfg, cpus * DATA_SHARE, n_tasks)
+    slots = n_tasks * (actors + 1)
+    eval_cpus = math.floor(min(1.0, cpus * EVAL_SHARE) * 1e4) / 1e4 if cfg.train.eval_every > 0 else 0.0
+    per_worker, actor_cpus = _train_share(cfg, cpus, cpus - eval_cpus, n_tasks, actors, actor_cpus)
+    # Ray rounds reservations to 1e-4 CPU; round down so that the sum never exceeds the cluster.
+    actor_cpus = math.floor(actor_cpus * 1e4) / 1e4
+    per_worker = math.floor(per_worker * 1e4) / 1e4
+    if cfg.train.torch_threads > 0:
+        threads = cfg.train.torch_threads
+    elif workers == 0:
+        threads = max(1, math.floor(cpus - slots * actor_cpus))
+    else:
+        threads = max(1, round(per_worker))
+    return Plan(
+        train_workers=workers,
+        cpus_per_worker=per_worker,
+        use_gpu=cfg.train.use_gpu,
+        tokenize_actors=actors,
+        tokenize_cpus=actor_cpus,
+        torch_threads=threads,
+        eval_cpus=eval_cpus,
+    )
 
-    # 1. Data: actors per task, then their CPUs, scaled to fit its share.
-    data_budget = cpus * DATA_SHARE
+
+def _data_share(cfg: Config, data_budget: float, n_tasks: int) -> tuple[int, float]:
+    """Rule 1: (tokenize actors per task, CPUs of each) so that every task's actors and read task fit in
+    ``data_budget`` CPUs."""
     actor_cpus = cfg.data.tokenize_actor_cpus
     if actor_cpus <= 0:
         raise ValueError(f"data.tokenize_actor_cpus must be positive, got {actor_cpus}")
@@ -98,11 +122,15 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
     if actors <= 0:  # auto: as many as the share holds at the configured CPUs, at least one
         actors = int(min(MAX_AUTO_TOKENIZE_ACTORS, max(1, math.floor(data_budget / (n_tasks * actor_cpus)) - 1)))
     slots = n_tasks * (actors + 1)
-    actor_cpus = min(actor_cpus, data_budget / slots)
+    return actors, min(actor_cpus, data_budget / slots)
 
-    # 2. Training: the rest (less the evaluator's share), or the configured amount if it leaves data enough.
-    eval_cpus = math.floor(min(1.0, cpus * EVAL_SHARE) * 1e4) / 1e4 if cfg.train.eval_every > 0 else 0.0
-    cpus_for_train = cpus - eval_cpus
+
+def _train_share(cfg: Config, cpus: float, cpus_for_train: float, n_tasks: int, actors: int,
+                 actor_cpus: float) -> tuple[float, float]:
+    """Rule 2: (CPUs per train worker, CPUs per data reservation): training gets ``cpus_for_train`` less
+    what data reserves, or the configured ``train.cpus_per_worker`` if it leaves data its minimum."""
+    workers = cfg.train.num_workers
+    slots = n_tasks * (actors + 1)
     if workers == 0:
         per_worker = 0.0
     elif cfg.train.cpus_per_worker > 0:
@@ -123,24 +151,7 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
             f"{n_tasks} tasks x ({actors} tokenize actors + 1 read task) do not fit in {cpus:g} CPUs at "
             f"{MIN_DATA_CPUS} CPU each next to training; lower data.num_tokenize_actors or train.num_workers"
         )
-    # Ray rounds reservations to 1e-4 CPU; round down so that the sum never exceeds the cluster.
-    actor_cpus = math.floor(actor_cpus * 1e4) / 1e4
-    per_worker = math.floor(per_worker * 1e4) / 1e4
-    if cfg.train.torch_threads > 0:
-        threads = cfg.train.torch_threads
-    elif workers == 0:
-        threads = max(1, math.floor(cpus - slots * actor_cpus))
-    else:
-        threads = max(1, round(per_worker))
-    return Plan(
-        train_workers=workers,
-        cpus_per_worker=per_worker,
-        use_gpu=cfg.train.use_gpu,
-        tokenize_actors=actors,
-        tokenize_cpus=actor_cpus,
-        torch_threads=threads,
-        eval_cpus=eval_cpus,
-    )
+    return per_worker, actor_cpus
 
 
 def describe(plan: Plan, n_tasks: int) -> str:
