@@ -524,43 +524,48 @@ def _leaf_field(key: str, space: Any, cfg: Any, text_tokens: int, is_action: boo
             channels=1,
         )
     if isinstance(space, spaces.Box):
-        shape, dtype = tuple(space.shape), np.dtype(space.dtype)
-        if np.issubdtype(dtype, np.floating):
-            return FieldSpec(
-                key=key,
-                modality=Modality.CONTINUOUS,
-                shape=shape,
-                dtype=dtype.name,
-                tokens=int(np.prod(shape)),
-                channels=1,
-                low=tuple(float(v) for v in np.asarray(space.low, np.float64).reshape(-1)),
-                high=tuple(float(v) for v in np.asarray(space.high, np.float64).reshape(-1)),
-            )
-        looks_like_image = len(shape) == 3 and shape[-1] in (1, 3)
-        if dtype == np.uint8 and looks_like_image and not is_action:
-            patch = cfg.patch_size
-            grid = patch_grid(shape[0], shape[1], patch)
-            return FieldSpec(
-                key=key,
-                modality=Modality.IMAGE,
-                shape=shape,
-                dtype="uint8",
-                tokens=grid[0] * grid[1],
-                channels=patch * patch * shape[-1],
-                grid=grid,
-            )
-        if np.issubdtype(dtype, np.integer) and not (looks_like_image and not is_action):
-            # A non-image integer Box is a vector of bounded integers: discrete, one token per component,
-            # values [low, high] (a uint8 Box gives 256 values per component).
-            low = np.asarray(space.low, np.int64).reshape(-1)
-            high = np.asarray(space.high, np.int64).reshape(-1)
-            return _discrete_field(key, space, shape, dtype, high - low + 1, low, bins)
-        raise UnsupportedSpaceError(
-            f"{key!r}: {space} is not supported: images must be uint8 Box (H, W, 1|3), other Boxes float or integer"
-        )
+        return _box_field(key, space, cfg, is_action)
     raise UnsupportedSpaceError(
         f"{key!r}: {type(space).__name__} space {space} is not supported "
         "(supported: Discrete, MultiDiscrete, MultiBinary, Box, Text, Dict of those)"
+    )
+
+
+def _box_field(key: str, space: Any, cfg: Any, is_action: bool) -> FieldSpec:
+    """A Box: float -> continuous; uint8 (H, W, 1|3) observation -> image patches; other integer -> discrete."""
+    shape, dtype = tuple(space.shape), np.dtype(space.dtype)
+    if np.issubdtype(dtype, np.floating):
+        return FieldSpec(
+            key=key,
+            modality=Modality.CONTINUOUS,
+            shape=shape,
+            dtype=dtype.name,
+            tokens=int(np.prod(shape)),
+            channels=1,
+            low=tuple(float(v) for v in np.asarray(space.low, np.float64).reshape(-1)),
+            high=tuple(float(v) for v in np.asarray(space.high, np.float64).reshape(-1)),
+        )
+    looks_like_image = len(shape) == 3 and shape[-1] in (1, 3)
+    if dtype == np.uint8 and looks_like_image and not is_action:
+        patch = cfg.patch_size
+        grid = patch_grid(shape[0], shape[1], patch)
+        return FieldSpec(
+            key=key,
+            modality=Modality.IMAGE,
+            shape=shape,
+            dtype="uint8",
+            tokens=grid[0] * grid[1],
+            channels=patch * patch * shape[-1],
+            grid=grid,
+        )
+    if np.issubdtype(dtype, np.integer) and not (looks_like_image and not is_action):
+        # A non-image integer Box is a vector of bounded integers: discrete, one token per component,
+        # values [low, high] (a uint8 Box gives 256 values per component).
+        low = np.asarray(space.low, np.int64).reshape(-1)
+        high = np.asarray(space.high, np.int64).reshape(-1)
+        return _discrete_field(key, space, shape, dtype, high - low + 1, low, cfg.value_bins)
+    raise UnsupportedSpaceError(
+        f"{key!r}: {space} is not supported: images must be uint8 Box (H, W, 1|3), other Boxes float or integer"
     )
 
 
