@@ -247,17 +247,7 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, key, where)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+        return _convert_union(value, tp, key, where)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: key '{key}' must be one of {list(typing.get_args(tp))}, got {value!r}")
@@ -276,6 +266,28 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
             raise ConfigError(f"{where}: key '{key}' expects a mapping, got {value!r}")
         k_tp, v_tp = typing.get_args(tp)
         return {_convert(k, k_tp, key, where): _convert(v, v_tp, f"{key}.{k}", where) for k, v in value.items()}
+    if tp in (float, int, bool, str):
+        return _convert_scalar(value, tp, key, where)
+    raise ConfigError(f"{where}: key '{key}' has an unsupported annotation {tp!r}")
+
+
+def _convert_union(value: Any, tp: Any, key: str, where: str) -> Any:
+    """``value`` as the first member of the union ``tp`` it converts to (None for an optional's None)."""
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(value, arg, key, where)
+        except ConfigError:
+            pass
+    raise ConfigError(f"{where}: key '{key}' expects {_type_name(tp)}, got {value!r}")
+
+
+def _convert_scalar(value: Any, tp: type, key: str, where: str) -> Any:
+    """``value`` checked as a float (an int or a numeric string is converted), int, bool or str."""
     if tp is float:
         # YAML reads "1e-3" as a string and "3" as an int; both are fine for a float field.
         if isinstance(value, bool):
@@ -298,11 +310,9 @@ def _convert(value: Any, tp: Any, key: str, where: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: key '{key}' expects true or false, got {value!r}")
         return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: key '{key}' expects a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: key '{key}' has an unsupported annotation {tp!r}")
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: key '{key}' expects a string, got {value!r}")
+    return value
 
 
 def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
