@@ -170,8 +170,8 @@ class TrainConfig:
     then evaluates the snapshot with the best IQM (see mugato_ray.train_eval)."""
     eval_episodes: int = 4
     """Episodes per task of each evaluation during training, on the validation seeds."""
-    seed: int = 0
-    """Seed of the training loop."""
+    seed: int | None = None
+    """Seed of the training loop (None: the top-level ``seed``; see :func:`resolve_seeds`)."""
 
 
 @dataclass
@@ -191,8 +191,9 @@ class RolloutConfig:
     """Step limit per episode (None: the task's own limit)."""
     temperature: float = 0.0
     """Sampling temperature of the model policy (0: greedy)."""
-    seed: int = 0
-    """Base seed; episode seeds are derived deterministically from it."""
+    seed: int | None = None
+    """Base seed; episode seeds are derived deterministically from it (None: the top-level ``seed``; see
+    :func:`resolve_seeds`)."""
 
 
 @dataclass
@@ -212,25 +213,81 @@ class EvalConfig:
 
 
 @dataclass
+class PPOConfig:
+    """RLlib PPO experts (new API stack), trained by jobs/train_expert.py (see mugato_ray.experts)."""
+
+    iterations: int = 50
+    """PPO training iterations."""
+    target_return: float | None = None
+    """Stop once the sampled mean return reaches it (None: run every iteration)."""
+    num_env_runners: int = 0
+    """Remote RLlib env runners (0: sample in the driver)."""
+    num_envs_per_env_runner: int = 1
+    """Vectorized envs per env runner."""
+    train_batch_size: int = 4000
+    """Env steps per iteration."""
+    minibatch_size: int = 128
+    """SGD minibatch size."""
+    num_epochs: int = 10
+    """SGD passes over each iteration's batch."""
+    lr: float = 3e-4
+    """Learning rate."""
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    """Hidden layer widths of the policy and value MLPs."""
+    eval_episodes: int = 10
+    """Greedy episodes that score the saved expert (on evaluation seeds, ``eval.seed_offset + i``)."""
+    seed: int | None = None
+    """RLlib's seed (None: the top-level ``seed``; see :func:`resolve_seeds`)."""
+
+
+@dataclass
 class Config:
     """A whole experiment. Every job writes under run_dir."""
 
     run_dir: str = "runs/default"
     """Output directory: config.yaml, data/, checkpoints/, eval/."""
     seed: int = 0
-    """Global seed."""
+    """Root seed: every section seed left unset (``train.seed``, ``rollout.seed``, ``ppo.seed``) is derived
+    from it by :func:`resolve_seeds`."""
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     tasks: list[TaskEntry] = field(default_factory=list)
     """The task mixture."""
+
+    def __post_init__(self) -> None:
+        resolve_seeds(self)
 
     def task(self, name: str) -> TaskEntry | None:
         """The entry of task ``name`` in ``tasks`` (None when the config does not list it)."""
         return next((t for t in self.tasks if t.name == name), None)
+
+
+SECTION_SEEDS = ("train", "rollout", "ppo")
+"""Sections whose ``seed`` defaults to the root ``seed``."""
+
+
+def resolve_seeds(cfg: Config) -> None:
+    """Fill every section seed left unset (None) from the root ``cfg.seed``; an explicit one is kept.
+
+    The derivation is the identity, ``<section>.seed = seed``, so the default config (``seed: 0``) keeps
+    the seeds every section had before they were derived (all 0), and changing only ``seed`` moves them
+    all. The sections still draw separate streams: each mixes its seed with its own counters (training
+    with the step and rank, collection adds the episode index). Evaluation seeds (``eval.seed_offset``,
+    ``eval.validation_seed_offset``) are not derived: every run is scored on the same held-out episodes.
+
+    Runs when a Config is constructed (so after overrides); a section is replaced, never mutated, so a
+    section object shared between configs keeps its own value. A saved config.yaml holds the resolved
+    values, so reloading it reproduces them.
+    """
+    for name in SECTION_SEEDS:
+        section = getattr(cfg, name)
+        if section.seed is None:
+            setattr(cfg, name, dataclasses.replace(section, seed=cfg.seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,6 +461,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.data.num_tokenize_actors >= 0, "data.num_tokenize_actors", "non-negative"),
         (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),
         (cfg.eval.episodes >= 1, "eval.episodes", "at least 1"),
+        *_ppo_checks(cfg.ppo),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -422,6 +480,20 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: key 'tasks' lists a task twice: {names}")
+
+
+def _ppo_checks(ppo: PPOConfig) -> list[tuple[bool, str, str]]:
+    return [
+        (ppo.iterations >= 1, "ppo.iterations", ">= 1"),
+        (ppo.num_env_runners >= 0, "ppo.num_env_runners", ">= 0"),
+        (ppo.num_envs_per_env_runner >= 1, "ppo.num_envs_per_env_runner", ">= 1"),
+        (ppo.train_batch_size >= 1, "ppo.train_batch_size", ">= 1"),
+        (ppo.minibatch_size >= 1, "ppo.minibatch_size", ">= 1"),
+        (ppo.num_epochs >= 1, "ppo.num_epochs", ">= 1"),
+        (ppo.lr > 0, "ppo.lr", "positive"),
+        (bool(ppo.hidden) and min(ppo.hidden) >= 1, "ppo.hidden", "a non-empty list of widths >= 1"),
+        (ppo.eval_episodes >= 1, "ppo.eval_episodes", ">= 1"),
+    ]
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mugato_ray.config import Config, ConfigError, load_config, save_config
+from mugato_ray.config import Config, ConfigError, TrainConfig, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 
@@ -103,3 +103,38 @@ def test_resolved_config_round_trips(tmp_path):
     path = save_config(cfg, tmp_path / "run")
     again = load_config(path)
     assert again == cfg
+
+
+def test_ppo_section_defaults_overrides_and_ranges(tmp_path):
+    """PPO's knobs are the ppo section: the defaults of the former job flags, overridable as ppo.x=y."""
+    ppo = Config().ppo
+    assert (ppo.iterations, ppo.target_return, ppo.num_env_runners, ppo.num_envs_per_env_runner) == (50, None, 0, 1)
+    assert (ppo.train_batch_size, ppo.minibatch_size, ppo.num_epochs, ppo.lr) == (4000, 128, 10, 3e-4)
+    assert (ppo.hidden, ppo.eval_episodes) == ([64, 64], 10)
+    cfg = load_config(write(tmp_path, {}), ["ppo.iterations=3", "ppo.lr=1e-3", "ppo.target_return=450"])
+    assert (cfg.ppo.iterations, cfg.ppo.lr, cfg.ppo.target_return) == (3, 1e-3, 450.0)
+    for key, bad in [("iterations", 0), ("train_batch_size", 0), ("minibatch_size", 0), ("num_epochs", 0),
+                     ("num_env_runners", -1), ("num_envs_per_env_runner", 0), ("lr", 0), ("hidden", []),
+                     ("eval_episodes", 0)]:
+        with pytest.raises(ConfigError, match=f"ppo.{key}' must be"):
+            load_config(write(tmp_path, {"ppo": {key: bad}}))
+
+
+def test_section_seeds_derive_from_the_root_seed(tmp_path):
+    """Unset section seeds follow the root seed; an explicit one is kept; the defaults are the old values."""
+    default = Config()
+    assert (default.seed, default.train.seed, default.rollout.seed, default.ppo.seed) == (0, 0, 0, 0)
+    assert load_config(write(tmp_path, {})) == default
+    cfg = load_config(write(tmp_path, {"seed": 5}))
+    assert (cfg.train.seed, cfg.rollout.seed, cfg.ppo.seed) == (5, 5, 5)
+    cfg = load_config(write(tmp_path, {"seed": 5, "rollout": {"seed": 7}}), ["train.seed=0"])
+    assert (cfg.train.seed, cfg.rollout.seed, cfg.ppo.seed) == (0, 7, 5)
+    assert load_config(write(tmp_path, {}), ["seed=3"]).train.seed == 3  # an override derives too
+    # Built directly: the same rule; a shared section object is not changed behind another config's back.
+    train = TrainConfig()
+    a, b = Config(seed=1, train=train), Config(seed=2, train=train)
+    assert (a.train.seed, b.train.seed, train.seed) == (1, 2, None)
+    # The saved config holds the resolved seeds, so reloading it reproduces them.
+    again = load_config(save_config(cfg, tmp_path / "run"))
+    assert (again.train.seed, again.rollout.seed, again.ppo.seed) == (0, 7, 5)
+
