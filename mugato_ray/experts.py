@@ -45,7 +45,7 @@ from mugato_ray.tasks import TaskInfo, get_task
 if TYPE_CHECKING:
     import gymnasium as gym
 
-    from mugato_ray.config import Config
+    from mugato_ray.config import Config, PPOConfig
 
 Observations = dict[str, "np.ndarray | list[str]"]
 
@@ -395,63 +395,28 @@ def expert_dir(cfg: Config, task: TaskInfo | str) -> Path:
 
 
 def train_ppo_expert(
-    task: TaskInfo | str,
-    cfg: Config,
-    iterations: int = 50,
-    *,
-    num_env_runners: int = 0,
-    num_envs_per_env_runner: int = 1,
-    train_batch_size: int = 4000,
-    minibatch_size: int = 128,
-    num_epochs: int = 10,
-    lr: float = 3e-4,
-    hidden: Sequence[int] = (64, 64),
-    target_return: float | None = None,
-    out_dir: str | Path | None = None,
-    log: Callable[[str], None] = print,
+    task: TaskInfo | str, ppo: PPOConfig, out_dir: str | Path, *, log: Callable[[str], None] = print
 ) -> Path:
-    """Train a PPO expert with RLlib (new API stack) and save the Algorithm checkpoint; return its folder.
+    """Train a PPO expert with RLlib (new API stack) as ``ppo`` (the config's ``ppo`` section) says, save the
+    Algorithm checkpoint to ``out_dir`` (usually :func:`expert_dir`) and return that folder.
 
     The env is registered through tasks/envs.make_env, so the task's wrappers apply. Stops early once the
-    sampled mean return reaches ``target_return``. Writes ``expert.json`` (task, iterations, env steps, last
-    mean return) next to the checkpoint. Ray must be initialized by the caller (or RLlib starts a local one).
+    sampled mean return reaches ``ppo.target_return``. Writes ``expert.json`` (task, iterations, env steps,
+    last mean return) next to the checkpoint. Ray must be initialized by the caller (or RLlib starts a local
+    one).
     """
-    from ray.rllib.algorithms.ppo import PPOConfig
-    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
-    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN, NUM_ENV_STEPS_SAMPLED_LIFETIME
-    from ray.tune.registry import register_env
-
     info = get_task(task)
-    if iterations < 1:
-        raise ValueError(f"train_ppo_expert: iterations must be >= 1, got {iterations}")
-    env_name = f"mugato/{info.name}"
-    register_env(env_name, functools.partial(_rllib_env, info))
-    config = (
-        PPOConfig()
-        .environment(env=env_name)
-        .env_runners(num_env_runners=num_env_runners, num_envs_per_env_runner=num_envs_per_env_runner)
-        .training(
-            lr=lr,
-            train_batch_size_per_learner=train_batch_size,
-            minibatch_size=minibatch_size,
-            num_epochs=num_epochs,
-        )
-        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(hidden)))
-        .debugging(seed=cfg.seed)
-    )
-    algo = config.build_algo()
-    mean_return, env_steps, t0 = float("nan"), 0, time.perf_counter()
+    if ppo.iterations < 1:
+        raise ValueError(f"train_ppo_expert: iterations must be >= 1, got {ppo.iterations}")
+    if ppo.seed is None:
+        raise ValueError("train_ppo_expert: ppo.seed is None (a Config resolves it from the root seed)")
+    path = Path(out_dir)
+    # Save beside the target, then swap it in: a reader never sees a half-written or mixed checkpoint.
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    algo = _ppo_algorithm(info, ppo)
+    t0 = time.perf_counter()
     try:
-        for it in range(1, iterations + 1):
-            result = algo.train()
-            mean_return = float(result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN, float("nan")))
-            env_steps = int(result.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
-            log(f"{info.name} ppo iter {it}/{iterations}: mean return {mean_return:.2f}, env steps {env_steps}")
-            if target_return is not None and mean_return >= target_return:
-                break
-        path = Path(out_dir) if out_dir is not None else expert_dir(cfg, info)
-        # Save beside the target, then swap it in: a reader never sees a half-written or mixed checkpoint.
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        it, mean_return, env_steps = _ppo_iterations(algo, info, ppo, log)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         algo.save_to_path(str(tmp.resolve()))
@@ -468,3 +433,43 @@ def train_ppo_expert(
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     return path
+
+
+def _ppo_algorithm(info: TaskInfo, ppo: PPOConfig) -> Any:
+    """An RLlib PPO Algorithm on the task's env (registered as ``mugato/<task>``), built from ``ppo``."""
+    from ray.rllib.algorithms.ppo import PPOConfig as RLlibPPOConfig
+    from ray.rllib.core.rl_module.default_model_config import DefaultModelConfig
+    from ray.tune.registry import register_env
+
+    env_name = f"mugato/{info.name}"
+    register_env(env_name, functools.partial(_rllib_env, info))
+    config = (
+        RLlibPPOConfig()
+        .environment(env=env_name)
+        .env_runners(num_env_runners=ppo.num_env_runners, num_envs_per_env_runner=ppo.num_envs_per_env_runner)
+        .training(
+            lr=ppo.lr,
+            train_batch_size_per_learner=ppo.train_batch_size,
+            minibatch_size=ppo.minibatch_size,
+            num_epochs=ppo.num_epochs,
+        )
+        .rl_module(model_config=DefaultModelConfig(fcnet_hiddens=list(ppo.hidden)))
+        .debugging(seed=ppo.seed)
+    )
+    return config.build_algo()
+
+
+def _ppo_iterations(algo: Any, info: TaskInfo, ppo: PPOConfig, log: Callable[[str], None]) -> tuple[int, float, int]:
+    """Train up to ``ppo.iterations`` iterations, stopping once the sampled mean return reaches
+    ``ppo.target_return``; return (iterations run, last sampled mean return, env steps sampled)."""
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN, NUM_ENV_STEPS_SAMPLED_LIFETIME
+
+    mean_return, env_steps = float("nan"), 0
+    for it in range(1, ppo.iterations + 1):
+        result = algo.train()
+        mean_return = float(result.get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN, float("nan")))
+        env_steps = int(result.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))
+        log(f"{info.name} ppo iter {it}/{ppo.iterations}: mean return {mean_return:.2f}, env steps {env_steps}")
+        if ppo.target_return is not None and mean_return >= ppo.target_return:
+            break
+    return it, mean_return, env_steps

@@ -9,7 +9,7 @@ import pytest
 from gymnasium import spaces
 
 from mugato_ray import envs, experts, tasks
-from mugato_ray.config import Config
+from mugato_ray.config import Config, PPOConfig, load_config
 from mugato_ray.experts import RandomPolicy, episode_returns, make_expert, measure
 from mugato_ray.tasks import TaskInfo
 
@@ -123,16 +123,8 @@ def local_ray():
 def test_ppo_expert_checkpoint_loads_and_acts(local_ray, tmp_path):
     """A tiny PPO run writes a checkpoint that RLlibPolicy (through make_expert) loads and acts with."""
     cfg = Config(run_dir=str(tmp_path / "run"))
-    path = experts.train_ppo_expert(
-        "CartPole-v1",
-        cfg,
-        iterations=1,
-        train_batch_size=128,
-        minibatch_size=64,
-        num_epochs=1,
-        hidden=(16,),
-        log=lambda s: None,
-    )
+    ppo = PPOConfig(iterations=1, train_batch_size=128, minibatch_size=64, num_epochs=1, hidden=[16], seed=cfg.seed)
+    path = experts.train_ppo_expert("CartPole-v1", ppo, experts.expert_dir(cfg, "CartPole-v1"), log=lambda s: None)
     assert path == tmp_path / "run" / "experts" / "CartPole-v1"
     assert json.loads((path / "expert.json").read_text())["env_steps"] >= 128
     assert not list(path.parent.glob(".*tmp*"))  # the temporary save folder was swapped in
@@ -161,8 +153,8 @@ def test_train_expert_job_smoke(local_ray, tmp_path, capsys):
     spec.loader.exec_module(job)
     job.main(
         [
-            "--config", str(root / "configs" / "expert_ppo.yaml"), "--task", "CartPole-v1", "--iterations", "1",
-            "--train-batch-size", "128", "--minibatch-size", "64", "--num-epochs", "1", "--eval-episodes", "2",
+            "--config", str(root / "configs" / "expert_ppo.yaml"), "--task", "CartPole-v1", "ppo.iterations=1",
+            "ppo.train_batch_size=128", "ppo.minibatch_size=64", "ppo.num_epochs=1", "ppo.eval_episodes=2",
             f"run_dir={tmp_path}",
         ]
     )  # fmt: skip
@@ -170,3 +162,5 @@ def test_train_expert_job_smoke(local_ray, tmp_path, capsys):
     assert "CartPole-v1: greedy mean return" in out
     assert (tmp_path / "experts" / "CartPole-v1" / "expert.json").is_file()
     assert (tmp_path / "config.yaml").is_file()
+    assert "over 2 episodes" in out
+    assert load_config(tmp_path / "config.yaml").ppo.iterations == 1  # the run records its PPO knobs
