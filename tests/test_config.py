@@ -138,3 +138,19 @@ def test_section_seeds_derive_from_the_root_seed(tmp_path):
     again = load_config(save_config(cfg, tmp_path / "run"))
     assert (again.train.seed, again.rollout.seed, again.ppo.seed) == (0, 7, 5)
 
+
+def test_running_interpreter_satisfies_requires_python():
+    """pyproject.toml's requires-python holds for the interpreter running the tests, and the Python
+    classifiers (if any) name only versions it allows."""
+    import sys
+    import tomllib
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    spec = project["requires-python"]
+    assert spec.startswith(">="), f"requires-python {spec!r}: only a lower bound is checked here"
+    minimum = tuple(int(p) for p in spec[2:].strip().split("."))
+    assert sys.version_info[: len(minimum)] >= minimum, f"Python {sys.version.split()[0]} does not satisfy {spec}"
+    for c in project.get("classifiers", []):
+        parts = c.split(" :: ")
+        if parts[:2] == ["Programming Language", "Python"] and len(parts) == 3 and parts[2].count(".") == 1:
+            assert tuple(int(p) for p in parts[2].split(".")) >= minimum, f"classifier {c!r} is below {spec}"
