@@ -1,14 +1,18 @@
 """Evaluate a policy on every task of a config; write <run_dir>/eval/eval.json, eval.md and a PNG of the scores.
 
     python jobs/evaluate.py --config configs/smoke.yaml (--checkpoint PATH | --policy expert|random) [key=value ...]
+    python jobs/evaluate.py --checkpoint DIR run_dir=/tmp/eval [key=value ...]
 
 PATH is a model file or a training checkpoint directory (holding model.pt). The model acts greedily unless
-rollout.temperature > 0; eval.prompt=true prompts it with an expert demonstration.
+rollout.temperature > 0; eval.prompt=true prompts it with an expert demonstration. Without --config, a
+checkpoint directory's own config.yaml is used: a checkpoint carries its config, layouts and BPE
+tokenizer, so it evaluates on its tasks after its run directory and BPE file are gone.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from mugato_ray.cli import init_ray, parse_job_args
 from mugato_ray.evaluate import eval_dir, evaluate, summary_lines, write_report
@@ -21,8 +25,17 @@ def add_args(parser) -> None:
     who.add_argument("--policy", choices=("expert", "random"), help="evaluate a reference policy instead of a model")
 
 
+def checkpoint_config_file(args) -> Path | None:
+    """The config.yaml beside the evaluated model, when --checkpoint names one that has it."""
+    if not args.checkpoint:
+        return None
+    path = Path(args.checkpoint)
+    saved = (path if path.is_dir() else path.parent) / "config.yaml"
+    return saved if saved.is_file() else None
+
+
 def main(argv: list[str]) -> None:
-    cfg, args = parse_job_args(argv, __doc__, add_args)
+    cfg, args = parse_job_args(argv, __doc__, add_args, config_fallback=checkpoint_config_file)
     if args.checkpoint:
         policy = PolicySpec("model", args.checkpoint, temperature=cfg.rollout.temperature)
     else:

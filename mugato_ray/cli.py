@@ -18,20 +18,29 @@ from mugato_ray.config import Config, ConfigError, load_config
 
 def parse_job_args(argv: Sequence[str] | None, description: str | None,
                    add_args: Callable[[argparse.ArgumentParser], None] | None = None, *,
-                   needs_tasks: bool = True) -> tuple[Config, argparse.Namespace]:
+                   needs_tasks: bool = True,
+                   config_fallback: Callable[[argparse.Namespace], Path | None] | None = None,
+                   ) -> tuple[Config, argparse.Namespace]:
     """``--config PATH [key=value ...]`` (plus a job's own flags from ``add_args``) -> (config, args).
 
     Overrides may come anywhere on the command line, before or after the job's flags. A bad config file
     or override, and every problem :func:`preflight` finds, exit with the usage line and the errors
-    (exit code 2) before anything starts: no Ray, no file written.
+    (exit code 2) before anything starts: no Ray, no file written. ``config_fallback(args)``: the config
+    file to use when ``--config`` is not given (e.g. the one a checkpoint carries); without one, or when it
+    returns None, ``--config`` is required.
     """
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML experiment config, e.g. configs/smoke.yaml")
+    parser.add_argument("--config", required=config_fallback is None,
+                        help="YAML experiment config, e.g. configs/smoke.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. train.lr=3e-4 run_dir=/tmp/run")
     if add_args is not None:
         add_args(parser)
     args = parser.parse_intermixed_args(argv)
+    if args.config is None:
+        args.config = config_fallback(args) if config_fallback is not None else None
+        if args.config is None:
+            parser.error("the following arguments are required: --config")
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -51,6 +51,8 @@ SOURCES = {"expert": "expert", "random": "random", "model": "policy"}
 
 MODEL_FILE = "model.pt"
 """The model file inside a training checkpoint directory."""
+TOKENIZER_FILE = "tokenizer.json"
+"""A checkpoint's copy of its BPE tokenizer."""
 
 
 class EvaluationError(RuntimeError):
@@ -101,7 +103,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def checkpoint_config(cfg: Config, model_file: Path, log: Callable[[str], None] = print) -> Config:
-    """``cfg`` with the tokenizer section the model was trained with, when its checkpoint holds a config.yaml.
+    """``cfg`` with the tokenizer section the model was trained with, when its checkpoint holds a config.yaml;
+    a BPE tokenizer is read from the checkpoint's own copy (``tokenizer.json``), so a checkpoint evaluates
+    after the original BPE file is gone.
 
     Observations must become the ids the model learned; the evaluated config may describe another run.
     """
@@ -109,6 +113,9 @@ def checkpoint_config(cfg: Config, model_file: Path, log: Callable[[str], None] 
     if not saved.is_file():
         return cfg
     tokenizer = load_config(saved).tokenizer
+    own = model_file.parent / TOKENIZER_FILE
+    if tokenizer.text == "bpe" and own.is_file():
+        tokenizer = dataclasses.replace(tokenizer, bpe_path=str(own))
     if tokenizer != cfg.tokenizer:
         log(f"evaluate: using the tokenizer section of {saved} (the model was trained with it)")
     return dataclasses.replace(cfg, tokenizer=tokenizer)
