@@ -1,64 +1,54 @@
-"""Distributed training: Ray Data sequence streams into a Ray Train ``TorchTrainer`` (DDP).
+"""Distributed training on Ray: Ray Data sequence streams into a Ray Train ``TorchTrainer`` (DDP).
 
 ``train(cfg)`` builds one sequence dataset per task (``mugato_ray.data``), sizes workers and actors
-from the cluster (``mugato_ray.resources``) and runs :func:`train_loop_per_worker` on every worker:
+from the cluster (``mugato_ray.resources``) and runs :func:`train_loop_per_worker` on every worker. The
+worker loop wires the pieces that know nothing of Ray to Ray Train:
 
-- each optimizer step accumulates gradients over ``M`` micro-batches whose tasks come from the
-  weighted mixture (``data.step_tasks``: the same tasks in the same order on every rank); each
-  micro-batch's loss is its task's mean over loss tokens, weighted ``1/M``; DDP synchronizes only the
-  last micro-batch's backward (``no_sync`` on the others);
-- AdamW (weight decay on matrices and embeddings, i.e. tensors with >= 2 dims; none on norms and
-  biases), linear warmup then cosine decay to ``lr * min_lr_ratio`` (a pure function of the step, so a
-  resumed run needs no scheduler state), global gradient-norm clipping, bf16 autocast on GPU only;
+- it restores the model and optimizer (``learner.restore``) from the newest checkpoint of the run that
+  verifies (``checkpoints.latest_checkpoint``), or starts at step 0; ``ray.train.torch.prepare_model``
+  moves the model to the worker's device and wraps it in DDP when there are several workers;
+- it reads one endless :class:`TaskStream` of micro-batches per task from the worker's dataset shard
+  and hands them to ``learner.Learner.step`` (the mixture, gradient accumulation, clipping, AdamW);
 - every ``log_every`` steps ``ray.train.report`` gets the per-task loss and non-pad fraction of the
-  positions computed (``nonpad/<task>``, after packing), real tokens/s (pads not counted), lr and grad norm;
-  every ``checkpoint_every`` steps (and at the end) rank 0 adds a checkpoint directory:
-  ``model.pt`` (``model.save_model``), ``state.pt`` (optimizer, step, torch RNG), ``config.yaml`` and
-  ``layouts.json`` (``data.save_layouts``), all loadable without executing code.
+  positions computed (``nonpad/<task>``, after packing), real tokens/s (pads not counted), lr and grad
+  norm (``learner.MetricWindow``); every ``checkpoint_every`` steps (and at the end) rank 0 reports a
+  checkpoint directory (``checkpoints.write_checkpoint``); with ``train.eval_every`` rank 0 hands weight
+  snapshots to the evaluator actor (``mugato_ray.train_eval``) without waiting.
 
 Resume: running again with the same ``run_dir`` (same ``RunConfig(name, storage_path)``) continues from
-the latest checkpoint, at its step; ``train.max_failures`` lets Ray Train restart dead workers from it.
-Test hook: ``MUGATO_TEST_CRASH_AT_STEP=<n>`` makes rank 0 exit hard once when it reaches step ``n``.
+the latest verified checkpoint, at its step; ``train.max_failures`` lets Ray Train restart dead workers
+from it. Test hook: ``learner.FaultHook`` (``MUGATO_TEST_CRASH_AT_STEP``), read here by the driver.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
-import math
-import os
-import shutil
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from mugato_ray.config import Config, TrainConfig, save_config
-from mugato_ray.data import (
-    LAYOUTS_FILE,
-    build_datasets,
-    micro_batches_per_step,
-    save_layouts,
-    step_tasks,
-    task_batch_size,
-    task_weights,
+from mugato_ray.checkpoints import (
+    checkpoint_dir_name,
+    latest_checkpoint,
+    read_state,
+    run_name,
+    save_local_checkpoint,
+    storage_path,
+    write_checkpoint,
 )
+from mugato_ray.config import Config
+from mugato_ray.data import TaskData, build_datasets, task_batch_size, task_weights
+from mugato_ray.learner import FaultHook, Learner, LoopState, MetricWindow, restore
 from mugato_ray.resources import Plan, describe, plan_resources
+from mugato_ray.tokenizer import VocabLayout
 
 log = logging.getLogger(__name__)
 
-CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
-MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.pt", "state.pt", "config.yaml"
-MANIFEST_FILE = "manifest.json"
-"""Written last into every checkpoint: each file's size and SHA-256, so a checkpoint can be verified."""
-STATE_FORMAT = 1
 SHUFFLE_BUFFER_BATCHES = 8
 """Local shuffle buffer of each task stream, in batches: mixes the back-to-back windows of one actor call."""
 
@@ -84,174 +74,7 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimization
-
-
-def lr_at(step: int, tcfg: TrainConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
-    if step < tcfg.warmup_steps:
-        return tcfg.lr * (step + 1) / tcfg.warmup_steps
-    progress = min(1.0, (step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps))
-    return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; weight decay on tensors with >= 2 dims (matmul weights, conv kernels, embedding tables, as
-    nanoGPT and GATO's "matrices"), none on norms and biases."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
-
-
-def touch_all(model: torch.nn.Module) -> torch.Tensor:
-    """A zero that depends on every parameter.
-
-    Added to each micro-batch's loss so that every parameter gets a gradient in every backward, even
-    those a task does not use (the patch embedding in a text-only micro-batch). DDP then needs no
-    ``find_unused_parameters`` (which walks the autograd graph after every forward and interacts
-    subtly with ``no_sync`` accumulation), its buckets become ready in the same order for every task,
-    and the gradients are unchanged (d(0 * sum p)/dp = 0). It costs one read of the parameters.
-    """
-    return sum(p.sum() for p in model.parameters()) * 0.0
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def run_name(cfg: Config) -> str:
-    """Ray Train run name: the run directory's name (the same run directory resumes the same run)."""
-    return Path(cfg.run_dir).resolve().name or "run"
-
-
-def storage_path(cfg: Config) -> str:
-    """Where Ray Train keeps checkpoints: ``train.storage_path`` (a path, or a URI such as ``s3://...``)
-    or ``<run_dir>/checkpoints``; paths are made absolute."""
-    if cfg.train.storage_path and "://" in cfg.train.storage_path:
-        return cfg.train.storage_path
-    return str(Path(cfg.train.storage_path or Path(cfg.run_dir) / "checkpoints").resolve())
-
-
-def checkpoint_dir_name(step: int) -> str:
-    return f"checkpoint_{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_manifest(directory: Path) -> Path:
-    """``manifest.json``: size and SHA-256 of every other file of ``directory``; written last, atomically."""
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
-    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-    tmp = directory / f".{MANIFEST_FILE}.tmp"
-    tmp.write_text(json.dumps({"files": manifest}, indent=1))
-    return tmp.replace(directory / MANIFEST_FILE)
-
-
-def verify_checkpoint(directory: Path) -> str | None:
-    """None when ``directory`` is a complete checkpoint whose files match its manifest, else the reason."""
-    directory = Path(directory)
-    try:
-        files = json.loads((directory / MANIFEST_FILE).read_text())["files"]
-    except FileNotFoundError:
-        return f"no {MANIFEST_FILE} (it is written last: the checkpoint was never completed)"
-    except (ValueError, KeyError, TypeError) as e:
-        return f"{MANIFEST_FILE} is unreadable ({e})"
-    for name in (MODEL_FILE, STATE_FILE):
-        if name not in files:
-            return f"{MANIFEST_FILE} does not list {name}"
-    for name, want in files.items():
-        path = directory / name
-        if not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != want.get("bytes"):
-            return f"{name} has {path.stat().st_size} bytes, the manifest says {want.get('bytes')}"
-        if _sha256(path) != want.get("sha256"):
-            return f"{name} does not match its SHA-256 in the manifest"
-    return None
-
-
-def latest_checkpoint(cfg: Config, warn: bool = True) -> Path:
-    """The newest checkpoint of this run that verifies against its manifest, whatever Ray's own bookkeeping
-    says (checked newest first, so older ones are not read). Newer ones that do not verify are logged
-    (``warn``), each with its reason and folder. FileNotFoundError naming where it looked, and what it
-    skipped, when none verifies."""
-    if "://" in storage_path(cfg):
-        raise ValueError(f"train.storage_path={storage_path(cfg)!r} is not a local or mounted path; open its "
-                         "checkpoints with ray.train.Result.from_path")
-    root = Path(storage_path(cfg)) / run_name(cfg)
-    newest, skipped = None, []
-    for d in sorted(root.glob("checkpoint_[0-9]*"), reverse=True) if root.is_dir() else []:
-        why = verify_checkpoint(d) if d.is_dir() else "not a directory"
-        if why is None:
-            newest = d
-            break
-        skipped.append((d, why))
-    if warn:
-        for d, why in skipped:
-            log.warning("checkpoint %s does not verify (%s); using %s instead. Delete that folder to silence "
-                        "this.", d, why, newest or "none (training starts at step 0)")
-    if newest is None:
-        also = f"; skipped {len(skipped)} that do not verify: {[str(d) for d, _ in skipped][:3]}" if skipped else ""
-        raise FileNotFoundError(f"no checkpoint of run '{run_name(cfg)}' under {root}{also}; train first "
-                                "(jobs/train.py)")
-    return newest
-
-
-def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     cfg: Config, specs: dict, layouts: dict) -> None:
-    """Fill ``directory`` with model.pt, state.pt, config.yaml, layouts.json (and a BPE tokenizer.json)."""
-    from mugato_ray.model import save_model
-
-    save_model(model, directory / MODEL_FILE)
-    torch.save({"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
-    save_config(cfg, directory)
-    save_layouts(directory / LAYOUTS_FILE, specs, layouts)
-    if cfg.tokenizer.text == "bpe" and cfg.tokenizer.bpe_path:
-        shutil.copyfile(cfg.tokenizer.bpe_path, directory / "tokenizer.json")
-    write_manifest(directory)  # last: a checkpoint without it never completed
-
-
-def save_local_checkpoint(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                          specs: dict, layouts: dict) -> Path:
-    """Write a checkpoint straight into the run's storage (complete or absent: a hidden temporary
-    directory renamed into place) and keep the newest ``train.keep_checkpoints``."""
-    root = Path(storage_path(cfg)) / run_name(cfg)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / checkpoint_dir_name(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    write_checkpoint(tmp, model, optimizer, step, cfg, specs, layouts)
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    for old in sorted(root.glob("checkpoint_[0-9]*"))[: -cfg.train.keep_checkpoints]:
-        shutil.rmtree(old)
-    return final
-
-
-def read_state(directory: Path) -> dict[str, Any]:
-    """state.pt of a checkpoint directory (``weights_only=True``); ValueError naming the file if bad."""
-    path = Path(directory) / STATE_FILE
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated or foreign files
-        raise ValueError(f"training state {path} is missing or corrupt: {e}") from e
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise ValueError(f"training state {path}: expected format {STATE_FORMAT}")
-    return state
-
-
-# ---------------------------------------------------------------------------------------------
-# The loop
+# Task streams
 
 
 class TaskStream:
@@ -300,148 +123,106 @@ def start_streams(streams: dict[str, TaskStream]) -> None:
         list(pool.map(TaskStream.start, streams.values()))
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
-    """The loop every Ray Train worker runs; returns (on rank 0) the metrics it reported."""
+# ---------------------------------------------------------------------------------------------
+# The worker loop
+
+
+def restore_on_worker(cfg: Config, vocab: VocabLayout, rank: int) -> LoopState:
+    """The model (prepared by Ray Train) and optimizer from the newest verified checkpoint, or fresh.
+
+    ``cfg.run_dir`` must be the driver's absolute one: Ray Train workers do not run in its directory.
+    """
     import ray.train
     import ray.train.torch
 
-    from mugato_ray.model import GatoModel, load_model
-
-    cfg: Config = config["cfg"]
-    plan: Plan = config["plan"]
-    specs, layouts = config["specs"], config["layouts"]
-    tasks = [t.name for t in cfg.tasks]
-    tcfg = cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.set_num_threads(plan.torch_threads)
-
-    vocab = next(iter(specs.values())).vocab
-    model = GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size, mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
-    start, state = 0, None
-    local = config.get("local_mode", False)
-    # The run directory as the driver resolved it: Ray Train workers do not run in the driver's directory.
-    local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
     checkpoint = ray.train.get_checkpoint()
-    if "://" not in storage_path(local_cfg):
+    if "://" not in storage_path(cfg):
         # The newest checkpoint that verifies, whatever Ray's bookkeeping says: after a SIGKILL Ray may
         # know only an older one, and its newest may be truncated. (The driver-mode loop keeps its own
         # checkpoints, which Ray does not track at all.) Workers read the same shared storage.
         checkpoint = None
         with contextlib.suppress(FileNotFoundError):
-            checkpoint = ray.train.Checkpoint.from_directory(str(latest_checkpoint(local_cfg, warn=rank == 0)))
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(load_model(Path(d) / MODEL_FILE).state_dict())
-            state = read_state(Path(d))
-        start = int(state["step"])
-    # Seeds depend on the rank and the step the attempt starts at: every (re)start is reproducible.
-    torch.manual_seed(int(np.random.SeedSequence([tcfg.seed, rank, start]).generate_state(1)[0]))
-    if state is not None and rank == 0:
-        torch.set_rng_state(state["torch_rng"])
-    model = ray.train.torch.prepare_model(model)  # moves to the device; DDP when world > 1
-    raw_model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-    optimizer = make_optimizer(raw_model, tcfg)
-    if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+            checkpoint = ray.train.Checkpoint.from_directory(str(latest_checkpoint(cfg, warn=rank == 0)))
+    prepare = ray.train.torch.prepare_model  # moves to the device; DDP when world > 1
+    if checkpoint is None:
+        return restore(cfg, vocab, None, rank, prepare)
+    with checkpoint.as_directory() as d:
+        return restore(cfg, vocab, Path(d), rank, prepare)
 
+
+def report(metrics: dict[str, Any], done: int, ckpt_now: bool, learner: Learner, config: dict[str, Any],
+           rank: int) -> None:
+    """``ray.train.report`` of one log or checkpoint step. On checkpoint steps rank 0 reports a checkpoint
+    (in driver mode one written in place into the run's storage, which Ray Train does not persist)."""
+    import ray.train
+
+    cfg, specs, layouts = config["cfg"], config["specs"], config["layouts"]
+    model, optimizer = learner.raw_model, learner.optimizer
+    if ckpt_now and config.get("local_mode", False):
+        # Ray Train's driver mode (num_workers=0) does not persist checkpoints: write them in place.
+        path = save_local_checkpoint(cfg, model, optimizer, done, specs, layouts)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
+    elif ckpt_now and rank == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_checkpoint(Path(tmp), model, optimizer, done, cfg, specs, layouts)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=checkpoint_dir_name(done))
+        # The controller registers a reported checkpoint asynchronously; a worker that died before
+        # that would restart from the previous one (or from step 0). Wait until it is committed.
+        ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
+    else:
+        ray.train.report(metrics)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """The loop every Ray Train worker runs; returns (on rank 0) the metrics it reported."""
+    import ray.train
+    import ray.train.torch
+
+    cfg: Config = config["cfg"]
+    plan: Plan = config["plan"]
+    specs, layouts = config["specs"], config["layouts"]
+    tasks, tcfg = [t.name for t in cfg.tasks], cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.set_num_threads(plan.torch_threads)
+    # The run directory as the driver resolved it: Ray Train workers do not run in the driver's directory.
+    local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
+
+    state = restore_on_worker(local_cfg, next(iter(specs.values())).vocab, rank)
     streams = {t: TaskStream(ray.train.get_dataset_shard(t), task_batch_size(cfg, t), tcfg.seed * 7919 + rank, device)
                for t in tasks}
-    if start < tcfg.steps:  # tasks of weight 0 are never drawn: their datasets never start
+    if state.step < tcfg.steps:  # tasks of weight 0 are never drawn: their datasets never start
         start_streams({t: streams[t] for t, w in zip(tasks, task_weights(cfg)) if w > 0})
-    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     evaluator = config.get("evaluator")  # scores snapshots while training goes on (mugato_ray.train_eval)
-    crash_at = config.get("crash_at_step")
-    marker = Path(local_cfg.run_dir) / f".crashed_at_step_{crash_at}"
-    m = micro_batches_per_step(cfg)
+    fault = FaultHook(config.get("crash_at_step"), local_cfg.run_dir, rank)
+    window = MetricWindow(len(tasks), device)
+    learner = Learner(state.model, state.optimizer, cfg, layouts, device)
 
     history: list[dict[str, Any]] = []
-    # Summed on the device: reading a loss back (.item()) would synchronize a GPU every micro-batch.
-    loss_sum = torch.zeros(len(tasks), dtype=torch.float64, device=device)
-    loss_cnt = torch.zeros(len(tasks), dtype=torch.float64, device=device)
-    tokens = torch.zeros(len(tasks), dtype=torch.float64, device=device)  # real (non-pad) tokens
-    positions = torch.zeros(len(tasks), dtype=torch.float64, device=device)  # positions the blocks computed
-    t_window = time.perf_counter()
-    model.train()
-    for step in range(start, tcfg.steps):
-        if crash_at is not None and step == crash_at and rank == 0 and not marker.exists():
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.touch()
-            os._exit(1)
-        lr = lr_at(step, tcfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.zero_grad(set_to_none=True)
-        for i, k in enumerate(step_tasks(cfg, step)):
-            task = tasks[k]
-            batch = streams[task].next()
-            sync = not ddp or i == m - 1
-            with (contextlib.nullcontext() if sync else model.no_sync()), amp:
-                out = model(batch, layouts[task])
-                (out.loss / m + touch_all(raw_model)).backward()
-            loss_sum[k] += out.loss.detach().double()
-            loss_cnt[k] += 1
-            tokens[k] += out.num_tokens
-            positions[k] += out.num_positions
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), tcfg.grad_clip)
-        optimizer.step()
-
+    for step in range(state.step, tcfg.steps):
+        fault.before_step(step)
+        stats = learner.step(step, lambda task: streams[task].next())
+        window.add_step(stats)
         done = step + 1
         if evaluator is not None and rank == 0 and (done % tcfg.eval_every == 0 or done == tcfg.steps):
             from mugato_ray.train_eval import write_snapshot
 
             # Not awaited: the actor scores it while training goes on.
-            snapshot = write_snapshot(local_cfg, raw_model, done, specs, layouts)
+            snapshot = write_snapshot(local_cfg, learner.raw_model, done, specs, layouts)
             evaluator.evaluate.remote(done, str(snapshot))
         log_now = done % tcfg.log_every == 0 or done == tcfg.steps
         ckpt_now = done % tcfg.checkpoint_every == 0 or done == tcfg.steps
         if not (log_now or ckpt_now):
             continue
-        metrics: dict[str, Any] = {"step": done, "lr": lr, "grad_norm": float(grad_norm)}
+        metrics: dict[str, Any] = {"step": done, "lr": stats.lr, "grad_norm": float(stats.grad_norm)}
         if log_now:
-            stats = torch.stack([loss_sum, loss_cnt, tokens, positions])
-            if world > 1:  # sums over ranks: tiny all-reduces, on log steps only
-                import torch.distributed as dist
-
-                dist.all_reduce(stats)
-                # DDP keeps replicas identical; max - min of a parameter checksum over ranks proves it.
-                checksum = torch.stack([p.detach().double().sum() for p in raw_model.parameters()]).sum()
-                spread = torch.stack([checksum, -checksum])
-                dist.all_reduce(spread, op=dist.ReduceOp.MAX)
-                metrics["rank_param_spread"] = float(spread.sum())
-            stats = stats.cpu()
-            elapsed = time.perf_counter() - t_window
-            metrics["tokens_per_s"] = float(stats[2].sum()) / elapsed
-            for j, task in enumerate(tasks):
-                if stats[1, j] > 0:
-                    metrics[f"loss/{task}"] = float(stats[0, j] / stats[1, j])
-                    metrics[f"nonpad/{task}"] = float(stats[2, j] / stats[3, j])
-            seen = stats[1] > 0
-            metrics["loss"] = float((stats[0][seen] / stats[1][seen]).mean()) if seen.any() else float("nan")
-            loss_sum.zero_()
-            loss_cnt.zero_()
-            tokens.zero_()
-            positions.zero_()
-            t_window = time.perf_counter()
+            metrics |= window.summary(tasks, world=world, params=learner.raw_model.parameters())
         if rank == 0:
             history.append(metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
-        if ckpt_now and local:
-            # Ray Train's driver mode (num_workers=0) does not persist checkpoints: write them in place.
-            path = save_local_checkpoint(cfg, raw_model, optimizer, done, specs, layouts)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
-        elif ckpt_now and rank == 0:
-            with tempfile.TemporaryDirectory() as tmp:
-                write_checkpoint(Path(tmp), raw_model, optimizer, done, cfg, specs, layouts)
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=checkpoint_dir_name(done))
-            # The controller registers a reported checkpoint asynchronously; a worker that died before
-            # that would restart from the previous one (or from step 0). Wait until it is committed.
-            ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
-        else:
-            ray.train.report(metrics)
+        report(metrics, done, ckpt_now, learner, config, rank)
     return history
 
 
@@ -449,37 +230,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 # The driver
 
 
-def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
-    """Train on every task's store under ``<run_dir>/data/``; resumes the run if it has checkpoints.
-
-    Needs a connected Ray (``cli.init_ray``). ``plan`` defaults to ``plan_resources(cfg,
-    ray.cluster_resources())``.
-    """
-    import ray
+def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any) -> Any:
+    """The ``TorchTrainer`` that runs :func:`train_loop_per_worker` on ``plan.train_workers`` workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    for key in ("log_every", "checkpoint_every"):
-        if getattr(cfg.train, key) < 1:
-            raise ValueError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
-    plan = plan or plan_resources(cfg, ray.cluster_resources())
-    log.info("resources: %s", describe(plan, len(cfg.tasks)))
-    data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers))
     resources = {"CPU": plan.cpus_per_worker} | ({"GPU": 1} if plan.use_gpu else {})
-    crash_at = os.environ.get(CRASH_ENV)
-    evaluator = None
-    if cfg.train.eval_every > 0:
-        from mugato_ray.train_eval import start_evaluator
-
-        evaluator = start_evaluator(cfg, plan.eval_cpus)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             "cfg": cfg,
             "plan": plan,
             "specs": data.specs,
             "layouts": data.layouts,
-            "crash_at_step": int(crash_at) if crash_at else None,
+            "crash_at_step": FaultHook.from_env(),
             # Resolved here: Ray Train workers do not run in the driver's directory.
             "run_dir_abs": str(Path(cfg.run_dir).resolve()),
             "local_mode": plan.train_workers == 0,
@@ -497,6 +261,29 @@ def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
         ),
         datasets=data.datasets,
     )
+
+
+def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
+    """Train on every task's store under ``<run_dir>/data/``; resumes the run if it has checkpoints.
+
+    Needs a connected Ray (``cli.init_ray``). ``plan`` defaults to ``plan_resources(cfg,
+    ray.cluster_resources())``.
+    """
+    import ray
+    import ray.train
+
+    for key in ("log_every", "checkpoint_every"):
+        if getattr(cfg.train, key) < 1:
+            raise ValueError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
+    plan = plan or plan_resources(cfg, ray.cluster_resources())
+    log.info("resources: %s", describe(plan, len(cfg.tasks)))
+    data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers))
+    evaluator = None
+    if cfg.train.eval_every > 0:
+        from mugato_ray.train_eval import start_evaluator
+
+        evaluator = start_evaluator(cfg, plan.eval_cpus)
+    trainer = make_trainer(cfg, plan, data, evaluator)
     try:
         result = trainer.fit()
         # Actor calls run in order: this returns once every submitted snapshot is scored.

@@ -20,20 +20,13 @@ import pytest
 import ray
 import torch
 
+from mugato_ray.checkpoints import latest_checkpoint, read_state, verify_checkpoint
 from mugato_ray.config import load_config
 from mugato_ray.data import load_layouts, write_synthetic_store
+from mugato_ray.learner import CRASH_ENV, lr_at, make_optimizer
 from mugato_ray.model import GatoModel, load_model
 from mugato_ray.resources import plan_resources
-from mugato_ray.train import (
-    CRASH_ENV,
-    TrainingFailedError,
-    latest_checkpoint,
-    lr_at,
-    make_optimizer,
-    read_state,
-    train,
-    verify_checkpoint,
-)
+from mugato_ray.train import TrainingFailedError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
@@ -218,7 +211,7 @@ def test_resume_skips_unfinished_and_corrupt_checkpoints_and_says_which(local_ra
     c1, c2, c3 = sorted(latest_checkpoint(cfg).parent.glob("checkpoint_*"))
     (c3 / "manifest.json").unlink()  # killed before its manifest was written: never completed
     (c2 / "state.pt").write_bytes(b"garbage")
-    with caplog.at_level(logging.WARNING, logger="mugato_ray.train"):
+    with caplog.at_level(logging.WARNING, logger="mugato_ray.checkpoints"):
         assert latest_checkpoint(cfg) == c1
     assert c3.name in caplog.text and "no manifest.json" in caplog.text and c2.name in caplog.text
     assert "state.pt" in verify_checkpoint(c2)

@@ -1,0 +1,174 @@
+"""Checkpoint directories: what one holds, how it is written, verified and found again.
+
+A checkpoint is one directory, ``<storage_path>/<run_name>/checkpoint_<step:08d>``, holding:
+
+- ``model.pt``: the weights and model config (``model.save_model``);
+- ``state.pt``: ``{"format", "step", "optimizer", "torch_rng"}`` (the optimizer's state dict, the
+  optimizer steps done, rank 0's torch RNG state);
+- ``config.yaml``: the run's config; ``layouts.json``: the task specs and sequence layouts
+  (``data.save_layouts``); ``tokenizer.json``: a copy of the BPE when ``tokenizer.text: bpe``;
+- ``manifest.json``, written last: the size and SHA-256 of every other file.
+
+Every file loads without executing code (``weights_only`` loads, YAML, JSON).
+
+Verify: a checkpoint is complete when its manifest exists, lists ``model.pt`` and ``state.pt``, and
+every file it lists has the listed size and SHA-256 (:func:`verify_checkpoint`). A checkpoint without a
+manifest was never completed (the writer was killed before its last file).
+
+Resume: a run resumes from its newest checkpoint that verifies, whatever Ray Train's own bookkeeping
+says (:func:`latest_checkpoint`, newest first; each newer one skipped is logged with its reason); when
+none verifies, training starts at step 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mugato_ray.config import Config, save_config
+from mugato_ray.data import LAYOUTS_FILE, save_layouts
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.pt", "state.pt", "config.yaml"
+TOKENIZER_FILE = "tokenizer.json"
+"""The copy of the BPE tokenizer (``tokenizer.bpe_path``) in a checkpoint of a ``tokenizer.text: bpe`` run."""
+MANIFEST_FILE = "manifest.json"
+"""Written last into every checkpoint: each file's size and SHA-256, so a checkpoint can be verified."""
+STATE_FORMAT = 1
+
+
+def run_name(cfg: Config) -> str:
+    """Ray Train run name: the run directory's name (the same run directory resumes the same run)."""
+    return Path(cfg.run_dir).resolve().name or "run"
+
+
+def storage_path(cfg: Config) -> str:
+    """Where Ray Train keeps checkpoints: ``train.storage_path`` (a path, or a URI such as ``s3://...``)
+    or ``<run_dir>/checkpoints``; paths are made absolute."""
+    if cfg.train.storage_path and "://" in cfg.train.storage_path:
+        return cfg.train.storage_path
+    return str(Path(cfg.train.storage_path or Path(cfg.run_dir) / "checkpoints").resolve())
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"checkpoint_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """``manifest.json``: size and SHA-256 of every other file of ``directory``; written last, atomically."""
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    tmp = directory / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(json.dumps({"files": manifest}, indent=1))
+    return tmp.replace(directory / MANIFEST_FILE)
+
+
+def verify_checkpoint(directory: Path) -> str | None:
+    """None when ``directory`` is a complete checkpoint whose files match its manifest, else the reason."""
+    directory = Path(directory)
+    try:
+        files = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except FileNotFoundError:
+        return f"no {MANIFEST_FILE} (it is written last: the checkpoint was never completed)"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{MANIFEST_FILE} is unreadable ({e})"
+    for name in (MODEL_FILE, STATE_FILE):
+        if name not in files:
+            return f"{MANIFEST_FILE} does not list {name}"
+    for name, want in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want.get("bytes"):
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {want.get('bytes')}"
+        if _sha256(path) != want.get("sha256"):
+            return f"{name} does not match its SHA-256 in the manifest"
+    return None
+
+
+def latest_checkpoint(cfg: Config, warn: bool = True) -> Path:
+    """The newest checkpoint of this run that verifies against its manifest, whatever Ray's own bookkeeping
+    says (checked newest first, so older ones are not read). Newer ones that do not verify are logged
+    (``warn``), each with its reason and folder. FileNotFoundError naming where it looked, and what it
+    skipped, when none verifies."""
+    if "://" in storage_path(cfg):
+        raise ValueError(f"train.storage_path={storage_path(cfg)!r} is not a local or mounted path; open its "
+                         "checkpoints with ray.train.Result.from_path")
+    root = Path(storage_path(cfg)) / run_name(cfg)
+    newest, skipped = None, []
+    for d in sorted(root.glob("checkpoint_[0-9]*"), reverse=True) if root.is_dir() else []:
+        why = verify_checkpoint(d) if d.is_dir() else "not a directory"
+        if why is None:
+            newest = d
+            break
+        skipped.append((d, why))
+    if warn:
+        for d, why in skipped:
+            log.warning("checkpoint %s does not verify (%s); using %s instead. Delete that folder to silence "
+                        "this.", d, why, newest or "none (training starts at step 0)")
+    if newest is None:
+        also = f"; skipped {len(skipped)} that do not verify: {[str(d) for d, _ in skipped][:3]}" if skipped else ""
+        raise FileNotFoundError(f"no checkpoint of run '{run_name(cfg)}' under {root}{also}; train first "
+                                "(jobs/train.py)")
+    return newest
+
+
+def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     cfg: Config, specs: dict, layouts: dict) -> None:
+    """Fill ``directory`` with model.pt, state.pt, config.yaml, layouts.json (and a BPE tokenizer.json),
+    then manifest.json."""
+    from mugato_ray.model import save_model
+
+    save_model(model, directory / MODEL_FILE)
+    torch.save({"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
+    save_config(cfg, directory)
+    save_layouts(directory / LAYOUTS_FILE, specs, layouts)
+    if cfg.tokenizer.text == "bpe" and cfg.tokenizer.bpe_path:
+        shutil.copyfile(cfg.tokenizer.bpe_path, directory / TOKENIZER_FILE)
+    write_manifest(directory)  # last: a checkpoint without it never completed
+
+
+def save_local_checkpoint(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                          specs: dict, layouts: dict) -> Path:
+    """Write a checkpoint straight into the run's storage (complete or absent: a hidden temporary
+    directory renamed into place) and keep the newest ``train.keep_checkpoints``."""
+    root = Path(storage_path(cfg)) / run_name(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_dir_name(step)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    write_checkpoint(tmp, model, optimizer, step, cfg, specs, layouts)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in sorted(root.glob("checkpoint_[0-9]*"))[: -cfg.train.keep_checkpoints]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    """state.pt of a checkpoint directory (``weights_only=True``); ValueError naming the file if bad."""
+    path = Path(directory) / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated or foreign files
+        raise ValueError(f"training state {path} is missing or corrupt: {e}") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"training state {path}: expected format {STATE_FORMAT}")
+    return state

@@ -1,0 +1,294 @@
+"""The learning step, apart from Ray: batches in, statistics out.
+
+- :class:`Learner` runs one optimizer step: it sets the step's learning rate, accumulates gradients over
+  ``M`` micro-batches whose tasks come from the weighted mixture (``data.step_tasks``: the same tasks in
+  the same order on every rank), each micro-batch's loss being its task's mean over loss tokens weighted
+  ``1/M``; under DDP only the last micro-batch's backward synchronizes (``no_sync`` on the others); then
+  global gradient-norm clipping and the optimizer step. bf16 autocast on GPU only.
+- AdamW (weight decay on matrices and embeddings, i.e. tensors with >= 2 dims; none on norms and
+  biases), linear warmup then cosine decay to ``lr * min_lr_ratio`` (:func:`lr_at`, a pure function of
+  the step, so a resumed run needs no scheduler state).
+- :class:`MetricWindow` sums each task's loss, real tokens and computed positions on the device between
+  log steps and turns them into the logged metrics (``loss``, ``loss/<task>``, ``nonpad/<task>``,
+  ``tokens_per_s``, and ``rank_param_spread`` over several ranks).
+- :func:`restore` builds the model and optimizer, from a checkpoint directory or from scratch, and seeds
+  torch from ``(train.seed, rank, start step)``: every (re)start is reproducible.
+- :class:`FaultHook`: the one fault-injection hook, ``MUGATO_TEST_CRASH_AT_STEP=<n>`` (tests only).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mugato_ray.checkpoints import MODEL_FILE, read_state
+from mugato_ray.config import Config, TrainConfig
+from mugato_ray.data import micro_batches_per_step, step_tasks
+from mugato_ray.model import GatoModel
+from mugato_ray.sequence import SequenceLayout
+from mugato_ray.tokenizer import VocabLayout
+
+CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
+
+Batch = Mapping[str, torch.Tensor]
+
+# ---------------------------------------------------------------------------------------------
+# Optimization
+
+
+def lr_at(step: int, tcfg: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < tcfg.warmup_steps:
+        return tcfg.lr * (step + 1) / tcfg.warmup_steps
+    progress = min(1.0, (step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps))
+    return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on tensors with >= 2 dims (matmul weights, conv kernels, embedding tables, as
+    nanoGPT and GATO's "matrices"), none on norms and biases."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+
+
+def touch_all(model: torch.nn.Module) -> torch.Tensor:
+    """A zero that depends on every parameter.
+
+    Added to each micro-batch's loss so that every parameter gets a gradient in every backward, even
+    those a task does not use (the patch embedding in a text-only micro-batch). DDP then needs no
+    ``find_unused_parameters`` (which walks the autograd graph after every forward and interacts
+    subtly with ``no_sync`` accumulation), its buckets become ready in the same order for every task,
+    and the gradients are unchanged (d(0 * sum p)/dp = 0). It costs one read of the parameters.
+    """
+    return sum(p.sum() for p in model.parameters()) * 0.0
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, out of its DDP wrapper if it has one."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------------------------------------
+# Restore
+
+
+@dataclass
+class LoopState:
+    """What a training attempt starts from: restored from a checkpoint, or fresh at step 0."""
+
+    step: int
+    """The first optimizer step to run (the checkpoint's step, or 0)."""
+    model: torch.nn.Module
+    """The model as prepared for training (a DDP wrapper when training runs on several ranks)."""
+    optimizer: torch.optim.AdamW
+    """:func:`make_optimizer` over the unwrapped model, with the checkpoint's state loaded."""
+    checkpoint: Path | None = None
+    """The checkpoint directory it was restored from (None: a fresh start)."""
+
+
+def build_model(cfg: Config, vocab: VocabLayout) -> GatoModel:
+    """A new model of ``cfg.model`` for ``vocab``, with the tokenizer's patch size and mu-law parameters."""
+    return GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size, mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
+
+
+def attempt_seed(seed: int, rank: int, start: int) -> int:
+    """torch's seed for an attempt of ``rank`` that starts at step ``start``."""
+    return int(np.random.SeedSequence([seed, rank, start]).generate_state(1)[0])
+
+
+def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int = 0,
+            prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> LoopState:
+    """Build the model and its optimizer, from the checkpoint in ``directory`` or (None) from scratch.
+
+    Torch is seeded from ``(train.seed, rank, start step)``; on rank 0 a checkpoint's torch RNG state then
+    replaces that seed. ``prepare`` (e.g. ``ray.train.torch.prepare_model``: to the device, DDP) runs on
+    the model before the optimizer is made, so that the optimizer's state lands on the model's device.
+    """
+    model: torch.nn.Module = build_model(cfg, vocab)
+    state: dict[str, Any] | None = None
+    if directory is not None:
+        from mugato_ray.model import load_model
+
+        model.load_state_dict(load_model(Path(directory) / MODEL_FILE).state_dict())
+        state = read_state(Path(directory))
+    start = int(state["step"]) if state is not None else 0
+    # Seeds depend on the rank and the step the attempt starts at: every (re)start is reproducible.
+    torch.manual_seed(attempt_seed(cfg.train.seed, rank, start))
+    if state is not None and rank == 0:
+        torch.set_rng_state(state["torch_rng"])
+    if prepare is not None:
+        model = prepare(model)
+    optimizer = make_optimizer(unwrap(model), cfg.train)
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return LoopState(step=start, model=model, optimizer=optimizer,
+                     checkpoint=Path(directory) if directory is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+@dataclass
+class MicroStats:
+    """One micro-batch of a step: its task (an index into the configured tasks) and its counts."""
+
+    task: int
+    loss: torch.Tensor
+    """Scalar, detached: the task's mean loss over the micro-batch's loss tokens."""
+    num_tokens: torch.Tensor | int
+    """Real (non-pad) tokens of the micro-batch."""
+    num_positions: int
+    """Positions the blocks computed (after packing)."""
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step reports; tensors stay on the device (reading them synchronizes a GPU)."""
+
+    step: int
+    lr: float
+    grad_norm: torch.Tensor
+    """Global gradient norm before clipping."""
+    micro: list[MicroStats] = field(default_factory=list)
+
+    def mean_loss(self) -> float:
+        """Mean of the micro-batches' losses (reads them back from the device)."""
+        return float(torch.stack([m.loss.double() for m in self.micro]).mean())
+
+
+class Learner:
+    """One optimizer step of a (possibly DDP-wrapped) model on micro-batches of the task mixture."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
+                 layouts: Mapping[str, SequenceLayout], device: torch.device | str = "cpu"):
+        self.model, self.optimizer, self.cfg, self.layouts = model, optimizer, cfg, layouts
+        self.device = torch.device(device)
+        self.raw_model = unwrap(model)
+        self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                    else contextlib.nullcontext())
+        self.tasks = [t.name for t in cfg.tasks]
+        self.micro_batches = micro_batches_per_step(cfg)
+        self.model.train()
+
+    def step(self, step_index: int, next_batch: Callable[[str], Batch]) -> StepStats:
+        """Optimizer step ``step_index``: ``next_batch(task)`` gives each micro-batch of the step's tasks."""
+        tcfg, m = self.cfg.train, self.micro_batches
+        lr = lr_at(step_index, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = []
+        for i, k in enumerate(step_tasks(self.cfg, step_index)):
+            task = self.tasks[k]
+            batch = next_batch(task)
+            sync = not self.ddp or i == m - 1
+            with (contextlib.nullcontext() if sync else self.model.no_sync()), self.amp:
+                out = self.model(batch, self.layouts[task])
+                (out.loss / m + touch_all(self.raw_model)).backward()
+            micro.append(MicroStats(int(k), out.loss.detach(), out.num_tokens, out.num_positions))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tcfg.grad_clip)
+        self.optimizer.step()
+        return StepStats(step_index, lr, grad_norm, micro)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+
+
+class MetricWindow:
+    """Per-task sums between two log steps, kept on the device: reading a loss back (``.item()``) would
+    synchronize a GPU every micro-batch."""
+
+    def __init__(self, num_tasks: int, device: torch.device | str = "cpu"):
+        def zeros() -> torch.Tensor:
+            return torch.zeros(num_tasks, dtype=torch.float64, device=device)
+
+        self.loss_sum, self.loss_cnt = zeros(), zeros()
+        self.tokens = zeros()  # real (non-pad) tokens
+        self.positions = zeros()  # positions the blocks computed
+        self.started = time.perf_counter()
+
+    def add(self, task: int, loss: torch.Tensor, num_tokens: torch.Tensor | int, num_positions: int) -> None:
+        """One micro-batch of task index ``task``."""
+        self.loss_sum[task] += loss.detach().double()
+        self.loss_cnt[task] += 1
+        self.tokens[task] += num_tokens
+        self.positions[task] += num_positions
+
+    def add_step(self, stats: StepStats) -> None:
+        for m in stats.micro:
+            self.add(m.task, m.loss, m.num_tokens, m.num_positions)
+
+    def reset(self) -> None:
+        for t in (self.loss_sum, self.loss_cnt, self.tokens, self.positions):
+            t.zero_()
+        self.started = time.perf_counter()
+
+    def summary(self, tasks: Sequence[str], elapsed: float | None = None, world: int = 1,
+                params: Iterable[torch.Tensor] = ()) -> dict[str, float]:
+        """The window's metrics, then a new window. Over ``world`` > 1 ranks the sums are all-reduced and
+        ``rank_param_spread`` is max - min over ranks of a checksum of ``params`` (DDP keeps it 0).
+        ``elapsed``: the window's seconds (None: measured now, after the sums are read back)."""
+        metrics: dict[str, float] = {}
+        stats = torch.stack([self.loss_sum, self.loss_cnt, self.tokens, self.positions])
+        if world > 1:  # sums over ranks: tiny all-reduces, on log steps only
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+            # DDP keeps replicas identical; max - min of a parameter checksum over ranks proves it.
+            checksum = torch.stack([p.detach().double().sum() for p in params]).sum()
+            spread = torch.stack([checksum, -checksum])
+            dist.all_reduce(spread, op=dist.ReduceOp.MAX)
+            metrics["rank_param_spread"] = float(spread.sum())
+        stats = stats.cpu()
+        if elapsed is None:
+            elapsed = time.perf_counter() - self.started
+        metrics["tokens_per_s"] = float(stats[2].sum()) / elapsed
+        for j, task in enumerate(tasks):
+            if stats[1, j] > 0:
+                metrics[f"loss/{task}"] = float(stats[0, j] / stats[1, j])
+                metrics[f"nonpad/{task}"] = float(stats[2, j] / stats[3, j])
+        seen = stats[1] > 0
+        metrics["loss"] = float((stats[0][seen] / stats[1][seen]).mean()) if seen.any() else float("nan")
+        self.reset()
+        return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Fault injection (tests only)
+
+
+class FaultHook:
+    """``MUGATO_TEST_CRASH_AT_STEP=<n>``: rank 0 exits hard (``os._exit(1)``) once, when it reaches step
+    ``n``; a marker file ``<run_dir>/.crashed_at_step_<n>`` makes the restarted attempt go on."""
+
+    def __init__(self, crash_at: int | None, run_dir: str | Path, rank: int):
+        self.crash_at, self.rank = crash_at, rank
+        self.marker = Path(run_dir) / f".crashed_at_step_{crash_at}"
+
+    @staticmethod
+    def from_env() -> int | None:
+        """The step set in the environment (read by the driver: workers may not share its environment)."""
+        value = os.environ.get(CRASH_ENV)
+        return int(value) if value else None
+
+    def before_step(self, step: int) -> None:
+        if self.crash_at is not None and step == self.crash_at and self.rank == 0 and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.touch()
+            os._exit(1)

@@ -1,0 +1,128 @@
+"""The learning step without Ray: a plain model, plain dict batches, one process."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mugato_ray.checkpoints import read_state, verify_checkpoint, write_checkpoint
+from mugato_ray.config import load_config
+from mugato_ray.data import task_layouts
+from mugato_ray.learner import Learner, MetricWindow, MicroStats, StepStats, attempt_seed, lr_at, restore
+from tests.test_model import VOCAB, make_batch, text_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = "text-arith"
+LAYOUT = text_layout(16)
+
+
+def make_cfg(run_dir, *overrides):
+    return load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}", f"tasks=[{{name: {TASK}}}]",
+                                                     "train.steps=20", "train.warmup_steps=2", "train.lr=3e-3",
+                                                     *overrides])
+
+
+def fresh_learner(cfg, seed: int = 0) -> Learner:
+    torch.manual_seed(seed)  # restore does not seed the initial weights: the test does
+    state = restore(cfg, VOCAB, None, rank=0)
+    return Learner(state.model, state.optimizer, cfg, {TASK: LAYOUT})
+
+
+def test_steps_on_a_fixed_batch_lower_the_loss_and_report_their_stats(tmp_path):
+    cfg = make_cfg(tmp_path, "train.grad_accum=2")
+    learner = fresh_learner(cfg)
+    batch = make_batch(LAYOUT, [1, 1, 1, 1], seed=7)
+    asked = []
+
+    def next_batch(task):
+        asked.append(task)
+        return batch
+
+    losses = []
+    for step in range(cfg.train.steps):
+        stats = learner.step(step, next_batch)
+        assert stats.step == step and stats.lr == pytest.approx(lr_at(step, cfg.train))
+        assert [m.task for m in stats.micro] == [0, 0] and math.isfinite(float(stats.grad_norm))
+        assert all(int(m.num_tokens) > 0 and m.num_positions > 0 for m in stats.micro)
+        assert not stats.micro[0].loss.requires_grad
+        losses.append(stats.mean_loss())
+    assert asked == [TASK] * 2 * cfg.train.steps
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(cfg.train.steps - 1, cfg.train))
+    # A uniform predictor scores ln(|V|) ~ 5.8 nats on random bytes; 20 AdamW steps memorize a good part.
+    assert losses[-1] < losses[0] - 1.0, losses
+    assert losses[-1] < min(losses[:5])
+
+
+def test_m_identical_micro_batches_make_the_same_step_as_one(tmp_path):
+    """Each micro-batch's loss is weighted 1/M: M copies of a batch give exactly the gradient of one."""
+    batch = make_batch(LAYOUT, [1, 1, 1], seed=3)
+    results = []
+    for m in (1, 3):
+        cfg = make_cfg(tmp_path, f"train.grad_accum={m}", "train.grad_clip=1.0e9")  # clipping would hide a scale
+        learner = fresh_learner(cfg, seed=5)
+        stats = learner.step(0, lambda task: batch)
+        assert len(stats.micro) == m
+        results.append((stats, dict(learner.raw_model.named_parameters())))
+    (one, p1), (three, p3) = results
+    assert float(three.grad_norm) == pytest.approx(float(one.grad_norm), rel=1e-5)
+    assert float(one.grad_norm) > 0
+    for name, p in p1.items():
+        # (The parameters themselves are not compared: AdamW's first update is ~lr * sign(grad), which
+        # rounding can flip on gradients that are ~0, such as the key biases' under softmax.)
+        torch.testing.assert_close(p3[name].grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_metric_window_summary_on_known_sums_then_resets():
+    tasks = ["a", "b", "c"]
+    window = MetricWindow(len(tasks))
+    window.add(0, torch.tensor(2.0), 10, 20)
+    window.add(0, torch.tensor(4.0), torch.tensor(6), 12)
+    window.add_step(StepStats(0, 1e-3, torch.tensor(1.0), [MicroStats(1, torch.tensor(1.0), 3, 4)]))
+    metrics = window.summary(tasks, elapsed=2.0)
+    assert metrics == {"tokens_per_s": 9.5, "loss/a": 3.0, "nonpad/a": 0.5, "loss/b": 1.0, "nonpad/b": 0.75,
+                       "loss": 2.0}
+    assert list(metrics) == ["tokens_per_s", "loss/a", "nonpad/a", "loss/b", "nonpad/b", "loss"]
+    for t in (window.loss_sum, window.loss_cnt, window.tokens, window.positions):
+        assert t.dtype == torch.float64 and not t.any()
+    empty = window.summary(tasks, elapsed=1.0)
+    assert set(empty) == {"tokens_per_s", "loss"} and empty["tokens_per_s"] == 0.0 and math.isnan(empty["loss"])
+    window.add(2, torch.tensor(0.5), 1, 1)
+    assert window.summary(tasks)["loss"] == 0.5  # elapsed measured by the window itself
+
+
+def test_restore_round_trips_a_checkpoint_and_seeds_the_attempt(tmp_path):
+    cfg = make_cfg(tmp_path)
+    specs, _ = task_layouts(cfg)
+    batch = make_batch(LAYOUT, [1, 1], seed=11)
+    learner = fresh_learner(cfg)
+    for step in range(3):
+        learner.step(step, lambda task: batch)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    write_checkpoint(ckpt, learner.raw_model, learner.optimizer, 3, cfg, specs, {TASK: LAYOUT})
+    assert verify_checkpoint(ckpt) is None and (ckpt / "layouts.json").is_file()
+
+    state = restore(cfg, VOCAB, ckpt, rank=0)
+    assert state.step == 3 and state.checkpoint == ckpt
+    assert torch.equal(torch.get_rng_state(), read_state(ckpt)["torch_rng"])  # rank 0: the saved RNG
+    want, got = learner.raw_model.state_dict(), state.model.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    saved, loaded = learner.optimizer.state_dict(), state.optimizer.state_dict()
+    assert saved["param_groups"] == loaded["param_groups"] and saved["state"].keys() == loaded["state"].keys()
+    for i, s in saved["state"].items():
+        assert all(torch.equal(s[k], loaded["state"][i][k]) for k in s)
+    # The resumed learner makes the same next step as the one that kept going.
+    resumed = Learner(state.model, state.optimizer, cfg, {TASK: LAYOUT})
+    learner.step(3, lambda task: batch)
+    resumed.step(3, lambda task: batch)
+    for (name, p), q in zip(learner.raw_model.named_parameters(), resumed.raw_model.parameters()):
+        assert torch.equal(p, q), name
+
+    restore(cfg, VOCAB, ckpt, rank=1)  # other ranks: seeded from (train.seed, rank, start step)
+    assert torch.initial_seed() == attempt_seed(cfg.train.seed, 1, 3)
+    fresh = restore(cfg, VOCAB, None, rank=1)
+    assert fresh.step == 0 and fresh.checkpoint is None and not fresh.optimizer.state_dict()["state"]
+    assert torch.initial_seed() == attempt_seed(cfg.train.seed, 1, 0)
