@@ -28,12 +28,13 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mugato_ray.config import Config, save_config
 from mugato_ray.data import LAYOUTS_FILE, save_layouts
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -129,19 +130,29 @@ def latest_checkpoint(cfg: Config, warn: bool = True) -> Path:
     return newest
 
 
-def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     cfg: Config, specs: dict, layouts: dict) -> None:
-    """Fill ``directory`` with model.pt, state.pt, config.yaml, layouts.json (and a BPE tokenizer.json),
-    then manifest.json."""
-    from mugato_ray.model import save_model
+def write_acting_files(directory: Path, model: torch.nn.Module, cfg: Config, specs: dict, layouts: dict) -> Path:
+    """Everything needed to act with ``model``, in ``directory``: model.pt, config.yaml, layouts.json and,
+    for a BPE tokenizer, its copy tokenizer.json. Evaluation reads these, never the run's config or the
+    original BPE file. Returns the model file."""
+    from mugato_ray.model import save_model  # lazy: keeps torch out of processes that only read checkpoints
 
+    directory.mkdir(parents=True, exist_ok=True)
     save_model(model, directory / MODEL_FILE)
-    torch.save({"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
     save_config(cfg, directory)
     save_layouts(directory / LAYOUTS_FILE, specs, layouts)
     if cfg.tokenizer.text == "bpe" and cfg.tokenizer.bpe_path:
         shutil.copyfile(cfg.tokenizer.bpe_path, directory / TOKENIZER_FILE)
+    return directory / MODEL_FILE
+
+
+def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
+                     cfg: Config, specs: dict, layouts: dict) -> None:
+    """Fill ``directory`` with the acting files (:func:`write_acting_files`), state.pt, then manifest.json."""
+    import torch  # lazy: keeps torch out of processes that only read checkpoint file names and manifests
+
+    write_acting_files(directory, model, cfg, specs, layouts)
+    torch.save({"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
+                "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
     write_manifest(directory)  # last: a checkpoint without it never completed
 
 
@@ -164,6 +175,8 @@ def save_local_checkpoint(cfg: Config, model: torch.nn.Module, optimizer: torch.
 
 def read_state(directory: Path) -> dict[str, Any]:
     """state.pt of a checkpoint directory (``weights_only=True``); ValueError naming the file if bad."""
+    import torch  # lazy: as in write_checkpoint
+
     path = Path(directory) / STATE_FILE
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

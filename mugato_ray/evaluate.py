@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mugato_ray.checkpoints import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
 from mugato_ray.config import Config, TaskEntry, load_config
 from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_tasks
@@ -49,10 +50,6 @@ DATASET_REFERENCES = (1.0, 0.0)
 SOURCES = {"expert": "expert", "random": "random", "model": "policy"}
 """The episodes' source column (episodes.SOURCES) for each policy kind, as in collection."""
 
-MODEL_FILE = "model.pt"
-"""The model file inside a training checkpoint directory."""
-TOKENIZER_FILE = "tokenizer.json"
-"""A checkpoint's copy of its BPE tokenizer."""
 
 
 class EvaluationError(RuntimeError):
@@ -109,7 +106,7 @@ def checkpoint_config(cfg: Config, model_file: Path, log: Callable[[str], None] 
 
     Observations must become the ids the model learned; the evaluated config may describe another run.
     """
-    saved = model_file.parent / "config.yaml"
+    saved = model_file.parent / CONFIG_FILE
     if not saved.is_file():
         return cfg
     tokenizer = load_config(saved).tokenizer

@@ -47,7 +47,7 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
 
     t0 = time.perf_counter()
     log(f"== train: {cfg.train.steps} steps, model preset {cfg.model.preset}")
-    result = train(cfg)
+    result = train(cfg, resolved=resolved)
     seconds["train"] = time.perf_counter() - t0
     if result.checkpoint_path is None:
         raise RuntimeError(f"training under {cfg.run_dir} produced no checkpoint (train.steps={cfg.train.steps})")

@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from mugato_ray.checkpoints import (
 from mugato_ray.config import Config
 from mugato_ray.data import TaskData, build_datasets, task_batch_size, task_weights
 from mugato_ray.learner import FaultHook, Learner, LoopState, MetricWindow, restore
+from mugato_ray.resolve import ResolvedTask
 from mugato_ray.resources import Plan, describe, plan_resources
 from mugato_ray.tokenizer import VocabLayout
 
@@ -263,21 +265,18 @@ def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any) -> Any
     )
 
 
-def train(cfg: Config, plan: Plan | None = None) -> TrainResult:
+def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, ResolvedTask] | None = None) -> TrainResult:
     """Train on every task's store under ``<run_dir>/data/``; resumes the run if it has checkpoints.
 
     Needs a connected Ray (``cli.init_ray``). ``plan`` defaults to ``plan_resources(cfg,
-    ray.cluster_resources())``.
+    ray.cluster_resources())``; ``resolved`` (the run's tasks) to ``resolve_tasks(cfg)``.
     """
     import ray
     import ray.train
 
-    for key in ("log_every", "checkpoint_every"):
-        if getattr(cfg.train, key) < 1:
-            raise ValueError(f"train.{key} must be at least 1, got {getattr(cfg.train, key)}")
     plan = plan or plan_resources(cfg, ray.cluster_resources())
     log.info("resources: %s", describe(plan, len(cfg.tasks)))
-    data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers))
+    data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers), resolved=resolved)
     evaluator = None
     if cfg.train.eval_every > 0:
         from mugato_ray.train_eval import start_evaluator

@@ -1,7 +1,7 @@
 """Evaluation during training: snapshots of the weights are scored while training goes on.
 
 Every ``train.eval_every`` steps (and at the last step) rank 0 writes a snapshot of the weights,
-``<run_dir>/snapshots/step_<N>/model.pt`` with its ``layouts.json``, and hands its path to a
+``<run_dir>/snapshots/step_<N>/`` (model.pt, config.yaml, layouts.json, a BPE tokenizer), and hands its path to a
 :class:`TrainingEvaluator` actor without waiting. The actor scores snapshots one after the other, in
 its own process, with the evaluation harness's pieces (``RolloutWorker.sample`` for environment tasks,
 ``score_dataset_chunk`` for dataset tasks), on ``train.eval_episodes`` *validation* seeds per task:
@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from mugato_ray.checkpoints import MODEL_FILE, write_acting_files
 from mugato_ray.config import Config
 from mugato_ray.metrics import iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
@@ -41,7 +42,7 @@ def snapshot_root(cfg: Config) -> Path:
 
 def snapshot_file(cfg: Config, step: int) -> Path:
     """Where the snapshot of ``step`` lives: ``<run_dir>/snapshots/step_<step>/model.pt``."""
-    return snapshot_root(cfg) / f"step_{step:08d}" / "model.pt"
+    return snapshot_root(cfg) / f"step_{step:08d}" / MODEL_FILE
 
 
 def validation_seeds(cfg: Config) -> list[int]:
@@ -50,17 +51,13 @@ def validation_seeds(cfg: Config) -> list[int]:
 
 
 def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dict) -> Path:
-    """Save ``model``'s weights and the layouts for ``step``; returns the model file. ``cfg.run_dir`` must be
-    absolute (resolved in the driver): a Ray Train worker does not run in the driver's directory."""
-    from mugato_ray.data import LAYOUTS_FILE, save_layouts
-    from mugato_ray.model import save_model
-
+    """Save what acting with ``model`` at ``step`` needs (``checkpoints.write_acting_files``: weights, config,
+    layouts, BPE tokenizer); returns the model file. ``cfg.run_dir`` must be absolute (resolved in the
+    driver): a Ray Train worker does not run in the driver's directory."""
     path = snapshot_file(cfg, step)
     if not path.is_absolute():
         raise ValueError(f"snapshot path {path} is relative; resolve run_dir in the driver first")
-    save_model(model, path)
-    save_layouts(path.parent / LAYOUTS_FILE, specs, layouts)
-    return path
+    return write_acting_files(path.parent, model, cfg, specs, layouts)
 
 
 def score_policy(cfg: Config, task: str | ResolvedTask, policy: Any, seeds: Sequence[int]) -> dict:
