@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mugato_ray.config import Config, save_config
-from mugato_ray.data import LAYOUTS_FILE, save_layouts
+from mugato_ray.data import LAYOUTS_FILE, load_layouts, save_layouts
 
 if TYPE_CHECKING:
     import torch
@@ -185,3 +185,16 @@ def read_state(directory: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"training state {path}: expected format {STATE_FORMAT}")
     return state
+
+
+def checkpoint_layout(model_file: str | Path, task: str, space: Any) -> Any:
+    """The layout a checkpoint was trained with for ``task`` (its ``layouts.json``), so that acting uses
+    the training window; None when the checkpoint has no layouts file, lacks the task, or was trained on
+    another observation/action spec (then the caller derives the layout from the config)."""
+    path = Path(model_file).parent / LAYOUTS_FILE
+    if not path.is_file():
+        return None
+    specs, layouts = load_layouts(path)
+    if task not in layouts or specs[task] != space:
+        return None
+    return layouts[task]

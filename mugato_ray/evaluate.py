@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.checkpoints import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE
+from mugato_ray.checkpoints import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, checkpoint_layout
 from mugato_ray.config import Config, TaskEntry, load_config
 from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
-from mugato_ray.resolve import ResolvedTask, resolve_tasks
+from mugato_ray.resolve import ResolvedTask, resolve_tasks, task_spec
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
+from mugato_ray.sequence import make_layout
 
 if TYPE_CHECKING:
     from mugato_ray.tasks import TaskInfo
@@ -324,21 +325,23 @@ def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Seque
     seeds = [int(s) for s in seeds]
     if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
         raise ValueError(f"score_dataset_chunk({task!r}): seeds must be consecutive, got {seeds}")
-    model = None
+    model, layout = None, None
     if policy.kind == "model":
-        from mugato_ray.model import load_model
+        from mugato_ray.model import load_model  # lazy: torch stays out of the driver
 
         model = load_model(policy.checkpoint).eval()
         # Dataset texts fill the model's own window (a text episode is one step of model.context tokens).
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, context=model.cfg.context))
+        layout = checkpoint_layout(policy.checkpoint, task, task_spec(task, cfg))
     episodes = generate_episodes(task, len(seeds), seeds[0], cfg)
     pairs = [prompt_and_answer(task, ep) for ep in episodes]
     if policy.kind == "expert":
         answers = [a for _, a in pairs]
     else:
         tok = make_text_tokenizer(cfg.tokenizer)
-        answers = generate_answers(task, cfg, episodes, [p for p, _ in pairs], tok, model=model,
-                                   max_new=[len(tok.encode(a)) + 2 for _, a in pairs])
+        answers = generate_answers(task, cfg, episodes, [p for p, _ in pairs], tok, model=model, layout=layout,
+                                   max_new=[len(tok.encode(a)) + 2 for _, a in pairs],
+                                   temperature=policy.temperature)
     out = []
     for ep, (prompt, expected), answer in zip(episodes, pairs, answers):
         ok = score_text_answer(task, prompt, answer, expected)
@@ -348,77 +351,47 @@ def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Seque
 
 
 def generate_answers(task: str, cfg: Config, episodes: Sequence[Any], prompts: Sequence[str], text_tokenizer: Any,
-                     *, model: Any = None, max_new: Sequence[int]) -> list[str]:
-    """Text completions of B prompts: greedy from ``model``, or uniform legal ids (seeded by episode) without one.
+                     *, model: Any = None, max_new: Sequence[int], layout: Any = None,
+                     temperature: float = 0.0) -> list[str]:
+    """Text completions of B prompts: by ``model`` through the acting policy (``ModelPolicy.answer``: the same
+    KV cache and token loop as environment actions), or uniform legal ids (seeded by episode) without one.
 
-    Text tasks: the prompt is the start of the one text field (its local positions 0..len-1) and generation
-    continues it. VQA: the image and question are the observation of one step, then the separator; the answer
-    is generated into the action field. Legal ids: text ids and eos. Batched with a KV cache: rows whose
-    prompts differ in length are right-padded (pads are masked keys; positions are local, so a gap changes
-    nothing) and each new token is embedded at its row's own local position.
+    Text tasks: the prompt is the start of the one text field and generation continues it. VQA: the image
+    and question are the observation of one step, then the separator; the answer is generated into the
+    action field. ``layout``: the model's layout of the task (default: the task resolved under ``cfg``).
     """
-    import torch
-
-    from mugato_ray.resolve import task_spec
-    from mugato_ray.sequence import make_layout
-    from mugato_ray.tokenizer import decode_text, encode_observations, encode_text
+    from mugato_ray.tokenizer import decode_text, encode_text
 
     spec = task_spec(task, cfg)
-    layout = make_layout(task, spec, cfg.model.context)
+    layout = layout if layout is not None else make_layout(task, spec, cfg.model.context)  # a text task's one step
     vocab, act = spec.vocab, layout.fields[-1]
-    B, offset = len(prompts), layout.offsets()[act.key]
-    if spec.observation:  # VQA: one step of observation + separator; the answer field is generated
+    if spec.observation:  # VQA: the answer field is generated after the observation and separator
+        first = episodes[0].observations
         obs = {k: [ep.observations[k][0] for ep in episodes] if isinstance(v, list)
-               else np.concatenate([ep.observations[k] for ep in episodes]) for k, v in episodes[0].observations.items()}
-        tokens = {f"obs/{k}": v for k, v in encode_observations(spec, obs, text_tokenizer).items()}
-        tokens["sep"] = np.full((B, 1, 1), vocab.separator, np.int64)
-        pre_fields = layout.fields[:-1]
-        length_B = np.zeros(B, np.int64)  # tokens already in the answer field
+               else np.concatenate([ep.observations[k] for ep in episodes]) for k, v in first.items()}
+        prefixes = [[] for _ in episodes]
     else:  # text: the prompt is the start of the text field itself
         ids_BxT = encode_text(prompts, text_tokenizer, vocab, act.tokens)
-        length_B = (ids_BxT != vocab.pad).sum(axis=1)
-        width = max(int(length_B.max()), 1)
-        tokens, pre_fields = {act.key: ids_BxT[:, :width, None]}, [act]
-    budget_B = np.minimum(np.asarray(max_new, np.int64), act.tokens - length_B)
-    legal_V = np.zeros(vocab.size, bool)
-    legal_V[: vocab.text_size] = True
-    legal_V[vocab.eos] = True
-    steps = int(budget_B.max())
-    out_BxS = np.full((B, max(steps, 0)), vocab.pad, np.int64)
+        obs, prefixes = {}, [row[row != vocab.pad] for row in ids_BxT]
     if model is None:
-        legal_ids = np.flatnonzero(legal_V)
-        for b, ep in enumerate(episodes):
-            rng = np.random.default_rng(int(ep.seed))
-            out_BxS[b, : budget_B[b]] = rng.choice(legal_ids, size=int(budget_B[b]))
-    elif steps > 0:
-        with torch.no_grad():
-            t = {k: torch.from_numpy(np.ascontiguousarray(v[:, None])) for k, v in tokens.items()}
-            step0_Bx1 = torch.zeros((B, 1), dtype=torch.long)  # the one timestep of a text/VQA example
-            x, valid, _ = model.embed(t, pre_fields, step_index_BxE=step0_Bx1)
-            cache = model.new_cache(B, x.shape[1] + steps)
-            hidden = model.prefill(x, valid, cache)
-            last_B = torch.where(valid, torch.arange(valid.shape[1]), -1).max(dim=1).values.clamp(min=0)
-            logits_BxV = model.logits(hidden[torch.arange(B), last_B]).float()
-            illegal_V = torch.from_numpy(~legal_V)
-            for s in range(steps):
-                next_B = logits_BxV.masked_fill(illegal_V, float("-inf")).argmax(dim=-1)
-                out_BxS[:, s] = next_B.numpy()
-                if s == steps - 1:
-                    break
-                # Rows past their budget keep decoding (ignored) at their last position, inside the field.
-                pos_B = offset + np.minimum(length_B + s, act.tokens - 1)
-                x = torch.empty((B, 1, model.n_embd))
-                for pos in np.unique(pos_B):  # rows at the same local position embed together
-                    rows = torch.from_numpy(np.flatnonzero(pos_B == pos))
-                    x[rows] = model.embed(
-                        {act.key: next_B[rows].view(-1, 1, 1, 1)}, [act], pos0=int(pos), step_index_BxE=step0_Bx1[rows]
-                    )[0]
-                hidden = model.extend(x, torch.ones((B, 1), dtype=torch.bool), cache)
-                logits_BxV = model.logits(hidden[:, -1]).float()
-    answers = []
-    for b in range(B):
-        answers.append(decode_text(out_BxS[b, : budget_B[b]], text_tokenizer, vocab))
-    return answers
+        ids = _random_answers(vocab, episodes, [len(p) for p in prefixes], max_new, act.tokens)
+    else:
+        from mugato_ray.policy import ModelPolicy  # lazy: torch stays out of the driver
+
+        policy = ModelPolicy(model, spec, layout, text_tokenizer, len(episodes), temperature=temperature)
+        ids = policy.answer(obs, prefixes, max_new, seeds=[int(ep.seed) for ep in episodes])
+    return [decode_text(x, text_tokenizer, vocab) for x in ids]
+
+
+def _random_answers(vocab: Any, episodes: Sequence[Any], lengths: Sequence[int], max_new: Sequence[int],
+                    field_tokens: int) -> list[np.ndarray]:
+    """Uniform text ids or eos, as many as each answer may have, drawn from each episode's seed."""
+    legal_ids = np.concatenate([np.arange(vocab.text_size), [vocab.eos]])
+    out = []
+    for ep, length, budget in zip(episodes, lengths, max_new):
+        rng = np.random.default_rng(int(ep.seed))
+        out.append(rng.choice(legal_ids, size=int(min(budget, field_tokens - length))))
+    return out
 
 
 # ------------------------------------------------------------------------------------------- reports

@@ -42,8 +42,8 @@ import numpy as np
 import torch
 
 from mugato_ray.model import GatoModel, KVCache
-from mugato_ray.sequence import SequenceLayout
-from mugato_ray.tokenizer import SpaceSpec, decode_actions, encode_observations, legal_action_mask
+from mugato_ray.sequence import LayoutField, SequenceLayout
+from mugato_ray.tokenizer import Modality, SpaceSpec, decode_actions, encode_observations, legal_action_mask
 
 RECLAIM_FRACTION = 0.25
 """Compact the cache once at least this fraction of its length can be reclaimed."""
@@ -76,23 +76,14 @@ class ModelPolicy:
         self.num_envs, self.temperature, self.use_cache = num_envs, temperature, use_cache
         self.device = torch.device(device)
         self.vocab = spec.vocab
-        task, keys = layout.task, [f.key for f in layout.fields]
-        act = [f for f in layout.fields if f.role == "action"]
-        if len(act) != 1 or layout.fields[-1] is not act[0]:
-            raise ValueError(f"task {task!r}: acting needs one action field, last in the timestep; got fields {keys}")
-        self.act_field = act[0]
+        self.act_field = acting_field(spec, layout)
         self.pre_fields = layout.fields[:-1]  # observations and the separator
-        obs_keys = [f.key for f in self.pre_fields if f.role == "observation"]
-        spec_keys = [f"obs/{f.key}" for f in spec.observation]
-        if obs_keys != spec_keys:
-            raise ValueError(f"task {task!r}: layout observation fields {obs_keys} differ from the spec's {spec_keys}")
         self.act_offset = layout.offsets()[self.act_field.key]
-        self.legal_AxV = torch.from_numpy(legal_action_mask(spec)).to(self.device)
-        if self.legal_AxV.shape[0] != self.act_field.tokens:
-            raise ValueError(
-                f"task {task!r}: the spec has {self.legal_AxV.shape[0]} action tokens, the layout {self.act_field.tokens}"
-            )
+        self.legal_AxV = torch.from_numpy(legal_mask(spec, self.act_field, layout.task)).to(self.device)
+        self._init_histories(num_envs, prompt_tokens)
 
+    def _init_histories(self, num_envs: int, prompt_tokens: Mapping[str, np.ndarray] | None) -> None:
+        layout = self.layout
         N, E = num_envs, layout.steps
         # Histories in the row format: (N, steps, T, C) per field; env i's first n[i] steps are real.
         self.hist = {
@@ -101,7 +92,7 @@ class ModelPolicy:
             else np.full((N, E, f.tokens, f.channels), self.vocab.pad, np.int32)
             for f in layout.fields
         }
-        if use_cache:
+        if self.use_cache:
             # The same histories embedded (N, steps, step_tokens, D) and token validity: a re-encode reads
             # these instead of embedding its window again. The reference path re-embeds the tokens.
             S, D = layout.step_tokens, self.model.n_embd
@@ -170,13 +161,7 @@ class ModelPolicy:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """:meth:`act`, also returning the action ids (N, A) and the raw logits (N, A, V) they were chosen from."""
         N, A = self.num_envs, self.act_field.tokens
-        obs = encode_observations(self.spec, observations, self.text_tokenizer)
-        cur = {f"obs/{k}": v for k, v in obs.items()}
-        for k, v in cur.items():
-            if v.shape[0] != N:
-                raise ValueError(f"observation {k[4:]!r}: expected {N} envs in the leading dimension, got {v.shape[0]}")
-        if "sep" in self.hist:
-            cur["sep"] = np.full((N, 1, 1), self.vocab.separator, np.int64)
+        cur = self._step_tokens(observations)
         self._make_room()
         self.current = []
         # Histories keep embeddings without the step-in-window encoding (their steps move when the window
@@ -216,7 +201,63 @@ class ModelPolicy:
         self.n += 1
         return decode_actions(self.spec, ids), ids, logits_NxAxV.cpu().numpy()
 
+    @torch.no_grad()
+    def answer(self, observations: Mapping[str, np.ndarray | list[str]], prefixes: Sequence[Sequence[int]],
+               max_new: Sequence[int], seeds: Sequence[int]) -> list[np.ndarray]:
+        """Text answers of N one-step examples of a dataset task (text, VQA), with the cache and token loop of
+        :meth:`act`.
+
+        Every row starts a fresh episode (``seeds`` seed its sampling); the observations (VQA: image and
+        question; none for a text task) and the separator come first, then the text action field, which
+        starts with ``prefixes[i]`` (a text task's prompt is the start of that field; VQA: empty) and goes on
+        with up to ``max_new[i]`` ids chosen as in :meth:`act` (text ids or eos; greedy, or sampled), within
+        the field. Returns each row's chosen ids.
+        """
+        N, A = self.num_envs, self.act_field.tokens
+        if not len(prefixes) == len(max_new) == len(seeds) == N:
+            raise ValueError(f"answer: expected {N} prefixes, budgets and seeds")
+        length_N = np.asarray([len(p) for p in prefixes], np.int64)
+        if (not self.pre_fields and (length_N < 1).any()) or (length_N >= A).any():
+            raise ValueError(f"task {self.layout.task!r}: each prompt needs 1 to {A - 1} tokens "
+                             f"(lengths {length_N.tolist()})")
+        budget_N = np.minimum(np.asarray(max_new, np.int64), A - length_N)
+        total = int((length_N + budget_N).max())
+        forced_NxK = np.full((N, total), self.vocab.pad, np.int64)
+        for i, p in enumerate(prefixes):
+            forced_NxK[i, : len(p)] = p
+        forced = torch.from_numpy(forced_NxK).to(self.device)
+        is_forced = torch.from_numpy(np.arange(total)[None, :] < length_N[:, None]).to(self.device)
+        self.cache, self.current = None, []  # one-step episodes: every call starts from an empty cache
+        self.reset(range(N), seeds)
+        self.step_NxD = self.model.step_embedding(torch.zeros((N, 1), dtype=torch.long, device=self.device))[:, 0]
+        pieces = []
+        if self.pre_fields:
+            pre_x, pre_valid = self.model.embed(self._torch(self._step_tokens(observations), add_step=True),
+                                                self.pre_fields)[:2]
+            pieces = [pack_valid(pre_x + self.step_NxD, pre_valid)]
+        if self.use_cache:
+            self._refresh_cache()
+        ids_NxK = torch.empty((N, total), dtype=torch.long, device=self.device)
+        for k in range(total):
+            chosen = self._choose(self._next_logits(pieces), k) if pieces else forced[:, k]
+            ids_NxK[:, k] = torch.where(is_forced[:, k], forced[:, k], chosen)
+            pieces = [self._embed_action(ids_NxK[:, k], k)]
+        ids = ids_NxK.cpu().numpy()
+        return [ids[i, length_N[i]: length_N[i] + budget_N[i]] for i in range(N)]
+
     # -- internals --------------------------------------------------------------------------------
+
+    def _step_tokens(self, observations: Mapping[str, np.ndarray | list[str]]) -> dict[str, np.ndarray]:
+        """One timestep's observation tokens of all N envs, and the separator: layout key -> (N, T, C)."""
+        N = self.num_envs
+        obs = encode_observations(self.spec, observations, self.text_tokenizer)
+        cur = {f"obs/{k}": v for k, v in obs.items()}
+        for k, v in cur.items():
+            if v.shape[0] != N:
+                raise ValueError(f"observation {k[4:]!r}: expected {N} envs in the leading dimension, got {v.shape[0]}")
+        if "sep" in self.hist:
+            cur["sep"] = np.full((N, 1, 1), self.vocab.separator, np.int64)
+        return cur
 
     def _torch(self, tokens: Mapping[str, np.ndarray], add_step: bool = False) -> dict[str, torch.Tensor]:
         """numpy (N, [E,] T, C) -> torch on the device; ``add_step`` inserts E = 1."""
@@ -315,6 +356,34 @@ class ModelPolicy:
         u = torch.stack([torch.rand(masked.shape[-1], generator=g) for g in self.generators]).to(self.device)
         gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
         return (masked / self.temperature + gumbel).argmax(dim=-1)
+
+
+def acting_field(spec: SpaceSpec, layout: SequenceLayout) -> LayoutField:
+    """The layout's one action field, checked to be last in the timestep and to follow the spec's observations."""
+    task, keys = layout.task, [f.key for f in layout.fields]
+    act = [f for f in layout.fields if f.role == "action"]
+    if len(act) != 1 or layout.fields[-1] is not act[0]:
+        raise ValueError(f"task {task!r}: acting needs one action field, last in the timestep; got fields {keys}")
+    obs_keys = [f.key for f in layout.fields[:-1] if f.role == "observation"]
+    spec_keys = [f"obs/{f.key}" for f in spec.observation]
+    if obs_keys != spec_keys:
+        raise ValueError(f"task {task!r}: layout observation fields {obs_keys} differ from the spec's {spec_keys}")
+    return act[0]
+
+
+def legal_mask(spec: SpaceSpec, act_field: LayoutField, task: str) -> np.ndarray:
+    """``(action tokens, V)``: the ids each action token may take. A text action (a dataset task's answer)
+    may take any text id or eos; an env action the ids of its values (``tokenizer.legal_action_mask``)."""
+    if act_field.modality is Modality.TEXT:
+        legal_V = np.zeros(spec.vocab.size, bool)
+        legal_V[: spec.vocab.text_size] = True
+        legal_V[spec.vocab.eos] = True
+        return np.broadcast_to(legal_V, (act_field.tokens, spec.vocab.size)).copy()
+    legal = legal_action_mask(spec)
+    if legal.shape[0] != act_field.tokens:
+        raise ValueError(f"task {task!r}: the spec has {legal.shape[0]} action tokens, the layout "
+                         f"{act_field.tokens}")
+    return legal
 
 
 def pack_valid(

@@ -35,6 +35,7 @@ import numpy as np
 import ray
 
 from mugato_ray import envs, experts
+from mugato_ray.checkpoints import checkpoint_layout
 from mugato_ray.episodes import Episode, env_episode_id, read_episodes, stored_ids, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task
 
@@ -154,21 +155,6 @@ def make_policy(spec: PolicySpec, task: ResolvedTask, envs: Sequence[gym.Env], c
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return ModelPolicy(model, space, layout, text_tokenizer, len(envs), temperature=spec.temperature,
                        device=device, prompt_tokens=prompt)
-
-
-def checkpoint_layout(model_file: str | Path, task: str, space: Any) -> Any:
-    """The layout a checkpoint was trained with for ``task`` (its ``layouts.json``), so that acting uses
-    the training window; None when the checkpoint has no layouts file, lacks the task, or was trained on
-    another observation/action spec (then the caller derives the layout from the config)."""
-    from mugato_ray.data import LAYOUTS_FILE, load_layouts
-
-    path = Path(model_file).parent / LAYOUTS_FILE
-    if not path.is_file():
-        return None
-    specs, layouts = load_layouts(path)
-    if task not in layouts or specs[task] != space:
-        return None
-    return layouts[task]
 
 
 def demonstration_prompt(task: str, space: Any, layout: Any, text_tokenizer: Any, cfg: Config) -> dict:

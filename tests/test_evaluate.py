@@ -287,3 +287,46 @@ def test_two_node_cluster_runs_an_evaluation(tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_checkpoint_evaluates_after_its_run_config_and_bpe_file_are_gone(ray_local, tmp_path, capsys):
+    """A checkpoint carries what acting needs (config, layouts, BPE tokenizer): copied elsewhere, with its run
+    directory, config file and BPE file deleted, the evaluation job still scores it on its tasks."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from mugato_ray.checkpoints import TOKENIZER_FILE, write_checkpoint
+    from mugato_ray.data import task_layouts
+    from mugato_ray.datasets import generate_episodes, prompt_and_answer
+    from mugato_ray.learner import make_optimizer
+    from mugato_ray.tokenizer import train_bpe
+
+    byte_cfg = make_cfg(tmp_path, ["text-arith"])
+    corpus = ["".join(prompt_and_answer("text-arith", ep)) for ep in generate_episodes("text-arith", 200, 0, byte_cfg)]
+    bpe = tmp_path / "bpe" / "tokenizer.json"
+    train_bpe(corpus, vocab_size=300, path=bpe)
+    cfg = make_cfg(tmp_path, ["CartPole-v1", "text-arith"], episodes=2,
+                   tokenizer={"text": "bpe", "bpe_path": str(bpe)})
+    specs, layouts = task_layouts(cfg)
+    torch.manual_seed(0)
+    model = GatoModel(cfg.model, specs["CartPole-v1"].vocab, patch_size=cfg.tokenizer.patch_size)
+    original = tmp_path / "run" / "checkpoints" / "checkpoint_00000001"
+    original.mkdir(parents=True)
+    write_checkpoint(original, model, make_optimizer(model, cfg.train), 1, cfg, specs, layouts)
+    assert (original / TOKENIZER_FILE).is_file()
+    moved = tmp_path / "elsewhere" / "ckpt"
+    shutil.copytree(original, moved)
+    shutil.rmtree(tmp_path / "run")
+    shutil.rmtree(bpe.parent)
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "evaluate.py"
+    spec = importlib.util.spec_from_file_location("evaluate_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out_dir = tmp_path / "eval_run"
+    job.main(["--checkpoint", str(moved), f"run_dir={out_dir}"])  # no --config: the checkpoint's own
+    report = json.loads((out_dir / "eval" / "eval.json").read_text())
+    assert set(report["tasks"]) == {"CartPole-v1", "text-arith"}
+    assert all(t["episodes"] == 2 and t["failed"] == 0 for t in report["tasks"].values())
+    assert report["checkpoint"] == str((moved / "model.pt").resolve())
