@@ -187,8 +187,8 @@ def test_best_snapshot_takes_the_highest_iqm_then_the_latest_step():
 
 
 def test_acting_reads_the_window_a_checkpoint_was_trained_with(tmp_path):
-    from mugato_ray.data import save_layouts
     from mugato_ray.checkpoints import checkpoint_layout
+    from mugato_ray.data import save_layouts
 
     cfg = make_cfg(tmp_path, "[{name: CartPole-v1, window: 2}, {name: Pendulum-v1}]")
     specs, layouts = task_layouts(cfg)
