@@ -198,3 +198,28 @@ def checkpoint_layout(model_file: str | Path, task: str, space: Any) -> Any:
     if task not in layouts or specs[task] != space:
         return None
     return layouts[task]
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshots: the weights scored during training (mugato_ray.train_eval)
+
+SNAPSHOTS_DIR = "snapshots"
+
+
+def snapshot_root(cfg: Config) -> Path:
+    return Path(cfg.run_dir) / SNAPSHOTS_DIR
+
+
+def snapshot_file(cfg: Config, step: int) -> Path:
+    """Where the snapshot of ``step`` lives: ``<run_dir>/snapshots/step_<step>/model.pt``."""
+    return snapshot_root(cfg) / f"step_{step:08d}" / MODEL_FILE
+
+
+def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dict) -> Path:
+    """Save what acting with ``model`` at ``step`` needs (``checkpoints.write_acting_files``: weights, config,
+    layouts, BPE tokenizer); returns the model file. ``cfg.run_dir`` must be absolute (resolved in the
+    driver): a Ray Train worker does not run in the driver's directory."""
+    path = snapshot_file(cfg, step)
+    if not path.is_absolute():
+        raise ValueError(f"snapshot path {path} is relative; resolve run_dir in the driver first")
+    return write_acting_files(path.parent, model, cfg, specs, layouts)

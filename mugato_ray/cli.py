@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from mugato_ray import tasks
 from mugato_ray.config import Config, ConfigError, load_config
 
 
@@ -54,8 +55,6 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
 def preflight(cfg: Config, where: str, *, needs_tasks: bool = True) -> list[str]:
     """Every problem a job would otherwise meet only after Ray has started: no or unknown tasks, a
     ``run_dir`` that is a file or cannot be created, a task's store path that is a file."""
-    from mugato_ray import tasks  # the registry (imports gymnasium lazily)
-
     problems = []
     if needs_tasks and not cfg.tasks:
         problems.append(f"config key 'tasks' is empty (is {where} empty?): list at least one task")

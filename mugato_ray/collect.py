@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from mugato_ray.config import Config, TaskEntry
+from mugato_ray.datasets import generate_episodes
 from mugato_ray.episodes import env_episode_id, stored_ids, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_tasks
 from mugato_ray.rollout import (
@@ -117,8 +118,6 @@ def collect(cfg: Config, policy: PolicySpec = EXPERT, source: str = "expert", *,
 
 def _collect_dataset(cfg: Config, entry: TaskEntry, task: ResolvedTask, source: str, resume: bool,
                      log: Callable[[str], None]) -> CollectSummary:
-    from mugato_ray.datasets import generate_episodes  # lazy: only dataset tasks need it
-
     t0, out, seed = time.perf_counter(), store_dir(cfg, entry.name), cfg.rollout.seed
     summary = CollectSummary(entry.name, entry.episodes)
     # Generation is cheap and deterministic per seed: make them all, keep those not stored yet.

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mugato_ray.episodes import STORE_COLUMNS, Episode, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
 from mugato_ray.sequence import LayoutField, SequenceBuilder, SequenceLayout
 from mugato_ray.tokenizer import FieldSpec, Modality, SpaceSpec, VocabLayout
@@ -273,8 +274,6 @@ def check_store_files(files: Sequence[Path], task: str, spec: SpaceSpec) -> list
     holding rows of another task. Reads footers and the ``task`` column only."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from mugato_ray.episodes import STORE_COLUMNS
 
     needed = [*STORE_COLUMNS, *(f"obs.{f.key}" for f in spec.observation)]
     bad = []
@@ -518,8 +517,6 @@ def synthetic_episodes(task: str, spec: SpaceSpec, n: int, *, seed: int = 0, len
 
     Tasks whose action is text (text-only, vision-language) get one step, as their datasets do.
     """
-    from mugato_ray.episodes import Episode
-
     rng = np.random.default_rng(seed)
     (act,) = spec.action
     text_action = act.modality is Modality.TEXT
@@ -542,7 +539,6 @@ def write_synthetic_store(cfg: Config, episodes: int = 8, *, files: int = 1, see
                           length: tuple[int, int] = (4, 40)) -> dict[str, Path]:
     """Write ``episodes`` synthetic episodes of every configured task to its store, split over ``files``
     Parquet files (one Ray Data block each); task -> directory."""
-    from mugato_ray.episodes import write_episodes
     from mugato_ray.rollout import store_dir
 
     specs, _ = task_layouts(cfg)

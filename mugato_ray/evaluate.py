@@ -36,11 +36,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mugato_ray.checkpoints import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, checkpoint_layout
+from mugato_ray.collect import collect
 from mugato_ray.config import Config, TaskEntry, load_config
+from mugato_ray.datasets import generate_episodes, prompt_and_answer, resolve, score_text_answer
 from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_tasks, task_spec
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
 from mugato_ray.sequence import make_layout
+from mugato_ray.tokenizer import decode_text, encode_text, make_text_tokenizer
 
 if TYPE_CHECKING:
     from mugato_ray.tasks import TaskInfo
@@ -180,8 +183,6 @@ def _skip_reason(info: Any, policy: PolicySpec) -> str | None:
         if policy.kind == "expert" and info.expert == "none":
             return "the task has no expert"
         return None
-    from mugato_ray.datasets import resolve
-
     if not resolve(info.name).scorable:
         return f"dataset {info.dataset!r} has no exact answers to score"
     return None
@@ -194,7 +195,6 @@ def ensure_demonstration(cfg: Config, info: TaskInfo, log: Callable[[str], None]
     says so) when the store has none and the task has no expert to collect them: the task is then evaluated
     without a prompt, and its report entry says ``"prompted": false``.
     """
-    from mugato_ray.collect import collect
     from mugato_ray.rollout import store_dir
 
     folder = store_dir(cfg, info.name)
@@ -319,9 +319,6 @@ def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Seque
     Returns one outcome per seed: ``{"seed", "return" (1.0 right / 0.0 wrong), "length": 1, "success",
     "answer", "expected"}``. Consecutive seeds are generated in one call (an episode depends on its seed only).
     """
-    from mugato_ray.datasets import generate_episodes, prompt_and_answer, score_text_answer
-    from mugato_ray.tokenizer import make_text_tokenizer
-
     seeds = [int(s) for s in seeds]
     if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
         raise ValueError(f"score_dataset_chunk({task!r}): seeds must be consecutive, got {seeds}")
@@ -360,8 +357,6 @@ def generate_answers(task: str, cfg: Config, episodes: Sequence[Any], prompts: S
     and question are the observation of one step, then the separator; the answer is generated into the
     action field. ``layout``: the model's layout of the task (default: the task resolved under ``cfg``).
     """
-    from mugato_ray.tokenizer import decode_text, encode_text
-
     spec = task_spec(task, cfg)
     layout = layout if layout is not None else make_layout(task, spec, cfg.model.context)  # a text task's one step
     vocab, act = spec.vocab, layout.fields[-1]

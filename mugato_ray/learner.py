@@ -33,7 +33,7 @@ import torch
 from mugato_ray.checkpoints import MODEL_FILE, read_state
 from mugato_ray.config import Config, TrainConfig
 from mugato_ray.data import micro_batches_per_step, step_tasks
-from mugato_ray.model import GatoModel
+from mugato_ray.model import GatoModel, load_model
 from mugato_ray.sequence import SequenceLayout
 from mugato_ray.tokenizer import VocabLayout
 
@@ -120,8 +120,6 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
     model: torch.nn.Module = build_model(cfg, vocab)
     state: dict[str, Any] | None = None
     if directory is not None:
-        from mugato_ray.model import load_model
-
         model.load_state_dict(load_model(Path(directory) / MODEL_FILE).state_dict())
         state = read_state(Path(directory))
     start = int(state["step"]) if state is not None else 0

@@ -29,7 +29,7 @@ class MainResult:
 
 def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     """Collect -> train -> evaluate -> report, on a connected Ray (``cli.init_ray``)."""
-    # Lazy: importing the stages loads torch and gymnasium; the CLI imports this module before Ray starts.
+    # Lazy: the stages import torch and gymnasium; jobs/main.py imports this module before its config is checked.
     from mugato_ray.collect import collect
     from mugato_ray.evaluate import eval_dir, evaluate, summary_lines, write_report
     from mugato_ray.resolve import resolve_tasks
@@ -77,7 +77,7 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
 def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[str, dict | None]:
     """The weights to evaluate: the snapshot with the best IQM during training when snapshots were scored
     (``train.eval_every``), else the final checkpoint; and the report's "training" section (or None)."""
-    from mugato_ray.train_eval import best_snapshot
+    from mugato_ray.train_eval import best_snapshot  # lazy: as in run_main
 
     if not result.evaluations:
         return result.checkpoint_path, None

@@ -41,6 +41,7 @@ from mugato_ray.checkpoints import (
     save_local_checkpoint,
     storage_path,
     write_checkpoint,
+    write_snapshot,
 )
 from mugato_ray.config import Config
 from mugato_ray.data import TaskData, build_datasets, task_batch_size, task_weights
@@ -209,8 +210,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         window.add_step(stats)
         done = step + 1
         if evaluator is not None and rank == 0 and (done % tcfg.eval_every == 0 or done == tcfg.steps):
-            from mugato_ray.train_eval import write_snapshot
-
             # Not awaited: the actor scores it while training goes on.
             snapshot = write_snapshot(local_cfg, learner.raw_model, done, specs, layouts)
             evaluator.evaluate.remote(done, str(snapshot))
@@ -279,6 +278,7 @@ def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, Resolved
     data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers), resolved=resolved)
     evaluator = None
     if cfg.train.eval_every > 0:
+        # Lazy: the evaluator's rollouts import gymnasium, which training workers (importing this module) do not need.
         from mugato_ray.train_eval import start_evaluator
 
         evaluator = start_evaluator(cfg, plan.eval_cpus)

@@ -27,37 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from mugato_ray.checkpoints import MODEL_FILE, write_acting_files
+from mugato_ray.checkpoints import snapshot_root
 from mugato_ray.config import Config
+from mugato_ray.evaluate import dataset_references, score_dataset_chunk
 from mugato_ray.metrics import iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
+from mugato_ray.rollout import PolicySpec, RolloutWorker
 
-SNAPSHOTS_DIR = "snapshots"
 SCORES_FILE = "scores.json"
-
-
-def snapshot_root(cfg: Config) -> Path:
-    return Path(cfg.run_dir) / SNAPSHOTS_DIR
-
-
-def snapshot_file(cfg: Config, step: int) -> Path:
-    """Where the snapshot of ``step`` lives: ``<run_dir>/snapshots/step_<step>/model.pt``."""
-    return snapshot_root(cfg) / f"step_{step:08d}" / MODEL_FILE
 
 
 def validation_seeds(cfg: Config) -> list[int]:
     """The seeds snapshots are scored on: ``eval.validation_seed_offset + i`` for ``i < train.eval_episodes``."""
     return [cfg.eval.validation_seed_offset + i for i in range(cfg.train.eval_episodes)]
-
-
-def write_snapshot(cfg: Config, model: Any, step: int, specs: dict, layouts: dict) -> Path:
-    """Save what acting with ``model`` at ``step`` needs (``checkpoints.write_acting_files``: weights, config,
-    layouts, BPE tokenizer); returns the model file. ``cfg.run_dir`` must be absolute (resolved in the
-    driver): a Ray Train worker does not run in the driver's directory."""
-    path = snapshot_file(cfg, step)
-    if not path.is_absolute():
-        raise ValueError(f"snapshot path {path} is relative; resolve run_dir in the driver first")
-    return write_acting_files(path.parent, model, cfg, specs, layouts)
 
 
 def score_policy(cfg: Config, task: str | ResolvedTask, policy: Any, seeds: Sequence[int]) -> dict:
@@ -68,9 +50,6 @@ def score_policy(cfg: Config, task: str | ResolvedTask, policy: Any, seeds: Sequ
     is for collection).
     """
     import dataclasses
-
-    from mugato_ray.evaluate import dataset_references, score_dataset_chunk
-    from mugato_ray.rollout import PolicySpec, RolloutWorker
 
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
     task = resolve_task(task, cfg)
@@ -107,8 +86,6 @@ class TrainingEvaluator:
         self.records: list[dict] = read_scores(cfg)
 
     def evaluate(self, step: int, model_file: str) -> dict:
-        from mugato_ray.rollout import PolicySpec
-
         policy = PolicySpec("model", model_file, temperature=self.cfg.rollout.temperature)
         seeds = validation_seeds(self.cfg)
         tasks = {name: score_policy(self.cfg, task, policy, seeds) for name, task in self.tasks.items()}

@@ -11,6 +11,7 @@ import pytest
 
 from mugato_ray import experts
 from mugato_ray.baseline import BaselinePolicy, train_baseline
+from mugato_ray.checkpoints import snapshot_root
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter, WindowSampler, synthetic_episodes, task_layouts, write_synthetic_store
 from mugato_ray.episodes import episode_to_row
@@ -22,7 +23,7 @@ from mugato_ray.sequence import tokenize_episode
 from mugato_ray.tasks import reference_returns
 from mugato_ray.tokenizer import ByteTokenizer
 from mugato_ray.train import TrainResult, train
-from mugato_ray.train_eval import SCORES_FILE, best_snapshot, read_scores, score_policy, snapshot_root
+from mugato_ray.train_eval import SCORES_FILE, best_snapshot, read_scores, score_policy
 
 ROOT = Path(__file__).resolve().parents[1]
 
