@@ -110,7 +110,6 @@ class SequenceLayout:
         return out
 
 
-Mode = Literal["train", "act"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,31 +202,15 @@ def _ids_int32(x: np.ndarray) -> np.ndarray:
     return x if x.dtype == np.uint8 else x.astype(np.int32)
 
 
-def _length(tokens: dict[str, np.ndarray], layout: SequenceLayout, what: str = "tokens") -> int:
-    """Steps L shared by every layout field of ``tokens``; KeyError/ValueError naming the field otherwise."""
-    lengths = {}
-    for f in layout.fields:
-        if f.key not in tokens:
-            raise KeyError(f"{what} of task '{layout.task}' lack field '{f.key}' (got {sorted(tokens)})")
-        lengths[f.key] = len(tokens[f.key])
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"{what} of task '{layout.task}': fields have different step counts {lengths}")
-    return next(iter(lengths.values()))
-
-
 # ---------------------------------------------------------------------------------------------
 # Windows, prompts and padding
 
 
-def _window(length: int, max_steps: int, rng: np.random.Generator, mode: Mode) -> tuple[int, int]:
-    """``(start, stop)`` of a window of ``min(length, max_steps)`` whole steps."""
+def _window(length: int, max_steps: int, rng: np.random.Generator) -> tuple[int, int]:
+    """``(start, stop)`` of a uniformly placed window of ``min(length, max_steps)`` whole steps."""
     n = min(length, max_steps)
-    if mode == "act":
-        return length - n, length
-    if mode == "train":
-        start = int(rng.integers(0, length - n + 1))
-        return start, start + n
-    raise ValueError(f"mode must be 'train' or 'act', got {mode!r}")
+    start = int(rng.integers(0, length - n + 1))
+    return start, start + n
 
 
 def _prompt_range(length: int, rng: np.random.Generator, max_steps: int, end_fraction: float) -> tuple[int, int]:
@@ -237,60 +220,6 @@ def _prompt_range(length: int, rng: np.random.Generator, max_steps: int, end_fra
         return length - n, length
     start = int(rng.integers(0, length - n + 1))
     return start, start + n
-
-
-def choose_prompt(
-    tokens: dict[str, np.ndarray],
-    rng: np.random.Generator,
-    layout: SequenceLayout,
-    max_steps: int,
-    end_fraction: float,
-) -> dict[str, np.ndarray]:
-    """A prompt of ``min(L, max_steps)`` whole steps of a tokenized episode (views, not copies):
-    its last steps with probability ``end_fraction``, else a uniformly placed window (GATO: half each)."""
-    if max_steps < 1:
-        raise ValueError(f"task '{layout.task}': a prompt needs max_steps >= 1, got {max_steps}")
-    start, stop = _prompt_range(_length(tokens, layout, "prompt tokens"), rng, max_steps, end_fraction)
-    return {f.key: tokens[f.key][start:stop] for f in layout.fields}
-
-
-def make_sequence(
-    tokens: dict[str, np.ndarray],
-    layout: SequenceLayout,
-    rng: np.random.Generator,
-    *,
-    mode: Mode,
-    prompt: dict[str, np.ndarray] | None = None,
-    prompt_steps: int = 0,
-) -> dict[str, np.ndarray]:
-    """One row of the sequence format from a tokenized episode (:func:`tokenize_episode`).
-
-    Takes a window of at most ``layout.steps - prompt_steps`` WHOLE steps (never a partial step):
-    train: a uniformly random start; act: the most recent steps. The last ``prompt_steps`` steps of
-    ``prompt`` (tokenized steps of another episode of the task; 0 = all of them) come first and are
-    marked in ``prompt_mask``. Steps are padded at the end up to E. Returns layout key ->
-    ``(E, T, C)`` int32 ids / uint8 patches, ``step_mask`` and ``prompt_mask`` ``(E,)`` bool.
-    Inputs are never modified.
-    """
-    length = _length(tokens, layout)
-    if length < 1:
-        raise ValueError(f"task '{layout.task}': cannot make a sequence from an episode with 0 steps")
-    if prompt is None:
-        if prompt_steps:
-            raise ValueError(f"task '{layout.task}': prompt_steps={prompt_steps} but no prompt was given")
-    else:
-        prompt_len = _length(prompt, layout, "prompt tokens")
-        prompt_steps = prompt_steps or prompt_len
-        if not 0 < prompt_steps <= prompt_len:
-            raise ValueError(f"task '{layout.task}': prompt_steps={prompt_steps} must be in [1, {prompt_len}]")
-        if prompt_steps >= layout.steps:
-            raise ValueError(
-                f"task '{layout.task}': a prompt of {prompt_steps} steps leaves no room for the episode in "
-                f"E={layout.steps} steps; use at most {layout.steps - 1}"
-            )
-        prompt = {f.key: prompt[f.key][prompt_len - prompt_steps :] for f in layout.fields}
-    start, stop = _window(length, layout.steps - prompt_steps, rng, mode)
-    return _assemble(layout, prompt, {f.key: tokens[f.key][start:stop] for f in layout.fields})
 
 
 def _assemble(
@@ -404,7 +333,7 @@ class SequenceBuilder:
                 lo, hi = _prompt_range(donor.length, rng, max_prompt, self.prompt_end_fraction)
                 prompt = tokenize_episode(donor, self.spec, self.text_tokenizer, steps=slice(lo, hi), layout=layout)
             n_prompt = len(prompt[layout.fields[0].key]) if prompt is not None else 0
-            lo, hi = _window(ep.length, layout.steps - n_prompt, rng, "train")
+            lo, hi = _window(ep.length, layout.steps - n_prompt, rng)
             window = tokenize_episode(ep, self.spec, self.text_tokenizer, steps=slice(lo, hi), layout=layout)
             rows.append(_assemble(layout, prompt, window))
         return collate(rows)

@@ -14,11 +14,8 @@ from mugato_ray.sequence import (
     SEPARATOR_KEY,
     STEP_MASK_KEY,
     SequenceBuilder,
-    choose_prompt,
-    collate,
     flatten_ids,
     make_layout,
-    make_sequence,
     tokenize_episode,
 )
 from mugato_ray.tokenizer import (
@@ -172,16 +169,15 @@ def test_text_only_task_is_one_step_of_context_tokens():
     vocab = spec.vocab
     for text, n_loss in [("héllo wörld", len("héllo wörld".encode()) + 1), ("x" * 50, 32)]:
         ep = Episode("text", "t-0", "expert", 0, {}, [text], np.zeros(1, np.float32))
-        tokens = tokenize_episode(ep, spec, TEXT, layout=layout)
-        row = make_sequence(tokens, layout, np.random.default_rng(0), mode="train")
-        assert_row_format(collate([row]), layout, B=1)
-        ids = row["act/text"][0, :, 0]
+        batch = SequenceBuilder("text", spec, cfg).build([ep])
+        assert_row_format(batch, layout, B=1)
+        ids = batch["act/text"][0, 0, :, 0]
         n_text = min(len(text.encode()), 32)
         assert bytes(ids[:n_text].astype(np.uint8)).decode(errors="replace").startswith(text[:5])
         # eos after the text when it fits, then padding; a truncated text has no room for eos.
         if n_text < 32:
             assert ids[n_text] == vocab.eos and (ids[n_text + 1 :] == vocab.pad).all()
-        _, valid, loss = flatten_ids(collate([row]), layout)
+        _, valid, loss = flatten_ids(batch, layout)
         assert loss.sum() == n_loss == valid.sum()
 
 
@@ -211,7 +207,8 @@ def test_flatten_ids_matches_a_hand_built_gato_sequence():
         },
         actions=np.array([3, 1]), rewards=np.zeros(2, np.float32),
     )
-    row = make_sequence(tokenize_episode(ep, spec, TEXT), layout, np.random.default_rng(0), mode="act")
+    batch = SequenceBuilder("order", spec, cfg).build([ep])  # the whole 2-step episode, no prompt
+    row = {k: v[0] for k, v in batch.items()}
     v = spec.vocab
     o, P, S = v.value_offset, v.pad, v.separator
     expected = [
@@ -219,7 +216,7 @@ def test_flatten_ids_matches_a_hand_built_gato_sequence():
         ord("o"), ord("k"), P, P, P, o + 0, o + 512, o + 0, S, o + 1,
         *[P] * 10,
     ]
-    ids, valid, loss = flatten_ids(collate([row]), layout)
+    ids, valid, loss = flatten_ids(batch, layout)
     assert ids.dtype == np.int64 and ids.tolist() == [expected]
     real_pos = [p for p in range(20) if p % 10 != 2]  # the text pad is invalid; image positions are valid
     assert np.flatnonzero(valid[0]).tolist() == real_pos
@@ -250,9 +247,8 @@ def test_training_windows_are_contiguous_whole_steps_of_the_episode():
     assert layout.steps == 8
     ep = counting_episode(50)
     full = tokenize_episode(ep, spec, TEXT)
-    rng = np.random.default_rng(0)
-    for _ in range(50):
-        row = make_sequence(full, layout, rng, mode="train")
+    for seed in range(50):
+        row = {k: v[0] for k, v in SequenceBuilder("count", spec, cfg, seed=seed).build([ep]).items()}
         n = int(row[STEP_MASK_KEY].sum())
         assert n == layout.steps  # the episode is longer than the context: cut to E whole steps
         start = int(step_index(row["obs/observation"], spec.vocab)[0])
@@ -260,19 +256,13 @@ def test_training_windows_are_contiguous_whole_steps_of_the_episode():
             np.testing.assert_array_equal(row[f.key][:n], full[f.key][start : start + n])
 
 
-def test_act_takes_the_latest_steps_and_train_covers_every_start():
-    cfg = make_cfg(context=24)
+def test_training_windows_cover_every_start():
+    cfg = make_cfg(context=24)  # E = 8 steps of a 12-step episode: starts 0..4
     spec = make_spec(*COUNT_SPACES, cfg)
-    layout = make_layout("count", spec, cfg.model.context)
-    full = tokenize_episode(counting_episode(12), spec, TEXT)
-    rng = np.random.default_rng(0)
-    act = make_sequence(full, layout, rng, mode="act")
-    assert step_index(act["obs/observation"], spec.vocab).tolist() == list(range(4, 12))
-    starts = {int(step_index(make_sequence(full, layout, rng, mode="train")["obs/observation"], spec.vocab)[0])
-              for _ in range(200)}
+    ep = counting_episode(12)
+    starts = {int(step_index(SequenceBuilder("count", spec, cfg, seed=s).build([ep])["obs/observation"][0],
+                             spec.vocab)[0]) for s in range(200)}
     assert starts == set(range(0, 12 - 8 + 1))
-    with pytest.raises(ValueError, match="mode"):
-        make_sequence(full, layout, rng, mode="eval")
 
 
 def test_short_episode_is_padded_at_the_end():
@@ -280,7 +270,7 @@ def test_short_episode_is_padded_at_the_end():
     spec, episode = _grid_task(cfg)
     layout = make_layout("grid", spec, cfg.model.context)
     ep = episode(0, 2)
-    row = make_sequence(tokenize_episode(ep, spec, TEXT), layout, np.random.default_rng(0), mode="train")
+    row = {k: v[0] for k, v in SequenceBuilder("grid", spec, cfg).build([ep]).items()}
     assert row[STEP_MASK_KEY].tolist() == [True] * 2 + [False] * (layout.steps - 2)
     assert not row[PROMPT_MASK_KEY].any()
     for f in layout.fields:
@@ -363,32 +353,24 @@ def test_a_single_episode_batch_gets_no_prompt():
     assert not batch[PROMPT_MASK_KEY].any()
 
 
-def test_choose_prompt_end_or_uniform_window():
-    cfg = make_cfg(context=60)
-    spec = make_spec(*COUNT_SPACES, cfg)
-    layout = make_layout("count", spec, cfg.model.context)
-    full = tokenize_episode(counting_episode(30), spec, TEXT)
-    rng = np.random.default_rng(0)
-    ends = [step_index(choose_prompt(full, rng, layout, 6, 1.0)["obs/observation"], spec.vocab) for _ in range(20)]
-    assert all(e.tolist() == list(range(24, 30)) for e in ends)
-    starts = [int(step_index(choose_prompt(full, rng, layout, 6, 0.5)["obs/observation"], spec.vocab)[0])
-              for _ in range(400)]
-    n_end = starts.count(24)
-    # Half the prompts end the episode; the uniform half picks start 24 with probability 1/25 too.
-    assert abs(n_end / 400 - (0.5 + 0.5 / 25)) < 0.1
-    assert len(set(starts)) > 15  # the uniform half spreads over the 25 starts
+def test_prompts_are_the_donor_end_or_a_uniform_window():
+    """GATO's prompts: with probability end_fraction the donor episode's last steps, else a uniform window
+    of them; at most half the window (E = 20 steps here: 10-step prompts of a 30-step donor)."""
+    spec = make_spec(*COUNT_SPACES, make_cfg(context=60))
+    donor, ep = counting_episode(30, eid="donor"), counting_episode(5, first=500, eid="ep")
 
+    def prompt_steps(end_fraction: float, seed: int) -> list[int]:
+        cfg = make_cfg(context=60, prompt_prob=1.0, end_fraction=end_fraction)
+        batch = SequenceBuilder("count", spec, cfg, seed=seed).build([donor, ep])
+        steps = step_index(batch["obs/observation"][1], spec.vocab)
+        return steps[batch[PROMPT_MASK_KEY][1]].tolist()
 
-def test_prompt_steps_must_leave_room_for_the_episode():
-    cfg = make_cfg(context=24)
-    spec = make_spec(*COUNT_SPACES, cfg)
-    layout = make_layout("count", spec, cfg.model.context)
-    full = tokenize_episode(counting_episode(10), spec, TEXT)
-    row = make_sequence(full, layout, np.random.default_rng(0), mode="act", prompt=full, prompt_steps=3)
-    assert step_index(row["obs/observation"], spec.vocab).tolist() == [7, 8, 9, 5, 6, 7, 8, 9]
-    assert row[PROMPT_MASK_KEY].sum() == 3
-    with pytest.raises(ValueError, match="no room"):
-        make_sequence(full, layout, np.random.default_rng(0), mode="act", prompt=full, prompt_steps=8)
+    assert all(prompt_steps(1.0, s) == list(range(20, 30)) for s in range(20))
+    starts = [prompt_steps(0.5, s)[0] for s in range(400)]
+    n_end = starts.count(20)
+    # Half the prompts end the episode; the uniform half picks start 20 with probability 1/21 too.
+    assert abs(n_end / 400 - (0.5 + 0.5 / 21)) < 0.1
+    assert len(set(starts)) > 12  # the uniform half spreads over the 21 starts
 
 
 # --------------------------------------------------------------------------------- builder
