@@ -36,7 +36,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from mugato_ray.tokenizer import (
     make_vocab,
     space_spec,
 )
+
+if TYPE_CHECKING:
+    from mugato_ray.config import Config
 
 DEFAULT_TEXT_FOLDER = Path(__file__).resolve().parent / "data_samples" / "text"
 """The bundled sample corpus of the "text_files" dataset."""
@@ -163,7 +166,7 @@ def _arith_text(rng: np.random.Generator, tok: TextTokenizer, budget: int) -> st
     return "".join(lines)
 
 
-def _arith_episodes(task: str, n: int, seed: int, cfg: Any) -> list[Episode]:
+def _arith_episodes(task: str, n: int, seed: int, cfg: Config) -> list[Episode]:
     tok = make_text_tokenizer(cfg.tokenizer)
     return [
         _episode(task, f"{task}-s{s}", s, {}, _arith_text(np.random.default_rng(s), tok, cfg.model.context), 0.0)
@@ -225,7 +228,7 @@ def vqa_scene(seed: int, env: Any = None) -> tuple[Any, np.ndarray, str, str]:
     return env, image_HWC, env.mission, env.answer
 
 
-def _vqa_episodes(task: str, n: int, seed: int, cfg: Any) -> list[Episode]:
+def _vqa_episodes(task: str, n: int, seed: int, cfg: Config) -> list[Episode]:
     env, out = None, []
     for s in range(seed, seed + n):
         env, image_HWC, question, answer = vqa_scene(s, env)
@@ -314,7 +317,7 @@ def text_files(folder: str | Path) -> list[Path]:
     return found
 
 
-def text_file_episodes(folder: str | Path, task: str, cfg: Any) -> list[Episode]:
+def text_file_episodes(folder: str | Path, task: str, cfg: Config) -> list[Episode]:
     """One episode per chunk of every document under ``folder`` (see :func:`text_files`).
 
     Chunks hold at most ``cfg.model.context`` tokens of ``cfg.tokenizer``'s text tokenizer; empty
@@ -332,13 +335,13 @@ def text_file_episodes(folder: str | Path, task: str, cfg: Any) -> list[Episode]
     return out
 
 
-def _text_file_folder(cfg: Any) -> Path:
+def _text_file_folder(cfg: Config) -> Path:
     # data.text_folder is the config knob for this dataset; configs without it use the bundled samples.
     folder = cfg.data.text_folder
     return Path(folder) if folder else DEFAULT_TEXT_FOLDER
 
 
-def _text_file_task_episodes(task: str, n: int, seed: int, cfg: Any) -> list[Episode]:
+def _text_file_task_episodes(task: str, n: int, seed: int, cfg: Config) -> list[Episode]:
     """The first ``n`` chunks in file order; a corpus is fixed data, so ``seed`` does not change it."""
     return text_file_episodes(_text_file_folder(cfg), task, cfg)[:n]
 
@@ -386,7 +389,7 @@ def _check_fits(texts: list[str], tok: TextTokenizer, tokens: int, field: str, e
         raise DatasetError(f"vqa_color: field {field!r} has {tokens} tokens but its texts need {need}")
 
 
-def dataset_spec(task_name_or_dataset: str, cfg: Any) -> SpaceSpec:
+def dataset_spec(task_name_or_dataset: str, cfg: Config) -> SpaceSpec:
     """How a dataset's episodes tokenize.
 
     text: ``observation=()``, ``action=(text "text" of model.context tokens,)``.
@@ -415,7 +418,7 @@ def dataset_spec(task_name_or_dataset: str, cfg: Any) -> SpaceSpec:
     return dataclasses.replace(spec, action=(text_field("answer", VQA_ANSWER_TOKENS),))
 
 
-def generate_episodes(task_name: str, n: int, seed: int, cfg: Any) -> list[Episode]:
+def generate_episodes(task_name: str, n: int, seed: int, cfg: Config) -> list[Episode]:
     """``n`` episodes of a dataset task (or dataset name), for seeds ``seed .. seed + n - 1``.
 
     Deterministic: the same (name, n, seed, cfg) gives the same episodes. ``Episode.task`` is ``task_name``.

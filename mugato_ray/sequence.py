@@ -21,7 +21,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from mugato_ray.tokenizer import (
     encode_text,
     make_text_tokenizer,
 )
+
+if TYPE_CHECKING:
+    from mugato_ray.config import Config
 
 Role = Literal["observation", "separator", "action"]
 
@@ -288,7 +291,7 @@ class SequenceBuilder:
     on which actor ran it; pass a different seed per epoch for fresh windows.
     """
 
-    def __init__(self, task: str, spec: SpaceSpec, cfg: Any, seed: int = 0):
+    def __init__(self, task: str, spec: SpaceSpec, cfg: Config, seed: int = 0):
         self.task, self.spec, self.seed = task, spec, int(seed)
         self.prompt_prob = cfg.data.prompt_prob
         self.prompt_end_fraction = cfg.data.prompt_end_fraction

@@ -28,9 +28,12 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from mugato_ray.config import TokenizerConfig
 
 log = logging.getLogger(__name__)
 
@@ -332,7 +335,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> BPETok
 TextTokenizer = ByteTokenizer | BPETokenizer
 
 
-def make_text_tokenizer(cfg: Any) -> TextTokenizer:
+def make_text_tokenizer(cfg: TokenizerConfig) -> TextTokenizer:
     """The text tokenizer named by ``cfg.text`` ("byte" or "bpe")."""
     if cfg.text == "byte":
         return ByteTokenizer()
@@ -343,7 +346,7 @@ def make_text_tokenizer(cfg: Any) -> TextTokenizer:
     raise ValueError(f"tokenizer.text must be 'byte' or 'bpe', got {cfg.text!r}")
 
 
-def make_vocab(cfg: Any, text_tokenizer: TextTokenizer | None = None) -> VocabLayout:
+def make_vocab(cfg: TokenizerConfig, text_tokenizer: TextTokenizer | None = None) -> VocabLayout:
     """The id space for a tokenizer config (text range from the text tokenizer, value bins from cfg)."""
     text_tokenizer = text_tokenizer if text_tokenizer is not None else make_text_tokenizer(cfg)
     return VocabLayout(text_size=text_tokenizer.size, value_bins=cfg.value_bins)
@@ -500,7 +503,7 @@ def _discrete_field(key: str, space: Any, shape, dtype, nvec, start, bins: int) 
     )
 
 
-def _leaf_field(key: str, space: Any, cfg: Any, text_tokens: int, is_action: bool) -> FieldSpec:
+def _leaf_field(key: str, space: Any, cfg: TokenizerConfig, text_tokens: int, is_action: bool) -> FieldSpec:
     from gymnasium import spaces  # lazy: the array functions need no gymnasium
 
     bins = cfg.value_bins
@@ -531,7 +534,7 @@ def _leaf_field(key: str, space: Any, cfg: Any, text_tokens: int, is_action: boo
     )
 
 
-def _box_field(key: str, space: Any, cfg: Any, is_action: bool) -> FieldSpec:
+def _box_field(key: str, space: Any, cfg: TokenizerConfig, is_action: bool) -> FieldSpec:
     """A Box: float -> continuous; uint8 (H, W, 1|3) observation -> image patches; other integer -> discrete."""
     shape, dtype = tuple(space.shape), np.dtype(space.dtype)
     if np.issubdtype(dtype, np.floating):
@@ -569,7 +572,7 @@ def _box_field(key: str, space: Any, cfg: Any, is_action: bool) -> FieldSpec:
     )
 
 
-def _fields(space: Any, key: str, cfg: Any, text_tokens: int, is_action: bool) -> list[FieldSpec]:
+def _fields(space: Any, key: str, cfg: TokenizerConfig, text_tokens: int, is_action: bool) -> list[FieldSpec]:
     from gymnasium import spaces
 
     if isinstance(space, spaces.Dict):
@@ -592,7 +595,7 @@ def _fields(space: Any, key: str, cfg: Any, text_tokens: int, is_action: bool) -
 def space_spec(
     observation_space: Any,
     action_space: Any,
-    cfg: Any,
+    cfg: TokenizerConfig,
     vocab: VocabLayout,
     text_tokens: int | None = None,
 ) -> SpaceSpec:
