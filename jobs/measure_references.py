@@ -8,18 +8,47 @@ Rows of tasks not measured in this run are kept as they were.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from mugato_ray import experts, tasks
+from mugato_ray import tasks
+from mugato_ray.config import Config
+from mugato_ray.rollout import PolicySpec, measure_returns
 
 HEADER = """\
 # Reference returns for GATO's normalized score (score - random) / (expert - random).
-# Measured with our own code (jobs/measure_references.py: experts.measure runs the task's expert and a
-# uniform RandomPolicy on seeds 0..episodes-1, 4 envs in lockstep). Atari: random only (expert: RLlib PPO, not
+# Measured with our own code (jobs/measure_references.py: rollout.measure_returns runs the task's expert and
+# a uniform RandomPolicy on seeds 0..episodes-1, 4 envs in lockstep). Atari: random only (expert: RLlib PPO, not
 # trained here). Edit by re-running the job, not by hand.
 """
+
+
+def measure_references(
+    names: Sequence[str], episodes: int = 20, num_envs: int = 4, log: Callable[[str], None] = print
+) -> dict[str, dict]:
+    """references.yaml rows: expert (where the task has one) and random mean returns over seeds 0..episodes-1."""
+    cfg = Config()  # no task entries: the expert acts without DART noise, episodes run to the task's limit
+    rows = {}
+    for name in names:
+        info = tasks.get_task(name)
+        if not info.has_env:
+            continue
+        row: dict[str, Any] = {"episodes": episodes}
+        for kind in ("expert", "random"):
+            if kind == "expert" and info.expert == "none":
+                row["expert_return"] = None
+                continue
+            stats = measure_returns(info, PolicySpec(kind), cfg, range(episodes), num_envs=num_envs)
+            row[f"{kind}_return"] = round(stats.mean_return, 3)
+            std = stats.returns.std()
+            log(f"{name} {kind}: mean return {stats.mean_return:.3f} (std {std:.3f}) over {episodes} seeds")
+        row["measured_with"] = (f"rollout.measure_returns: {info.expert} expert and RandomPolicy, "
+                                f"seeds 0..{episodes - 1}")
+        rows[name] = row
+    return rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     names = args.tasks or [n for n, t in tasks.TASKS.items() if t.has_env]
     rows = yaml.safe_load(args.out.read_text()) if args.out.is_file() else {}
     rows = rows or {}
-    rows.update(experts.measure_references(names, args.episodes, args.num_envs))
+    rows.update(measure_references(names, args.episodes, args.num_envs))
     args.out.write_text(HEADER + yaml.safe_dump(rows, sort_keys=True))
     print(f"wrote {len(rows)} rows to {args.out}")
 

@@ -16,7 +16,7 @@ import sys
 
 from mugato_ray import cli, experts, tasks
 from mugato_ray.config import save_config
-from mugato_ray.envs import make_env
+from mugato_ray.rollout import measure_returns
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -33,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     episodes = cfg.ppo.eval_episodes
     for name in names:
         path = experts.train_ppo_expert(name, cfg.ppo, experts.expert_dir(cfg, name))
-        envs = [make_env(name) for _ in range(min(episodes, 8))]
+        num_envs = min(episodes, 8)
         seeds = range(cfg.eval.seed_offset, cfg.eval.seed_offset + episodes)
-        stats = experts.episode_returns(name, experts.RLlibPolicy(path, len(envs)), envs, seeds)
+        stats = measure_returns(name, experts.RLlibPolicy(path, num_envs), cfg, seeds, num_envs=num_envs)
         print(f"{name}: greedy mean return {stats.mean_return:.2f} over {episodes} episodes; expert at {path}")
 
 

@@ -6,8 +6,8 @@ step in lockstep, ``reset(env_ids, seeds)`` is called whenever env i starts an e
 envs to actions (N, *action_shape). Per-env randomness is seeded from the episode seed, so an episode's
 result depends only on its seed, never on the batch slot that ran it.
 
-Measured mean returns (``experts.measure``, seeds 0..99, 4 envs in lockstep; references.yaml holds the
-rows, written by jobs/measure_references.py):
+Measured mean returns (``rollout.measure_returns``, seeds 0..99, 4 envs in lockstep; references.yaml holds
+the rows, written by jobs/measure_references.py):
 
     task                  expert                                                expert    random
     CartPole-v1           bang-bang on 10*theta + 2*theta' + 0.1*x + 0.5*x'     500.0     22.3
@@ -21,6 +21,9 @@ rows, written by jobs/measure_references.py):
 The BabyAI levels use minigrid's BabyAIBot, which plans on the env's full state (hence make_expert gets
 the env objects). Atari experts are RLlib PPO checkpoints trained with ``train_ppo_expert``
 (jobs/train_expert.py) at cluster scale and loaded by ``RLlibPolicy``.
+
+The policies here only act; running them in envs (autoreset by seed, env-error handling, episode recording,
+measuring returns) is ``rollout.RolloutWorker``'s job, the one rollout loop of the project.
 """
 
 from __future__ import annotations
@@ -32,14 +35,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from gymnasium import spaces
 
-from mugato_ray.envs import flatten_observation, is_success, make_env, stack_observations
+from mugato_ray.envs import make_env
 from mugato_ray.tasks import TaskInfo, get_task
 
 if TYPE_CHECKING:
@@ -268,105 +270,6 @@ def make_expert(task: TaskInfo | str, envs: Sequence[gym.Env]) -> Policy:
         f"task {info.name!r} has no expert (expert='none'); train one with jobs/train_expert.py and register it "
         "as expert='rllib:<checkpoint dir>'"
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# A plain lockstep loop for measuring returns (references, tests, the PPO job's final check).
-# Collection, online experience and evaluation use rollout.RolloutWorker, which also records episodes.
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class EpisodeStats:
-    """Per-seed results, in the order of the seeds given."""
-
-    seeds: np.ndarray
-    returns: np.ndarray
-    lengths: np.ndarray
-    successes: list[bool | None]
-
-    @property
-    def mean_return(self) -> float:
-        return float(self.returns.mean())
-
-
-def episode_returns(
-    task: TaskInfo | str, policy: Policy, envs: Sequence[gym.Env], seeds: Sequence[int]
-) -> EpisodeStats:
-    """Run one episode per seed with ``policy`` over ``envs`` in lockstep (autoreset, like the rollout actor)."""
-    info = get_task(task)
-    n, seeds = len(envs), [int(s) for s in seeds]
-    returns, lengths = np.zeros(len(seeds)), np.zeros(len(seeds), np.int64)
-    successes: list[bool | None] = [None] * len(seeds)
-    slot_episode = [-1] * n  # index into seeds of the episode env i is running; -1: idle
-    obs: list[dict] = [{}] * n
-    todo = iter(range(len(seeds)))
-
-    def start(i: int) -> None:
-        k = next(todo, -1)
-        slot_episode[i] = k
-        if k >= 0:
-            o, _ = envs[i].reset(seed=seeds[k])
-            policy.reset([i], [seeds[k]])
-            obs[i] = flatten_observation(o, envs[i].observation_space)
-
-    for i in range(n):
-        start(i)
-    for i in range(n):  # idle slots (fewer seeds than envs) act on a copy of a live observation, ignored
-        obs[i] = obs[i] or obs[0]
-    while any(k >= 0 for k in slot_episode):
-        actions = policy.act(stack_observations(obs))
-        for i, k in enumerate(slot_episode):
-            if k < 0:
-                continue
-            o, r, terminated, truncated, step_info = envs[i].step(actions[i])
-            returns[k] += float(r)
-            lengths[k] += 1
-            obs[i] = flatten_observation(o, envs[i].observation_space)
-            if terminated or truncated:
-                successes[k] = is_success(info, returns[k], terminated, step_info)
-                start(i)
-    return EpisodeStats(np.asarray(seeds), returns, lengths, successes)
-
-
-def measure(task: TaskInfo | str, kind: str, seeds: Sequence[int], num_envs: int = 4) -> EpisodeStats:
-    """Returns of the task's expert (kind="expert") or of RandomPolicy (kind="random") over ``seeds``."""
-    info = get_task(task)
-    envs = [make_env(info) for _ in range(num_envs)]
-    try:
-        if kind == "expert":
-            policy = make_expert(info, envs)
-        elif kind == "random":
-            policy = RandomPolicy(envs[0].action_space, num_envs)
-        else:
-            raise ValueError(f"measure: kind must be 'expert' or 'random', got {kind!r}")
-        return episode_returns(info, policy, envs, seeds)
-    finally:
-        for env in envs:
-            env.close()
-
-
-def measure_references(
-    names: Sequence[str], episodes: int = 20, num_envs: int = 4, log: Callable[[str], None] = print
-) -> dict[str, dict]:
-    """references.yaml rows: expert (where the task has one) and random mean returns over seeds 0..episodes-1."""
-    rows = {}
-    for name in names:
-        info = get_task(name)
-        if not info.has_env:
-            continue
-        row: dict[str, Any] = {"episodes": episodes}
-        for kind in ("expert", "random"):
-            if kind == "expert" and info.expert == "none":
-                row["expert_return"] = None
-                continue
-            stats = measure(info, kind, range(episodes), num_envs)
-            row[f"{kind}_return"] = round(stats.mean_return, 3)
-            std = stats.returns.std()
-            log(f"{name} {kind}: mean return {stats.mean_return:.3f} (std {std:.3f}) over {episodes} seeds")
-        row["measured_with"] = f"experts.measure: {info.expert} expert and RandomPolicy, seeds 0..{episodes - 1}"
-        rows[name] = row
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Rollout actors: one class runs a policy in N lockstepped Gymnasium envs and returns Episodes.
 
-The same ``RolloutWorker`` serves expert collection, online experience and evaluation (RLlib's EnvRunner
-is the model); only its ``PolicySpec`` differs. ``sample(seeds)`` runs exactly one episode per seed:
+The same ``RolloutWorker`` serves expert collection, online experience, evaluation and measuring returns
+(``measure_returns``: reference returns, the PPO job's check, snapshot scores); RLlib's EnvRunner is the
+model. Only its policy differs (a ``PolicySpec``, or in process a ready policy object). ``sample(seeds)``
+runs exactly one episode per seed:
 
 - the N envs step in lockstep and ``policy.act`` is called once per step on all N observations, so a model
   policy decodes one batch per step;
@@ -21,6 +23,7 @@ both use it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -240,23 +243,29 @@ class _Trajectory:
 class RolloutWorker:
     """N envs of one task and one policy; ``sample(seeds)`` runs one episode per seed (see module doc)."""
 
-    def __init__(self, task: str | TaskInfo | ResolvedTask, policy: PolicySpec, cfg: Config,
+    def __init__(self, task: str | TaskInfo | ResolvedTask, policy: PolicySpec | Policy, cfg: Config,
                  num_envs: int | None = None, worker_index: int = 0, *, faults: FaultInjection | None = None):
+        """``policy``: a ``PolicySpec``, built here over this worker's envs; or (in-process use: measuring a
+        trained RLlib expert, a baseline, a test policy) a ready object of the Policy protocol that acts in
+        ``num_envs`` envs, used as is."""
         # A resolved task (or a TaskInfo) lets a caller run a task registered in its own process only.
         self.task = resolve_task(task, cfg)
         self.info = self.task.info
         if self.info.env_id is None:
             raise ValueError(f"task {task!r} has no environment (dataset {self.info.dataset!r}); "
                              "its episodes come from mugato_ray.datasets, not from rollouts")
-        self.cfg, self.policy_spec, self.worker_index = cfg, policy, worker_index
+        self.cfg, self.worker_index = cfg, worker_index
+        self.policy_spec = policy if isinstance(policy, PolicySpec) else None
         self.faults = faults or FaultInjection()
         self.num_envs = num_envs or cfg.rollout.envs_per_actor
         self.max_steps = cfg.rollout.max_episode_steps
         self.envs = [_EnvSlot(lambda: envs.make_env(self.info)) for _ in range(self.num_envs)]
         self.spec = self.task.spec
-        self.policy = make_policy(policy, self.task, self.envs, cfg)
+        self.policy = make_policy(self.policy_spec, self.task, self.envs, cfg) if self.policy_spec else policy
+        self.policy_name = self.policy_spec.kind if self.policy_spec else type(policy).__name__
         entry = self.task.entry
-        self.noise = entry.expert_noise if entry is not None and policy.kind == "expert" else 0.0
+        expert = self.policy_spec is not None and self.policy_spec.kind == "expert"
+        self.noise = entry.expert_noise if entry is not None and expert else 0.0
         space = self.envs[0].action_space
         if self.noise and not isinstance(space, gym.spaces.Box | gym.spaces.Discrete):
             raise ValueError(f"task {self.info.name!r}: tasks[].expert_noise={self.noise} needs a Box or Discrete "
@@ -327,7 +336,7 @@ class RolloutWorker:
         while any(t is not None for t in trajs):
             actions = np.asarray(self.policy.act(envs.stack_observations(obs)), dtype=action_dtype)
             if actions.shape[:1] != (n,):
-                raise ValueError(f"policy {self.policy_spec.kind!r} of task {self.info.name!r} returned actions "
+                raise ValueError(f"policy {self.policy_name!r} of task {self.info.name!r} returned actions "
                                  f"of shape {actions.shape}, expected ({n}, ...)")
             for i, env in enumerate(self.envs):
                 traj = trajs[i]
@@ -389,6 +398,52 @@ class RolloutWorker:
 
 RolloutActor = ray.remote(max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)(RolloutWorker)
 """The Ray actor of RolloutWorker: restarted when its process dies, its pending call retried."""
+
+
+# ------------------------------------------------------------------------------------------- returns
+
+
+@dataclass
+class EpisodeStats:
+    """Per-seed results of :func:`measure_returns`, in the order of the seeds given."""
+
+    seeds: np.ndarray
+    returns: np.ndarray
+    lengths: np.ndarray
+    successes: list[bool | None]
+
+    @property
+    def mean_return(self) -> float:
+        return float(self.returns.mean())
+
+
+def measure_returns(task: str | TaskInfo | ResolvedTask, policy: PolicySpec | Policy, cfg: Config,
+                    seeds: Sequence[int], *, num_envs: int | None = None, skip_failed: bool = False) -> EpisodeStats:
+    """One episode per seed of ``policy`` (a PolicySpec, or a Policy object: see ``RolloutWorker``) on env task
+    ``task``, in this process, on ``num_envs`` lockstepped envs (None: ``min(len(seeds),
+    rollout.envs_per_actor)``). Episodes run to the task's own step limit, where the references were
+    measured (``rollout.max_episode_steps`` is for collection). Reference returns (jobs/measure_references.py),
+    the PPO job's final check and snapshot scoring (``train_eval.score_policy``) all measure with it.
+
+    An episode lost to an env error raises RuntimeError naming its seed and error; with ``skip_failed`` it
+    is left out instead (its seed is then missing from ``EpisodeStats.seeds``).
+    """
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
+    seeds = [int(s) for s in seeds]
+    worker = RolloutWorker(task, policy, cfg, num_envs or min(len(seeds), cfg.rollout.envs_per_actor) or None)
+    try:
+        result = worker.sample(seeds, source="policy", return_episodes=False)
+    finally:
+        worker.close()
+    if result.failed and not skip_failed:
+        errors = "; ".join(f"seed {f['seed']}: {f['error']}" for f in result.failed)
+        raise RuntimeError(f"measuring {worker.info.name!r}: {len(result.failed)} episode(s) lost to env errors: "
+                           f"{errors}")
+    outcomes = result.outcomes
+    return EpisodeStats(seeds=np.array([o["seed"] for o in outcomes], dtype=np.int64),
+                        returns=np.array([o["return"] for o in outcomes], dtype=np.float64),
+                        lengths=np.array([o["length"] for o in outcomes], dtype=np.int64),
+                        successes=[o["success"] for o in outcomes])
 
 
 # ------------------------------------------------------------------------------------------- pool

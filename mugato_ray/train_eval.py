@@ -32,7 +32,7 @@ from mugato_ray.config import Config
 from mugato_ray.evaluate import dataset_references, score_dataset_chunk
 from mugato_ray.metrics import iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
-from mugato_ray.rollout import PolicySpec, RolloutWorker
+from mugato_ray.rollout import PolicySpec, measure_returns
 
 SCORES_FILE = "scores.json"
 
@@ -45,29 +45,20 @@ def validation_seeds(cfg: Config) -> list[int]:
 def score_policy(cfg: Config, task: str | ResolvedTask, policy: Any, seeds: Sequence[int]) -> dict:
     """``{"mean_return", "normalized", "success_rate"}`` of ``policy`` on ``task`` over ``seeds``, in this process.
 
-    ``policy``: a ``PolicySpec``, or (environment tasks) any object of the rollout Policy protocol. Episodes
-    run to the task's own step limit, where the references were measured (``rollout.max_episode_steps``
-    is for collection).
+    ``policy``: a ``PolicySpec``, or (environment tasks) any object of the rollout Policy protocol. Environment
+    tasks are measured by ``rollout.measure_returns``: episodes run to the task's own step limit, where the
+    references were measured (``rollout.max_episode_steps`` is for collection).
     """
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
     task = resolve_task(task, cfg)
     if task.info.has_env:
-        spec = policy if isinstance(policy, PolicySpec) else PolicySpec("random")
-        worker = RolloutWorker(task, spec, cfg, num_envs=min(len(seeds), cfg.rollout.envs_per_actor))
-        try:
-            if not isinstance(policy, PolicySpec):
-                worker.policy = policy
-            outcomes = worker.sample(list(seeds), source="policy", return_episodes=False).outcomes
-        finally:
-            worker.close()
-        references = task.references
+        # An episode lost to an env error is left out, as in the final evaluation: training goes on.
+        stats = measure_returns(task, policy, cfg, seeds, skip_failed=True)
+        returns, successes, references = stats.returns.tolist(), stats.successes, task.references
     else:
         outcomes = score_dataset_chunk(cfg, task.name, policy, list(seeds))
+        returns, successes = [o["return"] for o in outcomes], [o["success"] for o in outcomes]
         references = dataset_references(task)
-    returns = [o["return"] for o in outcomes]
-    successes = [o["success"] for o in outcomes if o["success"] is not None]
+    successes = [s for s in successes if s is not None]
     mean = float(np.mean(returns)) if returns else float("nan")
     return {"mean_return": mean, "normalized": normalized_score(mean, *references),
             "success_rate": float(np.mean(successes)) if successes else None}

@@ -10,7 +10,8 @@ from gymnasium import spaces
 
 from mugato_ray import envs, experts, tasks
 from mugato_ray.config import Config, PPOConfig, load_config
-from mugato_ray.experts import RandomPolicy, episode_returns, make_expert, measure
+from mugato_ray.experts import RandomPolicy, make_expert
+from mugato_ray.rollout import PolicySpec, measure_returns
 from mugato_ray.tasks import TaskInfo
 
 # Documented (measured) mean over seeds 0..19, minus a margin for other seeds; random is far below each.
@@ -22,6 +23,11 @@ SCRIPTED_FLOOR = {
     "InvertedPendulum-v5": 950.0,
 }
 BABYAI = [n for n, t in tasks.TASKS.items() if t.expert == "babyai_bot"]
+
+
+def measure(name, kind, seeds, num_envs):
+    """Returns of the task's expert or of RandomPolicy, measured as references are (no task entries)."""
+    return measure_returns(name, PolicySpec(kind), Config(), seeds, num_envs=num_envs)
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTED_FLOOR))
@@ -65,6 +71,19 @@ def test_episode_results_do_not_depend_on_batch_slots():
 def test_more_envs_than_seeds():
     stats = measure("Acrobot-v1", "expert", [3], num_envs=4)
     assert stats.lengths.shape == (1,) and stats.lengths[0] > 0 and stats.successes == [True]
+
+
+def test_measuring_raises_on_env_errors_unless_told_to_skip_them():
+    """An episode lost to an env error is an error when measuring; skip_failed leaves it out (snapshot scoring)."""
+    import dataclasses
+
+    crashing = dataclasses.replace(tasks.get_task("CartPole-v1"), name="CartPole-crash",
+                                   wrappers=("crash_at_step:5:2,4",))
+    with pytest.raises(RuntimeError, match=r"2 episode\(s\) lost to env errors: seed 2: .*crash_at_step"):
+        measure_returns(crashing, PolicySpec("random"), Config(), range(6), num_envs=2)
+    stats = measure_returns(crashing, PolicySpec("random"), Config(), range(6), num_envs=2, skip_failed=True)
+    clean = measure("CartPole-v1", "random", [0, 1, 3, 5], num_envs=2)
+    assert stats.seeds.tolist() == [0, 1, 3, 5] and np.array_equal(stats.returns, clean.returns)
 
 
 @pytest.mark.parametrize(
@@ -138,8 +157,8 @@ def test_ppo_expert_checkpoint_loads_and_acts(local_ray, tmp_path):
     assert all(env_list[0].action_space.contains(a) for a in actions)
     # Greedy: the same observations give the same actions.
     assert np.array_equal(actions, policy.act({"observation": obs}))
-    stats = episode_returns(info, policy, env_list, [0, 1, 2])
-    assert np.all(stats.lengths > 0)
+    stats = measure_returns(info, policy, cfg, [0, 1, 2], num_envs=3)
+    assert np.all(stats.lengths > 0) and stats.seeds.tolist() == [0, 1, 2]
 
 
 def test_train_expert_job_smoke(local_ray, tmp_path, capsys):
