@@ -33,11 +33,11 @@ import torch
 from mugato_ray.baseline import BaselinePolicy, train_baseline
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter, save_layouts, step_tasks, task_batch_size, task_layouts
-from mugato_ray.episodes import read_episodes
+from mugato_ray.episodes import read_episodes, store_dir
 from mugato_ray.evaluate import eval_seeds
 from mugato_ray.learner import lr_at, make_optimizer
 from mugato_ray.model import GatoModel, save_model
-from mugato_ray.rollout import PolicySpec, store_dir
+from mugato_ray.rollout import PolicySpec
 from mugato_ray.sequence import SequenceBuilder
 from mugato_ray.tasks import get_task
 from mugato_ray.train_eval import score_policy

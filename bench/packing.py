@@ -19,9 +19,8 @@ import torch
 
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter, task_batch_size, task_layouts
-from mugato_ray.episodes import read_episodes
+from mugato_ray.episodes import read_episodes, store_dir
 from mugato_ray.model import GatoModel
-from mugato_ray.rollout import store_dir
 from mugato_ray.sequence import SequenceBuilder
 
 

@@ -33,11 +33,10 @@ from mugato_ray.data import (  # noqa: E402
     task_dataset,
     task_layouts,
 )
-from mugato_ray.episodes import write_episodes  # noqa: E402
+from mugato_ray.episodes import store_dir, write_episodes  # noqa: E402
 from mugato_ray.learner import lr_at, make_optimizer, touch_all  # noqa: E402
 from mugato_ray.model import GatoModel, count_flops_per_token  # noqa: E402
 from mugato_ray.resources import plan_resources  # noqa: E402
-from mugato_ray.rollout import store_dir  # noqa: E402
 from mugato_ray.sequence import STEP_MASK_KEY  # noqa: E402
 from mugato_ray.train import train  # noqa: E402
 

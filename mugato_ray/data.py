@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.episodes import STORE_COLUMNS, Episode, write_episodes
+from mugato_ray.episodes import STORE_COLUMNS, Episode, store_dir, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
 from mugato_ray.sequence import LayoutField, SequenceBuilder, SequenceLayout
 from mugato_ray.tokenizer import FieldSpec, Modality, SpaceSpec, VocabLayout
@@ -257,8 +257,6 @@ def parquet_files(root: str | Path) -> list[Path]:
 
 def store_files(cfg: Config, task: str) -> list[Path]:
     """The task's Parquet files under ``<run_dir>/data/<task>/``; FileNotFoundError naming both if none."""
-    from mugato_ray.rollout import store_dir
-
     files = parquet_files(store_dir(cfg, task))
     if not files:
         raise FileNotFoundError(
@@ -539,8 +537,6 @@ def write_synthetic_store(cfg: Config, episodes: int = 8, *, files: int = 1, see
                           length: tuple[int, int] = (4, 40)) -> dict[str, Path]:
     """Write ``episodes`` synthetic episodes of every configured task to its store, split over ``files``
     Parquet files (one Ray Data block each); task -> directory."""
-    from mugato_ray.rollout import store_dir
-
     specs, _ = task_layouts(cfg)
     out = {}
     for i, (task, spec) in enumerate(specs.items()):

@@ -37,11 +37,14 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from mugato_ray.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -363,6 +366,11 @@ def _schema(row: dict) -> pa.Schema:
 def env_episode_id(task: str, source: str, seed: int) -> str:
     """The id of the episode that ``source`` produced in ``task``'s env reset with ``seed``."""
     return f"{task}-{source}-{int(seed)}"
+
+
+def store_dir(cfg: Config, task: str) -> Path:
+    """Where a task's episodes live: ``<run_dir>/data/<task>/``."""
+    return Path(cfg.run_dir) / "data" / task
 
 
 def stored_ids(directory: str | Path) -> dict[str, Path]:

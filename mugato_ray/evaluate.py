@@ -39,6 +39,7 @@ from mugato_ray.checkpoints import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, chec
 from mugato_ray.collect import collect
 from mugato_ray.config import Config, TaskEntry, load_config
 from mugato_ray.datasets import generate_episodes, prompt_and_answer, resolve, score_text_answer
+from mugato_ray.episodes import store_dir
 from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_tasks, task_spec
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
@@ -195,8 +196,6 @@ def ensure_demonstration(cfg: Config, info: TaskInfo, log: Callable[[str], None]
     says so) when the store has none and the task has no expert to collect them: the task is then evaluated
     without a prompt, and its report entry says ``"prompted": false``.
     """
-    from mugato_ray.rollout import store_dir
-
     folder = store_dir(cfg, info.name)
     if folder.is_dir() and any(folder.glob("expert-*.parquet")):
         return True

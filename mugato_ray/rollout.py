@@ -37,9 +37,9 @@ import gymnasium as gym
 import numpy as np
 import ray
 
-from mugato_ray import envs, experts
+from mugato_ray import envs, experts, sequence, tokenizer
 from mugato_ray.checkpoints import checkpoint_layout
-from mugato_ray.episodes import Episode, env_episode_id, read_episodes, stored_ids, write_episodes
+from mugato_ray.episodes import Episode, env_episode_id, read_episodes, store_dir, stored_ids, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task
 
 if TYPE_CHECKING:
@@ -117,11 +117,6 @@ class RolloutResult:
     what evaluation needs, without shipping observations through the object store."""
 
 
-def store_dir(cfg: Config, task: str) -> Path:
-    """Where a task's episodes live: ``<run_dir>/data/<task>/``."""
-    return Path(cfg.run_dir) / "data" / task
-
-
 def chunk_file_name(source: str, worker_index: int, seeds: Sequence[int]) -> str:
     """The file one ``sample`` call writes: deterministic, so a retried call cannot write a second copy."""
     return f"{source}-w{worker_index}-{seeds[0]}-{seeds[-1]}.parquet"
@@ -140,7 +135,6 @@ def make_policy(spec: PolicySpec, task: ResolvedTask, envs: Sequence[gym.Env], c
     # Lazy: torch and the model stay out of expert and random actors.
     import torch
 
-    from mugato_ray import sequence, tokenizer
     from mugato_ray.model import load_model
     from mugato_ray.policy import ModelPolicy
 
@@ -167,8 +161,6 @@ def demonstration_prompt(task: str, space: Any, layout: Any, text_tokenizer: Any
     The choice is deterministic (highest return, then episode_id), so every actor uses the same prompt.
     Raises FileNotFoundError naming the store when it holds no suitable expert episode.
     """
-    from mugato_ray import sequence
-
     folder = store_dir(cfg, task)
     best = None
     for file in sorted(folder.glob("expert-*.parquet")) if folder.is_dir() else []:
@@ -291,95 +283,28 @@ class RolloutWorker:
             raise ValueError(f"sample({self.info.name!r}): seeds must be distinct, got {seeds}")
         if not seeds:
             return RolloutResult(episodes=[], returns=[], failed=[], env_steps=0, seconds=0.0)
-        n, flatten = self.num_envs, envs.flatten_observation
-        queue, finished, failed = deque(seeds), {}, []
-        trajs: list[_Trajectory | None] = [None] * n  # None: the slot is idle (throw-away episode)
-        obs: list[dict | None] = [None] * n
-        resets: list[tuple[int, int]] = []
-
-        def fail(i: int, seed: int, err: Exception) -> None:
-            failed.append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
-            self.envs[i].rebuild()
-
-        def start(i: int) -> None:
-            """Give slot i the next seed (or a throw-away episode when none is left)."""
-            while queue:
-                seed = queue.popleft()
-                self._maybe_exit(seed)
-                try:
-                    raw, _ = self.envs[i].reset(seed=seed)
-                except Exception as e:  # noqa: BLE001 - any env error loses only this episode
-                    fail(i, seed, e)
-                    continue
-                obs[i], trajs[i] = flatten(raw, self.envs[i].observation_space), _Trajectory(seed)
-                resets.append((i, seed))
-                return
-            trajs[i] = None
-            idle_seed = seeds[-1]
-            try:
-                raw, _ = self.envs[i].reset(seed=idle_seed)
-            except Exception:  # noqa: BLE001 - one rebuild, then a persistent error is real
-                self.envs[i].rebuild()
-                raw, _ = self.envs[i].reset(seed=idle_seed)
-            obs[i] = flatten(raw, self.envs[i].observation_space)
-            resets.append((i, idle_seed))
-
-        def flush_resets() -> None:
-            if resets:
-                self.policy.reset([i for i, _ in resets], [s for _, s in resets])
-                resets.clear()
-
-        for i in range(n):
-            start(i)
-        flush_resets()
-        action_dtype = self.envs[0].action_space.dtype
-        while any(t is not None for t in trajs):
-            actions = np.asarray(self.policy.act(envs.stack_observations(obs)), dtype=action_dtype)
-            if actions.shape[:1] != (n,):
-                raise ValueError(f"policy {self.policy_name!r} of task {self.info.name!r} returned actions "
-                                 f"of shape {actions.shape}, expected ({n}, ...)")
-            for i, env in enumerate(self.envs):
-                traj = trajs[i]
-                executed = actions[i]
-                if self.noise and traj is not None:  # DART: execute a perturbed action, record the expert's
-                    executed = perturb(actions[i], env.action_space, traj.rng, self.noise)
-                try:
-                    raw, reward, terminated, truncated, info = env.step(executed)
-                except Exception as e:  # noqa: BLE001 - any env error loses only this episode
-                    if traj is not None:
-                        fail(i, traj.seed, e)
-                    else:
-                        env.rebuild()
-                    start(i)
-                    continue
-                if traj is not None:
-                    traj.add(obs[i], actions[i], float(reward))
-                    truncated = truncated or (self.max_steps is not None and len(traj.rewards) >= self.max_steps)
-                    if terminated or truncated:
-                        finished[traj.seed] = self._episode(traj, source, bool(terminated), info)
-                if terminated or truncated:
-                    start(i)
-                else:
-                    obs[i] = flatten(raw, env.observation_space)
-            flush_resets()
-
-        done = [finished[s] for s in seeds if s in finished]
+        run = _Lockstep(self, seeds, source)
+        run.run()
+        done = [run.finished[s] for s in seeds if s in run.finished]
         kept = [ep for ep in done if min_return is None or ep.episode_return >= min_return]
-        files = []
-        if store_dir is not None and kept:
-            # Idempotent by episode id: a retried call whose first attempt died after writing (perhaps on
-            # another actor, under another file name) finds its episodes stored and writes nothing again.
-            stored = stored_ids(store_dir)
-            new = [ep for ep in kept if ep.episode_id not in stored]
-            files = sorted({str(stored[ep.episode_id]) for ep in kept if ep.episode_id in stored})
-            if new:
-                name = chunk_file_name(source, self.worker_index, [ep.seed for ep in new])
-                files += [str(p) for p in write_episodes(store_dir, new, name=name, spec=self.spec, stored=stored)]
+        files = self._store(kept, source, store_dir) if store_dir is not None and kept else []
         return RolloutResult(episodes=kept if return_episodes else [], returns=[ep.episode_return for ep in kept],
-                             failed=failed, env_steps=sum(ep.length for ep in done),
+                             failed=run.failed, env_steps=sum(ep.length for ep in done),
                              seconds=time.perf_counter() - t0, filtered=len(done) - len(kept), files=files,
                              outcomes=[{"seed": ep.seed, "return": ep.episode_return, "length": ep.length,
                                         "success": ep.success} for ep in done])
+
+    def _store(self, kept: list[Episode], source: str, store_dir: str | Path) -> list[str]:
+        """Write the kept episodes not stored yet as one file; the files holding all of them."""
+        # Idempotent by episode id: a retried call whose first attempt died after writing (perhaps on
+        # another actor, under another file name) finds its episodes stored and writes nothing again.
+        stored = stored_ids(store_dir)
+        new = [ep for ep in kept if ep.episode_id not in stored]
+        files = sorted({str(stored[ep.episode_id]) for ep in kept if ep.episode_id in stored})
+        if new:
+            name = chunk_file_name(source, self.worker_index, [ep.seed for ep in new])
+            files += [str(p) for p in write_episodes(store_dir, new, name=name, spec=self.spec, stored=stored)]
+        return files
 
     def _episode(self, traj: _Trajectory, source: str, terminated: bool, info: dict) -> Episode:
         rewards = np.asarray(traj.rewards, dtype=np.float32)
@@ -394,6 +319,92 @@ class RolloutWorker:
     def close(self) -> None:
         for env in self.envs:
             env.close()
+
+
+class _Lockstep:
+    """One ``sample`` call: the worker's N envs step in lockstep through the seeds (see the module doc)."""
+
+    def __init__(self, worker: RolloutWorker, seeds: list[int], source: str):
+        self.w, self.seeds, self.source = worker, seeds, source
+        n = worker.num_envs
+        self.queue: deque[int] = deque(seeds)
+        self.finished: dict[int, Episode] = {}
+        self.failed: list[dict] = []
+        self.trajs: list[_Trajectory | None] = [None] * n  # None: the slot is idle (throw-away episode)
+        self.obs: list[dict | None] = [None] * n
+        self.resets: list[tuple[int, int]] = []
+
+    def run(self) -> None:
+        for i in range(self.w.num_envs):
+            self.start(i)
+        self.flush_resets()
+        while any(t is not None for t in self.trajs):
+            self.step()
+            self.flush_resets()
+
+    def fail(self, i: int, seed: int, err: Exception) -> None:
+        self.failed.append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
+        self.w.envs[i].rebuild()
+
+    def start(self, i: int) -> None:
+        """Give slot i the next seed (or a throw-away episode when none is left)."""
+        env = self.w.envs[i]
+        while self.queue:
+            seed = self.queue.popleft()
+            self.w._maybe_exit(seed)
+            try:
+                raw, _ = env.reset(seed=seed)
+            except Exception as e:  # noqa: BLE001 - any env error loses only this episode
+                self.fail(i, seed, e)
+                continue
+            self.obs[i], self.trajs[i] = envs.flatten_observation(raw, env.observation_space), _Trajectory(seed)
+            self.resets.append((i, seed))
+            return
+        self.trajs[i] = None
+        idle_seed = self.seeds[-1]
+        try:
+            raw, _ = env.reset(seed=idle_seed)
+        except Exception:  # noqa: BLE001 - one rebuild, then a persistent error is real
+            env.rebuild()
+            raw, _ = env.reset(seed=idle_seed)
+        self.obs[i] = envs.flatten_observation(raw, env.observation_space)
+        self.resets.append((i, idle_seed))
+
+    def flush_resets(self) -> None:
+        if self.resets:
+            self.w.policy.reset([i for i, _ in self.resets], [s for _, s in self.resets])
+            self.resets.clear()
+
+    def step(self) -> None:
+        """One batched ``act`` and one step of every env."""
+        w, n = self.w, self.w.num_envs
+        actions = np.asarray(w.policy.act(envs.stack_observations(self.obs)), dtype=w.envs[0].action_space.dtype)
+        if actions.shape[:1] != (n,):
+            raise ValueError(f"policy {w.policy_name!r} of task {w.info.name!r} returned actions "
+                             f"of shape {actions.shape}, expected ({n}, ...)")
+        for i, env in enumerate(w.envs):
+            traj = self.trajs[i]
+            executed = actions[i]
+            if w.noise and traj is not None:  # DART: execute a perturbed action, record the expert's
+                executed = perturb(actions[i], env.action_space, traj.rng, w.noise)
+            try:
+                raw, reward, terminated, truncated, info = env.step(executed)
+            except Exception as e:  # noqa: BLE001 - any env error loses only this episode
+                if traj is not None:
+                    self.fail(i, traj.seed, e)
+                else:
+                    env.rebuild()
+                self.start(i)
+                continue
+            if traj is not None:
+                traj.add(self.obs[i], actions[i], float(reward))
+                truncated = truncated or (w.max_steps is not None and len(traj.rewards) >= w.max_steps)
+                if terminated or truncated:
+                    self.finished[traj.seed] = w._episode(traj, self.source, bool(terminated), info)
+            if terminated or truncated:
+                self.start(i)
+            else:
+                self.obs[i] = envs.flatten_observation(raw, env.observation_space)
 
 
 RolloutActor = ray.remote(max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)(RolloutWorker)

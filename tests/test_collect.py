@@ -12,9 +12,9 @@ from mugato_ray import tasks
 from mugato_ray.cli import parse_job_args
 from mugato_ray.collect import chunk_seeds, collect
 from mugato_ray.config import config_from_dict
-from mugato_ray.episodes import read_episodes
+from mugato_ray.episodes import read_episodes, store_dir
 from mugato_ray.resolve import resolve_task
-from mugato_ray.rollout import FaultInjection, PolicySpec, actor_count, run_on_pool, store_dir
+from mugato_ray.rollout import FaultInjection, PolicySpec, actor_count, run_on_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,6 +13,7 @@ import torch
 
 from mugato_ray import tasks
 from mugato_ray.config import config_from_dict
+from mugato_ray.episodes import store_dir
 from mugato_ray.evaluate import (
     check_seeds_disjoint,
     eval_dir,
@@ -24,7 +25,7 @@ from mugato_ray.evaluate import (
 )
 from mugato_ray.metrics import iqm
 from mugato_ray.model import GatoModel, save_model
-from mugato_ray.rollout import FaultInjection, PolicySpec, split_seeds, store_dir
+from mugato_ray.rollout import FaultInjection, PolicySpec, split_seeds
 from mugato_ray.tokenizer import make_text_tokenizer, make_vocab
 
 QUIET = dict(log=lambda _: None)

@@ -14,11 +14,11 @@ from mugato_ray.baseline import BaselinePolicy, train_baseline
 from mugato_ray.checkpoints import snapshot_root
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter, WindowSampler, synthetic_episodes, task_layouts, write_synthetic_store
-from mugato_ray.episodes import episode_to_row
+from mugato_ray.episodes import episode_to_row, store_dir
 from mugato_ray.metrics import bootstrap_ci
 from mugato_ray.pipeline import choose_checkpoint
 from mugato_ray.resolve import task_spec
-from mugato_ray.rollout import PolicySpec, RolloutWorker, perturb, store_dir
+from mugato_ray.rollout import PolicySpec, RolloutWorker, perturb
 from mugato_ray.sequence import tokenize_episode
 from mugato_ray.tasks import reference_returns
 from mugato_ray.tokenizer import ByteTokenizer

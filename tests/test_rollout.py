@@ -10,8 +10,8 @@ import ray
 
 from mugato_ray import envs
 from mugato_ray.config import config_from_dict
-from mugato_ray.episodes import read_episodes
-from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutActor, RolloutWorker, store_dir
+from mugato_ray.episodes import read_episodes, store_dir
+from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutActor, RolloutWorker
 from mugato_ray.tasks import get_task
 
 STEPS = 60  # episode cap: CartPole's expert would otherwise run 500 steps
