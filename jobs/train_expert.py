@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mugato_ray import cli, experts, tasks
+from mugato_ray import cli, experts, ppo, tasks
 from mugato_ray.config import save_config
 from mugato_ray.rollout import measure_returns
 
@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     save_config(cfg)
     episodes = cfg.ppo.eval_episodes
     for name in names:
-        path = experts.train_ppo_expert(name, cfg.ppo, experts.expert_dir(cfg, name))
+        path = ppo.train_ppo_expert(name, cfg.ppo, ppo.expert_dir(cfg, name))
         num_envs = min(episodes, 8)
         seeds = range(cfg.eval.seed_offset, cfg.eval.seed_offset + episodes)
         stats = measure_returns(name, experts.RLlibPolicy(path, num_envs), cfg, seeds, num_envs=num_envs)

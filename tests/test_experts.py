@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gymnasium import spaces
 
-from mugato_ray import envs, experts, tasks
+from mugato_ray import envs, experts, ppo, tasks
 from mugato_ray.config import Config, PPOConfig, load_config
 from mugato_ray.experts import RandomPolicy, make_expert
 from mugato_ray.rollout import PolicySpec, measure_returns
@@ -142,8 +142,8 @@ def local_ray():
 def test_ppo_expert_checkpoint_loads_and_acts(local_ray, tmp_path):
     """A tiny PPO run writes a checkpoint that RLlibPolicy (through make_expert) loads and acts with."""
     cfg = Config(run_dir=str(tmp_path / "run"))
-    ppo = PPOConfig(iterations=1, train_batch_size=128, minibatch_size=64, num_epochs=1, hidden=[16], seed=cfg.seed)
-    path = experts.train_ppo_expert("CartPole-v1", ppo, experts.expert_dir(cfg, "CartPole-v1"), log=lambda s: None)
+    knobs = PPOConfig(iterations=1, train_batch_size=128, minibatch_size=64, num_epochs=1, hidden=[16], seed=cfg.seed)
+    path = ppo.train_ppo_expert("CartPole-v1", knobs, ppo.expert_dir(cfg, "CartPole-v1"), log=lambda s: None)
     assert path == tmp_path / "run" / "experts" / "CartPole-v1"
     assert json.loads((path / "expert.json").read_text())["env_steps"] >= 128
     assert not list(path.parent.glob(".*tmp*"))  # the temporary save folder was swapped in
