@@ -23,7 +23,8 @@ from mugato_ray.config import ModelConfig, TokenizerConfig  # noqa: E402
 from mugato_ray.model import GatoModel, count_flops_per_token  # noqa: E402
 from mugato_ray.policy import ModelPolicy  # noqa: E402
 from mugato_ray.sequence import LayoutField, SequenceLayout, make_layout  # noqa: E402
-from mugato_ray.tokenizer import ByteTokenizer, Modality, make_vocab, space_spec  # noqa: E402
+from mugato_ray.specs import space_spec  # noqa: E402
+from mugato_ray.tokenizer import ByteTokenizer, Modality, make_vocab  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

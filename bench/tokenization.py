@@ -20,6 +20,7 @@ from gymnasium import spaces  # noqa: E402
 
 from mugato_ray import tokenizer as tk  # noqa: E402
 from mugato_ray.config import TokenizerConfig  # noqa: E402
+from mugato_ray.specs import space_spec  # noqa: E402
 
 
 def median_seconds(repeats: int, fn, *args) -> float:
@@ -47,7 +48,7 @@ def main() -> None:
     rows = []
 
     def bench_obs(name: str, space, data) -> None:
-        spec = tk.space_spec(space, spaces.Discrete(2), cfg, vocab)
+        spec = space_spec(space, spaces.Discrete(2), cfg, vocab)
         secs = median_seconds(args.repeats, tk.encode_observations, spec, {"observation": data}, text_tok)
         rows.append((name, E * spec.obs_tokens / secs, secs))
 
@@ -64,7 +65,7 @@ def main() -> None:
         spaces.Box(-np.inf, np.inf, (376,), np.float32),
         rng.normal(0, 10, (E, 376)).astype(np.float32),
     )
-    act_spec = tk.space_spec(spaces.Discrete(2), spaces.Box(-1, 1, (17,), np.float32), cfg, vocab)
+    act_spec = space_spec(spaces.Discrete(2), spaces.Box(-1, 1, (17,), np.float32), cfg, vocab)
     actions = rng.uniform(-1, 1, (E, 17)).astype(np.float32)
     secs = median_seconds(args.repeats, tk.encode_actions, act_spec, actions)
     rows.append(("continuous action (Box 17, scaled)", E * 17 / secs, secs))
@@ -72,7 +73,7 @@ def main() -> None:
     image_rows = []
     for H, W in [(64, 64), (84, 84)]:  # 84x84 (Atari) exercises the zero-padding path
         images = rng.integers(0, 256, (E, H, W, 3), dtype=np.uint8)
-        spec = tk.space_spec(spaces.Box(0, 255, (H, W, 3), np.uint8), spaces.Discrete(2), cfg, vocab)
+        spec = space_spec(spaces.Box(0, 255, (H, W, 3), np.uint8), spaces.Discrete(2), cfg, vocab)
         secs = median_seconds(args.repeats, tk.encode_observations, spec, {"observation": images}, text_tok)
         dst = np.empty_like(images)
         copy_secs = median_seconds(args.repeats, np.copyto, dst, images)

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from mugato_ray.episodes import Episode
+from mugato_ray.specs import space_spec
 from mugato_ray.tasks import get_task
 from mugato_ray.tokenizer import (
     FieldSpec,
@@ -49,7 +50,6 @@ from mugato_ray.tokenizer import (
     TextTokenizer,
     make_text_tokenizer,
     make_vocab,
-    space_spec,
 )
 
 if TYPE_CHECKING:

@@ -199,7 +199,7 @@ def flatten_observation(obs: Any, space: spaces.Space, key: str = "observation")
     """One env's observation -> {key: value}: arrays in the space's dtype, text as str.
 
     A non-Dict space gives {"observation": obs}; Dict keys are kept (nested ones joined with "/"), as in
-    tokenizer.space_spec, so the keys match the task's SpaceSpec fields.
+    specs.space_spec, so the keys match the task's SpaceSpec fields.
     """
     if isinstance(space, spaces.Dict):
         flat: dict[str, np.ndarray | str] = {}

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from mugato_ray import tasks
 from mugato_ray.sequence import SequenceLayout, make_layout
+from mugato_ray.specs import space_spec
 from mugato_ray.tasks import DOMAINS, ENV_DOMAINS, TaskInfo, get_task
-from mugato_ray.tokenizer import SpaceSpec, make_vocab, space_spec
+from mugato_ray.tokenizer import SpaceSpec, make_vocab
 
 if TYPE_CHECKING:
     from mugato_ray.config import Config, TaskEntry
@@ -125,7 +126,7 @@ def env_spaces(info: TaskInfo) -> tuple[Any, Any]:
 def task_spec(name: str | TaskInfo, cfg: Config) -> SpaceSpec:
     """How the task's observations and actions become tokens, under ``cfg.tokenizer``.
 
-    Env tasks: from the wrapped env's spaces via tokenizer.space_spec. Dataset tasks: datasets.dataset_spec.
+    Env tasks: from the wrapped env's spaces via specs.space_spec. Dataset tasks: datasets.dataset_spec.
     """
     info = get_task(name)
     if not info.has_env:

@@ -24,6 +24,7 @@ from mugato_ray.episodes import (
     read_episodes,
     write_episodes,
 )
+from mugato_ray.specs import space_spec
 
 
 # A stand-in for the tokenizer's SpaceSpec/FieldSpec: validate only relies on these attributes.
@@ -348,7 +349,7 @@ def test_validate_against_the_tokenizers_space_spec():
             "nested": spaces.Dict({"pos": spaces.Box(-np.inf, np.inf, (3,), np.float32)}),
         }
     )
-    spec = tokenizer.space_spec(obs_space, spaces.Discrete(7), cfg, tokenizer.make_vocab(cfg))
+    spec = space_spec(obs_space, spaces.Discrete(7), cfg, tokenizer.make_vocab(cfg))
     ep = make_episode(0)
     ep.observations["action"] = ep.observations.pop("flags")  # wrong key for the spec
     with pytest.raises(EpisodeError, match="unknown.*action.*missing.*flags"):

@@ -11,13 +11,13 @@ from mugato_ray.config import ModelConfig, TokenizerConfig
 from mugato_ray.model import GatoModel, KVCache
 from mugato_ray.policy import ModelPolicy, pack_valid
 from mugato_ray.sequence import make_layout
+from mugato_ray.specs import space_spec
 from mugato_ray.tokenizer import (
     ByteTokenizer,
     Modality,
     encode_actions,
     legal_action_mask,
     make_vocab,
-    space_spec,
 )
 
 TOK_CFG = TokenizerConfig(value_bins=64, patch_size=4, max_text_tokens=6)

@@ -18,13 +18,13 @@ from mugato_ray.sequence import (
     make_layout,
     tokenize_episode,
 )
+from mugato_ray.specs import space_spec
 from mugato_ray.tokenizer import (
     ByteTokenizer,
     FieldSpec,
     Modality,
     SpaceSpec,
     make_vocab,
-    space_spec,
 )
 
 TEXT = ByteTokenizer()

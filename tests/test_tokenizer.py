@@ -13,6 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from mugato_ray import tokenizer as tk
 from mugato_ray.config import TokenizerConfig
+from mugato_ray.specs import space_spec
 from mugato_ray.tokenizer import Modality, UnsupportedSpaceError, VocabLayout
 
 CFG = TokenizerConfig()
@@ -23,7 +24,7 @@ FAST = settings(max_examples=60, deadline=None)
 
 
 def spec_for(obs_space, act_space=None, cfg=CFG, **kw):
-    return tk.space_spec(obs_space, spaces.Discrete(2) if act_space is None else act_space, cfg, VOCAB, **kw)
+    return space_spec(obs_space, spaces.Discrete(2) if act_space is None else act_space, cfg, VOCAB, **kw)
 
 
 # --------------------------------------------------------------------------------------------- text
