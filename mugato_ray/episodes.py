@@ -49,6 +49,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SOURCES = ("expert", "policy", "dagger", "random")
+ONLINE_SOURCES = ("dagger", "policy")
+"""Sources of online experience (mugato_ray.online); their store files are named ``<source>-...``."""
 MODALITIES = ("text", "image", "discrete", "continuous")
 _NUMERIC_KINDS = "biuf"  # bool, int, uint, float: what the tokenizer can encode
 _SPEC_KINDS = {"image": "u", "discrete": "biu", "continuous": "f"}
@@ -116,6 +118,8 @@ class Episode:
     rewards: np.ndarray
     terminated: bool = False
     success: bool | None = None
+    policy_step: int | None = None
+    """The optimizer step of the weights that acted (online episodes); None for demonstrations."""
 
     @property
     def length(self) -> int:
@@ -229,6 +233,7 @@ def episode_to_row(ep: Episode) -> dict[str, Any]:
         "length": ep.length,
         "terminated": bool(ep.terminated),
         "success": None if ep.success is None else bool(ep.success),
+        "policy_step": None if ep.policy_step is None else int(ep.policy_step),
     }
     for key in sorted(ep.observations):
         row.update(_encode(f"obs.{key}", ep.observations[key]))
@@ -317,12 +322,22 @@ def _row_to_episode(row: Any) -> Episode:
         rewards=_as_float32(rewards),
         terminated=bool(row["terminated"]),
         success=None if row["success"] is None else bool(row["success"]),
+        policy_step=_optional_int(row.get("policy_step"), fail),
     ).validate()
     if int(row["length"]) != ep.length:
         fail("length", f"{row['length']} != {ep.length} (len(rewards))")
     if not np.isclose(float(row["return"]), ep.episode_return, rtol=1e-6, atol=1e-6):
         fail("return", f"{row['return']} != {ep.episode_return} (sum of rewards)")
     return ep
+
+
+def _optional_int(value: Any, fail) -> int | None:
+    """An optional int column (absent in files written before it existed): None, or an int."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if not _is_int(value):
+        fail("policy_step", f"expected an int or null, got {_describe(value)}")
+    return int(value)
 
 
 def _as_float32(x: np.ndarray) -> np.ndarray:
@@ -353,7 +368,7 @@ def episodes_from_batch(batch: dict[str, np.ndarray]) -> list[Episode]:
 
 
 def _schema(row: dict) -> pa.Schema:
-    types = dict(_FIXED)
+    types = dict(_FIXED) | {"policy_step": pa.int64()}
     for col, value in row.items():
         if col.endswith(".dtype"):
             base = col[:-6]
@@ -363,9 +378,12 @@ def _schema(row: dict) -> pa.Schema:
     return pa.schema(list(types.items()))
 
 
-def env_episode_id(task: str, source: str, seed: int) -> str:
-    """The id of the episode that ``source`` produced in ``task``'s env reset with ``seed``."""
-    return f"{task}-{source}-{int(seed)}"
+def env_episode_id(task: str, source: str, seed: int, policy_step: int | None = None) -> str:
+    """The id of the episode that ``source`` produced in ``task``'s env reset with ``seed`` (online episodes:
+    with the weights of optimizer step ``policy_step``): what it is, never how the work was split."""
+    if policy_step is None:
+        return f"{task}-{source}-{int(seed)}"
+    return f"{task}-{source}-w{int(policy_step)}-{int(seed)}"
 
 
 def store_dir(cfg: Config, task: str) -> Path:

@@ -129,19 +129,38 @@ class BabyAIBotPolicy:
     def __init__(self, envs: Sequence[gym.Env]):
         self.envs = list(envs)
         self.bots: list[Any] = [None] * len(self.envs)
+        self.taken: list[int | None] = [None] * len(self.envs)
+        self.failures: dict[int, str] = {}
 
     def reset(self, env_ids: Sequence[int], seeds: Sequence[int]) -> None:
         from minigrid.utils.baby_ai_bot import BabyAIBot
 
         for i in env_ids:
             self.bots[i] = BabyAIBot(self.envs[i].unwrapped)
+            self.taken[i] = None
+
+    def observe_executed(self, actions: np.ndarray) -> None:
+        """The actions the envs executed (the rollout tells every policy that has this method): the bot
+        replans from them, so it can label the states of a trajectory that another policy drives (DAgger)."""
+        self.taken = [int(a) for a in np.asarray(actions).reshape(len(self.envs))]
 
     def act(self, observations: Observations) -> np.ndarray:
         missing = [i for i, bot in enumerate(self.bots) if bot is None]
         if missing:
             raise RuntimeError(f"BabyAIBotPolicy.act: envs {missing} were never reset (call reset(env_ids, seeds))")
-        # The bot assumes its previous suggestion was taken; the rollout takes it (idle slots ignore it).
-        return np.array([int(bot.replan()) for bot in self.bots], dtype=np.int64)
+        # With no executed action observed (None) the bot assumes its previous suggestion was taken.
+        actions = np.zeros(len(self.bots), np.int64)
+        for i, (bot, taken) in enumerate(zip(self.bots, self.taken)):
+            try:
+                actions[i] = int(bot.replan(taken))
+            except Exception as e:  # noqa: BLE001 - e.g. DisappearedBoxError after another policy opened a box
+                self.failures[i] = f"the BabyAI bot cannot act: {type(e).__name__}: {e}"
+        return actions
+
+    def take_failures(self) -> dict[int, str]:
+        """Envs the bot could not act in since the last call (their episodes are lost), and why."""
+        failures, self.failures = self.failures, {}
+        return failures
 
 
 # Mixed into the episode seed so that the policy's random stream differs from the env's own (seeded with

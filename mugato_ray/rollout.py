@@ -61,6 +61,10 @@ class Policy(Protocol):
     def act(self, observations: dict[str, np.ndarray | list[str]]) -> np.ndarray: ...
 
 
+PolicyFactory = Callable[[Sequence[gym.Env]], Policy]
+"""Builds a policy over a worker's envs (for policies that need the env objects, like the BabyAI bot)."""
+
+
 @dataclass(frozen=True)
 class PolicySpec:
     """A picklable recipe for the policy an actor builds for itself (see ``make_policy``)."""
@@ -117,9 +121,11 @@ class RolloutResult:
     what evaluation needs, without shipping observations through the object store."""
 
 
-def chunk_file_name(source: str, worker_index: int, seeds: Sequence[int]) -> str:
-    """The file one ``sample`` call writes: deterministic, so a retried call cannot write a second copy."""
-    return f"{source}-w{worker_index}-{seeds[0]}-{seeds[-1]}.parquet"
+def chunk_file_name(source: str, worker_index: int, seeds: Sequence[int], policy_step: int | None = None) -> str:
+    """The file one ``sample`` call writes: deterministic, so a retried call cannot write a second copy
+    (online episodes: with the weights step, as in their ids)."""
+    step = "" if policy_step is None else f"p{int(policy_step)}-"
+    return f"{source}-{step}w{worker_index}-{seeds[0]}-{seeds[-1]}.parquet"
 
 
 # ------------------------------------------------------------------------------------------- policies
@@ -235,11 +241,13 @@ class _Trajectory:
 class RolloutWorker:
     """N envs of one task and one policy; ``sample(seeds)`` runs one episode per seed (see module doc)."""
 
-    def __init__(self, task: str | TaskInfo | ResolvedTask, policy: PolicySpec | Policy, cfg: Config,
-                 num_envs: int | None = None, worker_index: int = 0, *, faults: FaultInjection | None = None):
-        """``policy``: a ``PolicySpec``, built here over this worker's envs; or (in-process use: measuring a
-        trained RLlib expert, a baseline, a test policy) a ready object of the Policy protocol that acts in
-        ``num_envs`` envs, used as is."""
+    def __init__(self, task: str | TaskInfo | ResolvedTask, policy: PolicySpec | Policy | PolicyFactory,
+                 cfg: Config, num_envs: int | None = None, worker_index: int = 0, *,
+                 faults: FaultInjection | None = None):
+        """``policy``: a ``PolicySpec``, built here over this worker's envs; a ready object of the Policy
+        protocol that acts in ``num_envs`` envs, used as is (measuring a trained RLlib expert, a baseline, a
+        test policy); or a factory called with this worker's envs (a policy that needs them, such as an
+        online actor's DAgger policy around the BabyAI bot)."""
         # A resolved task (or a TaskInfo) lets a caller run a task registered in its own process only.
         self.task = resolve_task(task, cfg)
         self.info = self.task.info
@@ -253,7 +261,10 @@ class RolloutWorker:
         self.max_steps = cfg.rollout.max_episode_steps
         self.envs = [_EnvSlot(lambda: envs.make_env(self.info)) for _ in range(self.num_envs)]
         self.spec = self.task.spec
-        self.policy = make_policy(self.policy_spec, self.task, self.envs, cfg) if self.policy_spec else policy
+        if self.policy_spec is not None:
+            self.policy = make_policy(self.policy_spec, self.task, self.envs, cfg)
+        else:
+            self.policy = policy if hasattr(policy, "act") else policy(self.envs)
         self.policy_name = self.policy_spec.kind if self.policy_spec else type(policy).__name__
         entry = self.task.entry
         expert = self.policy_spec is not None and self.policy_spec.kind == "expert"
@@ -271,11 +282,13 @@ class RolloutWorker:
             os._exit(1)  # a hard crash: no cleanup, no exception for Ray to catch
 
     def sample(self, seeds: Sequence[int], *, source: str = "expert", store_dir: str | Path | None = None,
-               min_return: float | None = None, return_episodes: bool = True) -> RolloutResult:
+               min_return: float | None = None, return_episodes: bool = True,
+               policy_step: int | None = None) -> RolloutResult:
         """Run one episode per seed; keep those with return >= min_return; optionally write them to store_dir.
 
         ``return_episodes=False`` returns counts and returns only: a collector that stores the episodes
-        need not ship them (images included) back through the object store.
+        need not ship them (images included) back through the object store. ``policy_step``: the optimizer
+        step of the weights acting (online experience); episodes record it, and it is part of their ids.
         """
         t0 = time.perf_counter()
         seeds = [int(s) for s in seeds]
@@ -283,7 +296,7 @@ class RolloutWorker:
             raise ValueError(f"sample({self.info.name!r}): seeds must be distinct, got {seeds}")
         if not seeds:
             return RolloutResult(episodes=[], returns=[], failed=[], env_steps=0, seconds=0.0)
-        run = _Lockstep(self, seeds, source)
+        run = _Lockstep(self, seeds, source, policy_step)
         run.run()
         done = [run.finished[s] for s in seeds if s in run.finished]
         kept = [ep for ep in done if min_return is None or ep.episode_return >= min_return]
@@ -302,18 +315,19 @@ class RolloutWorker:
         new = [ep for ep in kept if ep.episode_id not in stored]
         files = sorted({str(stored[ep.episode_id]) for ep in kept if ep.episode_id in stored})
         if new:
-            name = chunk_file_name(source, self.worker_index, [ep.seed for ep in new])
+            name = chunk_file_name(source, self.worker_index, [ep.seed for ep in new], new[0].policy_step)
             files += [str(p) for p in write_episodes(store_dir, new, name=name, spec=self.spec, stored=stored)]
         return files
 
-    def _episode(self, traj: _Trajectory, source: str, terminated: bool, info: dict) -> Episode:
+    def _episode(self, traj: _Trajectory, source: str, terminated: bool, info: dict,
+                 policy_step: int | None = None) -> Episode:
         rewards = np.asarray(traj.rewards, dtype=np.float32)
         ep_return = float(np.sum(rewards, dtype=np.float64))
         return Episode(
-            task=self.info.name, episode_id=env_episode_id(self.info.name, source, traj.seed), source=source,
-            seed=traj.seed, observations=envs.stack_observations(traj.obs), actions=np.stack(traj.actions),
-            rewards=rewards, terminated=terminated,
-            success=envs.is_success(self.info, ep_return, terminated, info),
+            task=self.info.name, episode_id=env_episode_id(self.info.name, source, traj.seed, policy_step),
+            source=source, seed=traj.seed, observations=envs.stack_observations(traj.obs),
+            actions=np.stack(traj.actions), rewards=rewards, terminated=terminated,
+            success=envs.is_success(self.info, ep_return, terminated, info), policy_step=policy_step,
         ).validate(self.spec)
 
     def close(self) -> None:
@@ -324,8 +338,8 @@ class RolloutWorker:
 class _Lockstep:
     """One ``sample`` call: the worker's N envs step in lockstep through the seeds (see the module doc)."""
 
-    def __init__(self, worker: RolloutWorker, seeds: list[int], source: str):
-        self.w, self.seeds, self.source = worker, seeds, source
+    def __init__(self, worker: RolloutWorker, seeds: list[int], source: str, policy_step: int | None = None):
+        self.w, self.seeds, self.source, self.policy_step = worker, seeds, source, policy_step
         n = worker.num_envs
         self.queue: deque[int] = deque(seeds)
         self.finished: dict[int, Episode] = {}
@@ -376,17 +390,39 @@ class _Lockstep:
             self.resets.clear()
 
     def step(self) -> None:
-        """One batched ``act`` and one step of every env."""
+        """One batched ``act`` and one step of every env.
+
+        The policy's actions are what episodes record. A relabeling policy (DAgger) also sets ``executed``,
+        the actions the envs take instead; DART noise perturbs what is executed. A policy with
+        ``observe_executed`` is told what every env executed (the BabyAI bot replans from it); one with
+        ``take_failures`` names the envs it could not act in: their episodes end there, truncated (lost when
+        no step was recorded yet).
+        """
         w, n = self.w, self.w.num_envs
-        actions = np.asarray(w.policy.act(envs.stack_observations(self.obs)), dtype=w.envs[0].action_space.dtype)
-        if actions.shape[:1] != (n,):
+        dtype = w.envs[0].action_space.dtype
+        actions = np.asarray(w.policy.act(envs.stack_observations(self.obs)), dtype=dtype)
+        chosen = getattr(w.policy, "executed", None)
+        chosen = actions if chosen is None else np.asarray(chosen, dtype=dtype)
+        if actions.shape[:1] != (n,) or chosen.shape != actions.shape:
             raise ValueError(f"policy {w.policy_name!r} of task {w.info.name!r} returned actions "
-                             f"of shape {actions.shape}, expected ({n}, ...)")
+                             f"of shape {actions.shape} (executed {chosen.shape}), expected ({n}, ...)")
+        taken = chosen.copy()
+        take_failures = getattr(w.policy, "take_failures", None)
+        failures = take_failures() if take_failures is not None else {}
         for i, env in enumerate(w.envs):
             traj = self.trajs[i]
-            executed = actions[i]
+            if i in failures:  # the policy cannot act here (it says why): the episode ends at its last label
+                if traj is not None and traj.rewards:
+                    self.finished[traj.seed] = w._episode(traj, self.source, False, {}, self.policy_step)
+                elif traj is not None:
+                    self.fail(i, traj.seed, RuntimeError(failures[i]))
+                env.rebuild()  # the env was left mid-episode
+                self.start(i)
+                continue
+            executed = chosen[i]
             if w.noise and traj is not None:  # DART: execute a perturbed action, record the expert's
-                executed = perturb(actions[i], env.action_space, traj.rng, w.noise)
+                executed = perturb(chosen[i], env.action_space, traj.rng, w.noise)
+            taken[i] = executed
             try:
                 raw, reward, terminated, truncated, info = env.step(executed)
             except Exception as e:  # noqa: BLE001 - any env error loses only this episode
@@ -400,11 +436,15 @@ class _Lockstep:
                 traj.add(self.obs[i], actions[i], float(reward))
                 truncated = truncated or (w.max_steps is not None and len(traj.rewards) >= w.max_steps)
                 if terminated or truncated:
-                    self.finished[traj.seed] = w._episode(traj, self.source, bool(terminated), info)
+                    self.finished[traj.seed] = w._episode(traj, self.source, bool(terminated), info,
+                                                          self.policy_step)
             if terminated or truncated:
                 self.start(i)
             else:
                 self.obs[i] = envs.flatten_observation(raw, env.observation_space)
+        observe = getattr(w.policy, "observe_executed", None)
+        if observe is not None:
+            observe(taken)
 
 
 RolloutActor = ray.remote(max_restarts=ACTOR_MAX_RESTARTS, max_task_retries=ACTOR_MAX_RESTARTS)(RolloutWorker)
