@@ -241,6 +241,41 @@ class PPOConfig:
 
 
 @dataclass
+class OnlineConfig:
+    """Online experience: rollout actors run the current policy while training goes on (mugato_ray.online)."""
+
+    enabled: bool = False
+    """Run the online loop beside training (jobs/main.py and jobs/train.py; jobs/online.py sets it)."""
+    mode: Literal["dagger", "self_imitation"] = "dagger"
+    """dagger: the task's expert labels every state the policy visits (source=dagger); self_imitation: the
+    policy's own episodes whose return reaches ``min_return_fraction`` are kept (source=policy)."""
+    num_actors: int = 1
+    """Online rollout actors (one task each at a time), planned beside training workers and tokenize actors."""
+    actor_cpus: float = 0.25
+    """CPUs reserved by each online actor."""
+    envs_per_actor: int = 4
+    """Environments each online actor steps in lockstep."""
+    episodes_per_round: int = 8
+    """Episodes of one task an actor runs with one set of weights before it checks for newer ones."""
+    publish_every: int = 50
+    """Rank 0 publishes its weights to the actors every this many optimizer steps (and at step 0)."""
+    beta: float = 0.5
+    """DAgger: probability that a whole episode is driven by the expert instead of the policy, in round 0."""
+    beta_decay: float = 0.5
+    """DAgger: beta is multiplied by this at every publish (round r drives with beta * decay**r)."""
+    fraction: float = 0.5
+    """Share of each task's training episodes drawn from online data once it exists (the rest: the
+    demonstrations); online episodes are resampled at each pass to reach it."""
+    keep_episodes: int = 400
+    """Retention: online episodes kept per task; the oldest files go first once a task has more."""
+    min_return_fraction: float = 0.5
+    """Self-imitation: keep a policy episode when its return is at least this far from the random to the
+    expert reference (as ``data.min_return_fraction``; 0 when the task has no expert reference)."""
+    seed_offset: int = 3_000_000
+    """Online episode seeds start here, disjoint from collection and evaluation seeds."""
+
+
+@dataclass
 class Config:
     """A whole experiment. Every job writes under run_dir."""
 
@@ -256,6 +291,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
     tasks: list[TaskEntry] = field(default_factory=list)
     """The task mixture."""
 
@@ -462,6 +498,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),
         (cfg.eval.episodes >= 1, "eval.episodes", "at least 1"),
         *_ppo_checks(cfg.ppo),
+        *_online_checks(cfg),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -493,6 +530,27 @@ def _ppo_checks(ppo: PPOConfig) -> list[tuple[bool, str, str]]:
         (ppo.lr > 0, "ppo.lr", "positive"),
         (bool(ppo.hidden) and min(ppo.hidden) >= 1, "ppo.hidden", "a non-empty list of widths >= 1"),
         (ppo.eval_episodes >= 1, "ppo.eval_episodes", ">= 1"),
+    ]
+
+
+def _online_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    o = cfg.online
+    wanted = "dagger" if o.mode == "dagger" else "policy"
+    return [
+        (o.num_actors >= 1, "online.num_actors", "at least 1"),
+        (o.actor_cpus > 0, "online.actor_cpus", "positive"),
+        (o.envs_per_actor >= 1, "online.envs_per_actor", "at least 1"),
+        (o.episodes_per_round >= 1, "online.episodes_per_round", "at least 1"),
+        (o.publish_every >= 1, "online.publish_every", "at least 1"),
+        (0.0 <= o.beta <= 1.0, "online.beta", "in [0, 1]"),
+        (0.0 <= o.beta_decay <= 1.0, "online.beta_decay", "in [0, 1]"),
+        (0.0 <= o.fraction < 1.0, "online.fraction", "in [0, 1)"),
+        (o.keep_episodes >= 1, "online.keep_episodes", "at least 1"),
+        (0.0 <= o.min_return_fraction <= 1.0, "online.min_return_fraction", "in [0, 1]"),
+        (o.seed_offset >= 0, "online.seed_offset", "non-negative"),
+        (not o.enabled or wanted in cfg.data.sources, "data.sources",
+         f"a list including {wanted!r} when online.enabled with online.mode={o.mode!r} (training must read "
+         "the online episodes)"),
     ]
 
 

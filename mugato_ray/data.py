@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.episodes import STORE_COLUMNS, Episode, store_dir, write_episodes
+from mugato_ray.episodes import ONLINE_SOURCES, STORE_COLUMNS, Episode, store_dir, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
-from mugato_ray.sequence import LayoutField, SequenceBuilder, SequenceLayout
+from mugato_ray.sequence import STEP_MASK_KEY, LayoutField, SequenceBuilder, SequenceLayout
+from mugato_ray.store_source import REPEAT_KEY, StoreDatasource
 from mugato_ray.tokenizer import FieldSpec, Modality, SpaceSpec, VocabLayout
 
 if TYPE_CHECKING:
@@ -54,6 +55,9 @@ WINDOW_SEED_KEY = "window_seed"
 """Column added to store rows: a per-epoch random number that seeds the windows of the rows' batch."""
 PATH_KEY = "path"
 """The column Ray Data adds with ``include_paths``: the file a row was read from (when repeats are filtered)."""
+ONLINE_KEY = "online"
+"""Sequence rows of runs with online experience carry it: True for a window of an online episode (the
+training loop counts them, so the report shows online data reaching training)."""
 MAX_WINDOWS_PER_PASS = 16
 """Cap on windows per episode in one pass. The windows of one batch of episodes leave the actor back to
 back, so a huge pass would feed long runs of the same episodes; past the cap the trainer iterates again
@@ -233,13 +237,23 @@ class WindowSampler:
         # One block is one file (task_dataset), so the batch's rows share its path.
         path = str(paths[0]) if paths is not None and len(paths) else None
         keep = self.filter.mask(batch["source"], batch["return"], batch["episode_id"], path)
-        rows = {k: v[keep] for k, v in batch.items() if k not in (WINDOW_SEED_KEY, PATH_KEY)}
+        rows = {k: v[keep] for k, v in batch.items() if k not in (WINDOW_SEED_KEY, PATH_KEY, REPEAT_KEY)}
         seeds = batch.get(WINDOW_SEED_KEY)
         # float in [0, 1) -> 53 bits, the whole entropy of the value.
         epoch_key = int(seeds[0] * 2**53) if seeds is not None and len(seeds) else 0
-        for draw in range(self.windows):
+        repeat = batch.get(REPEAT_KEY)
+        draws = self.windows
+        if repeat is not None and len(repeat):  # a store read by StoreDatasource (online experience)
+            rng = np.random.default_rng([self.seed, epoch_key, 0x0411E])
+            exact = self.windows * float(repeat[0])
+            draws = int(exact) + int(rng.random() < exact - int(exact))  # stochastic rounding: the mean is exact
+        online = repeat is not None and path is not None and Path(path).name.split("-", 1)[0] in ONLINE_SOURCES
+        for draw in range(draws):
             self.builder.seed = int(np.random.SeedSequence([self.seed, draw, epoch_key]).generate_state(1)[0])
-            yield self.builder(rows)
+            out = self.builder(rows)
+            if repeat is not None:
+                out[ONLINE_KEY] = np.full(len(out[STEP_MASK_KEY]), online)
+            yield out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,16 +340,18 @@ def task_dataset(
     actor_cpus: float | None = None,
     seed: int | None = None,
     episode_filter: EpisodeFilter | None = None,
+    exclude: Sequence[Path] = (),
 ) -> ray.data.Dataset:
     """A task's sequence rows: ``{layout key: (E, T, C), step_mask: (E,), prompt_mask: (E,)}`` per row.
 
     ``store_dir`` is the task's store directory or its list of Parquet files. ``actors`` /
     ``actor_cpus`` default to ``data.num_tokenize_actors`` (at least 1) / ``data.tokenize_actor_cpus``.
     Each file is one block, read and tokenized inside an actor (Ray fuses the read into the actor
-    pool), so one actor call sees a whole file of episodes.
+    pool), so one actor call sees a whole file of episodes. With ``online.enabled`` and a directory, the
+    store is listed again at every pass (``store_source.StoreDatasource``; ``exclude``: files left out),
+    so the episodes online actors add reach training, and rows carry ``ONLINE_KEY``.
     """
     import ray.data
-    from ray.data.expressions import random
 
     actors = max(1, cfg.data.num_tokenize_actors if actors is None else actors)
     actor_cpus = cfg.data.tokenize_actor_cpus if actor_cpus is None else actor_cpus
@@ -343,6 +359,10 @@ def task_dataset(
     files = list(store_dir) if isinstance(store_dir, (list, tuple)) else parquet_files(store_dir)
     if not files:
         raise FileNotFoundError(f"task '{task}': no *.parquet files in {store_dir}")
+    if cfg.online.enabled and not isinstance(store_dir, (list, tuple)):
+        source = StoreDatasource(store_dir, ONLINE_SOURCES, cfg.online.fraction, PATH_KEY, exclude)
+        ds = ray.data.read_datasource(source, num_cpus=actor_cpus)
+        return _tokenized(ds, task, spec, cfg, seed, windows, episode_filter, actors, actor_cpus)
     paths = [str(p) for p in files]
     # Ray Data's default Parquet reader (DataSourceV2) lists files in tasks that reserve a whole CPU,
     # and that cannot be configured: with train workers and tokenize actors holding fractions of
@@ -357,6 +377,15 @@ def task_dataset(
                                    include_paths=bool(episode_filter and episode_filter.repeats))
     finally:
         ctx.use_datasource_v2 = use_v2
+    return _tokenized(ds, task, spec, cfg, seed, windows, episode_filter, actors, actor_cpus)
+
+
+def _tokenized(ds: ray.data.Dataset, task: str, spec: SpaceSpec, cfg: Config, seed: int, windows: int,
+               episode_filter: EpisodeFilter | None, actors: int, actor_cpus: float) -> ray.data.Dataset:
+    """Store rows -> sequence rows, in the tokenize actor pool."""
+    import ray.data
+    from ray.data.expressions import random
+
     # The same CPUs as the read and the actors, so that Ray Data fuses read, column and tokenizing into
     # the actors: the windows then depend on the file, not on the order in which reads finish.
     ds = ds.with_column(WINDOW_SEED_KEY, random(seed=seed), num_cpus=actor_cpus)
@@ -425,7 +454,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
                                               episodes[entry.name])
         datasets[entry.name] = task_dataset(
             entry.name,
-            files,
+            store_dir(cfg, entry.name) if cfg.online.enabled else files,
             specs[entry.name],
             cfg,
             windows=windows[entry.name],
@@ -434,6 +463,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
             # Tasks get different seeds so that equal stores do not give equal windows.
             seed=int(np.random.SeedSequence([cfg.train.seed, i]).generate_state(1)[0]),
             episode_filter=episode_filter,
+            exclude=[Path(f) for f, _ in skipped.get(entry.name, [])],
         )
     return TaskData(datasets, specs, layouts, episodes, windows, skipped)
 

@@ -62,6 +62,8 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
         report["training"] = training
     if result.skipped_files:
         report["skipped_store_files"] = result.skipped_files
+    if result.online is not None:
+        report["online"] = online_summary(result.online, result.history)
     paths = write_report(report, eval_dir(cfg))
     seconds["evaluate"] = time.perf_counter() - t0
 
@@ -93,3 +95,18 @@ def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[
         f"{len(result.evaluations)}: {best['model_file']}")
     training |= {"chosen_step": best["step"], "chosen_iqm": best["iqm"]}
     return best["model_file"], training
+
+
+def online_summary(stats, history: list[dict]) -> dict:
+    """The report's "online" section: what the online actors stored and what training read of it."""
+    last = history[-1] if history else {}
+    return {
+        "rounds": stats.rounds,
+        "episodes": stats.episodes,
+        "mean_return": {t: (sum(r) / len(r) if r else None) for t, r in stats.returns.items()},
+        "weight_steps": {t: sorted(set(s)) for t, s in stats.steps.items()},
+        "failed_episodes": stats.failed,
+        "deleted_files": stats.deleted_files,
+        "errors": stats.errors[:10],
+        "online_rows_read": {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("online_rows/")},
+    }

@@ -16,7 +16,8 @@ cores a process may use):
    ``train.cpus_per_worker`` is set; an explicit value that leaves data less than its minimum raises
    an error naming the key instead of hanging.
    With ``train.eval_every > 0``, :data:`EVAL_SHARE` of the CPUs (at most one) is held back from training
-   for the evaluator actor.
+   for the evaluator actor; with ``online.enabled``, ``online.num_actors * online.actor_cpus`` for the
+   online rollout actors (at most :data:`ONLINE_SHARE` of the cluster, else an error naming the keys).
 3. GPUs: with ``train.use_gpu`` every worker takes one GPU; asking for more workers than GPUs raises.
 4. ``train.num_workers = 0`` runs the loop in the driver, which reserves nothing.
 
@@ -44,6 +45,8 @@ read task) fit the data share of a 2-CPU laptop (1 CPU / 22 = 0.045 each)."""
 EVAL_SHARE = 0.1
 """Fraction of the cluster's CPUs (at most one CPU) held back from training for the actor that evaluates
 snapshots while training goes on (``train.eval_every > 0``; see mugato_ray.train_eval)."""
+ONLINE_SHARE = 0.5
+"""Largest fraction of the cluster's CPUs that online rollout actors may reserve (``online.enabled``)."""
 MAX_AUTO_TOKENIZE_ACTORS = 8
 """Upper bound on tokenize actors per task when ``data.num_tokenize_actors = 0``."""
 
@@ -66,6 +69,8 @@ class Plan:
     """Intra-op threads of each train worker's torch."""
     eval_cpus: float = 0.0
     """Logical CPUs of the evaluator actor (0 when training evaluates nothing)."""
+    online_cpus: float = 0.0
+    """Logical CPUs of all online rollout actors together (0 without ``online.enabled``)."""
 
     @property
     def data_cpus(self) -> float:
@@ -91,7 +96,8 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
     actors, actor_cpus = _data_share(cfg, cpus * DATA_SHARE, n_tasks)
     slots = n_tasks * (actors + 1)
     eval_cpus = math.floor(min(1.0, cpus * EVAL_SHARE) * 1e4) / 1e4 if cfg.train.eval_every > 0 else 0.0
-    per_worker, actor_cpus = _train_share(cfg, cpus, cpus - eval_cpus, n_tasks, actors, actor_cpus)
+    online_cpus = _online_share(cfg, cpus)
+    per_worker, actor_cpus = _train_share(cfg, cpus, cpus - eval_cpus - online_cpus, n_tasks, actors, actor_cpus)
     # Ray rounds reservations to 1e-4 CPU; round down so that the sum never exceeds the cluster.
     actor_cpus = math.floor(actor_cpus * 1e4) / 1e4
     per_worker = math.floor(per_worker * 1e4) / 1e4
@@ -109,7 +115,22 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
         tokenize_cpus=actor_cpus,
         torch_threads=threads,
         eval_cpus=eval_cpus,
+        online_cpus=online_cpus,
     )
+
+
+def _online_share(cfg: Config, cpus: float) -> float:
+    """CPUs held back for the online rollout actors; ValueError naming the keys when they take too many."""
+    if not cfg.online.enabled:
+        return 0.0
+    need = cfg.online.num_actors * cfg.online.actor_cpus
+    if need > cpus * ONLINE_SHARE:
+        raise ValueError(
+            f"online.num_actors={cfg.online.num_actors} x online.actor_cpus={cfg.online.actor_cpus:g} = {need:g} "
+            f"CPUs exceeds {ONLINE_SHARE:g} of the cluster's {cpus:g}; training and data need the rest: lower "
+            "online.num_actors or online.actor_cpus"
+        )
+    return need
 
 
 def _data_share(cfg: Config, data_budget: float, n_tasks: int) -> tuple[int, float]:
@@ -161,4 +182,5 @@ def describe(plan: Plan, n_tasks: int) -> str:
         f"{' + 1 GPU' if plan.use_gpu else ''} ({plan.torch_threads} torch threads); "
         f"{n_tasks} tasks x {plan.tokenize_actors} tokenize actors x {plan.tokenize_cpus:g} CPU"
         + (f"; evaluator {plan.eval_cpus:g} CPU" if plan.eval_cpus else "")
+        + (f"; online actors {plan.online_cpus:g} CPU" if plan.online_cpus else "")
     )

@@ -44,11 +44,12 @@ from mugato_ray.checkpoints import (
     write_snapshot,
 )
 from mugato_ray.config import Config
-from mugato_ray.data import TaskData, build_datasets, task_batch_size, task_weights
+from mugato_ray.data import ONLINE_KEY, TaskData, build_datasets, task_batch_size, task_weights
 from mugato_ray.learner import FaultHook, Learner, LoopState, MetricWindow, restore
-from mugato_ray.resolve import ResolvedTask
+from mugato_ray.resolve import ResolvedTask, resolve_tasks
 from mugato_ray.resources import Plan, describe, plan_resources
 from mugato_ray.tokenizer import VocabLayout
+from mugato_ray.weights import publish_weights, start_board
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class TrainResult:
     """Scores of the snapshots evaluated during training (``train.eval_every``), by step."""
     skipped_files: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     """task -> (file, reason) of store files left out (``data.on_bad_file: skip``)."""
+    online: Any = None
+    """``online.OnlineStats`` of the online loop (``online.enabled``), else None."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,13 +93,22 @@ class TaskStream:
     def __init__(self, shard: Any, batch_size: int, seed: int, device: torch.device):
         self.shard, self.batch_size, self.seed, self.device = shard, batch_size, seed, device
         self.epoch, self._it, self._first = 0, None, None
+        self.online_rows = 0
+        """Rows of online episodes this stream has returned (``data.ONLINE_KEY``; online experience only)."""
 
     def start(self) -> TaskStream:
         """Start the pass and fetch its first batch (called for all tasks at once, see :func:`start_streams`)."""
-        self._first = self.next()
+        self._first = self._next()
         return self
 
     def next(self) -> dict[str, torch.Tensor]:
+        batch = self._next()
+        online = batch.pop(ONLINE_KEY, None)
+        if online is not None:
+            self.online_rows += int(online.sum())
+        return batch
+
+    def _next(self) -> dict[str, torch.Tensor]:
         if self._first is not None:
             batch, self._first = self._first, None
             return batch
@@ -177,6 +189,14 @@ def report(metrics: dict[str, Any], done: int, ckpt_now: bool, learner: Learner,
         ray.train.report(metrics)
 
 
+def maybe_publish(config: dict[str, Any], learner: Learner, step: int, first: bool, rank: int) -> None:
+    """Rank 0 publishes its weights to the online actors at its first step and every
+    ``online.publish_every`` steps (``weights.publish_weights``; online experience only)."""
+    board, every = config.get("weights_board"), config["cfg"].online.publish_every
+    if board is not None and rank == 0 and (first or step % every == 0):
+        publish_weights(board, learner.raw_model, step)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     """The loop every Ray Train worker runs; returns (on rank 0) the metrics it reported."""
     import ray.train
@@ -206,6 +226,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     history: list[dict[str, Any]] = []
     for step in range(state.step, tcfg.steps):
         fault.before_step(step)
+        maybe_publish(config, learner, step, step == state.step, rank)
         stats = learner.step(step, lambda task: streams[task].next())
         window.add_step(stats)
         done = step + 1
@@ -220,6 +241,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         metrics: dict[str, Any] = {"step": done, "lr": stats.lr, "grad_norm": float(stats.grad_norm)}
         if log_now:
             metrics |= window.summary(tasks, world=world, params=learner.raw_model.parameters())
+            metrics |= {f"online_rows/{t}": s.online_rows for t, s in streams.items() if cfg.online.enabled}
         if rank == 0:
             history.append(metrics)
             log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
@@ -231,7 +253,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
 # The driver
 
 
-def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any) -> Any:
+def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any, board: Any = None) -> Any:
     """The ``TorchTrainer`` that runs :func:`train_loop_per_worker` on ``plan.train_workers`` workers."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -249,6 +271,7 @@ def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any) -> Any
             "run_dir_abs": str(Path(cfg.run_dir).resolve()),
             "local_mode": plan.train_workers == 0,
             "evaluator": evaluator,
+            "weights_board": board,
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -276,13 +299,19 @@ def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, Resolved
     plan = plan or plan_resources(cfg, ray.cluster_resources())
     log.info("resources: %s", describe(plan, len(cfg.tasks)))
     data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers), resolved=resolved)
-    evaluator = None
+    evaluator = online = board = None
     if cfg.train.eval_every > 0:
-        # Lazy: the evaluator's rollouts import gymnasium, which training workers (importing this module) do not need.
+        # Lazy: the evaluator's and online actors' rollouts import gymnasium, which training workers
+        # (importing this module) do not need.
         from mugato_ray.train_eval import start_evaluator
 
         evaluator = start_evaluator(cfg, plan.eval_cpus)
-    trainer = make_trainer(cfg, plan, data, evaluator)
+    if cfg.online.enabled:
+        from mugato_ray.online import OnlineLoop  # lazy: as for the evaluator
+
+        board = start_board()
+        online = OnlineLoop(cfg, resolved or resolve_tasks(cfg), board).start()
+    trainer = make_trainer(cfg, plan, data, evaluator, board)
     try:
         result = trainer.fit()
         # Actor calls run in order: this returns once every submitted snapshot is scored.
@@ -296,6 +325,9 @@ def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, Resolved
     finally:
         if evaluator is not None:
             ray.kill(evaluator)
+        online_stats = online.stop() if online is not None else None
+        if board is not None:
+            ray.kill(board)
     history = list(result.return_value or [])
     metrics = dict(result.metrics or {})
     ckpt = result.checkpoint.path if result.checkpoint is not None else None
@@ -304,4 +336,4 @@ def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, Resolved
             ckpt = str(latest_checkpoint(cfg))
     final_step = int(metrics["step"]) if "step" in metrics else (int(read_state(Path(ckpt))["step"]) if ckpt else 0)
     return TrainResult(checkpoint_path=ckpt, final_step=final_step, metrics=metrics, history=history,
-                       evaluations=evaluations, skipped_files=data.skipped_files)
+                       evaluations=evaluations, skipped_files=data.skipped_files, online=online_stats)
