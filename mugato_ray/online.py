@@ -227,7 +227,7 @@ class OnlineLoop:
     """Runs online rounds on a pool of :class:`OnlineWorker` actors in a driver thread until stopped."""
 
     def __init__(self, cfg: Config, tasks: Mapping[str, ResolvedTask], board: Any,
-                 log_line: Callable[[str], None] = log.info):
+                 log_line: Callable[[str], None] = print):
         self.cfg, self.board, self.log = cfg, board, log_line
         self.tasks = {n: tasks[n] for n in env_tasks(tasks)}
         if not self.tasks:
