@@ -441,7 +441,24 @@ def markdown_report(report: dict) -> str:
         lines += [f"- {task}: `{f}`: {why}" for task, bad in report["skipped_store_files"].items() for f, why in bad]
     if report.get("training"):
         lines += training_lines(report["training"])
+    if report.get("online"):
+        lines += online_lines(report["online"])
     return "\n".join(lines) + "\n"
+
+
+def online_lines(online: dict) -> list[str]:
+    """eval.md's "Online experience" section: what the online actors stored and training read, per task."""
+    lines = ["", "## Online experience", "", f"{online['rounds']} rounds; failed episodes: {online['failed_episodes']}; "
+             f"files removed by the retention bound: {online['deleted_files']}.", "",
+             "| task | online episodes stored | their mean return | weight steps | online rows read by training |",
+             "| --- | ---: | ---: | --- | ---: |"]
+    for task, n in online["episodes"].items():
+        steps = online["weight_steps"].get(task, [])
+        lines.append(f"| {task} | {n} | {_fmt(online['mean_return'].get(task))} | "
+                     f"{', '.join(map(str, steps[:12]))}{' ...' if len(steps) > 12 else ''} | "
+                     f"{online['online_rows_read'].get(task, 0)} |")
+    lines += [f"- error: {e}" for e in online.get("errors", [])]
+    return lines
 
 
 def training_lines(training: dict) -> list[str]:

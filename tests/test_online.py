@@ -257,6 +257,7 @@ def test_online_run_feeds_training_before_it_ends(ray_local, tmp_path):
     """A short DAgger run on 2 CPUs: the three parties fit, rounds use newer and newer weights, and the
     training stream reads online rows before the last step (observed in its metrics)."""
     from mugato_ray.collect import collect
+    from mugato_ray.evaluate import online_lines
     from mugato_ray.pipeline import online_summary
     from mugato_ray.train import train
 
@@ -279,3 +280,5 @@ def test_online_run_feeds_training_before_it_ends(ray_local, tmp_path):
     summary = online_summary(result.online, result.history)
     assert summary["episodes"]["CartPole-v1"] == len(stored)
     json.dumps(summary)  # the report section is plain JSON
+    row = next(line for line in online_lines(summary) if line.startswith("| CartPole-v1"))
+    assert f"| {len(stored)} |" in row and row.endswith(f"| {seen[-1]} |")
