@@ -253,6 +253,9 @@ class OnlineConfig:
     """Online rollout actors (one task each at a time), planned beside training workers and tokenize actors."""
     actor_cpus: float = 0.25
     """CPUs reserved by each online actor."""
+    actor_gpus: float = 0.0
+    """GPUs reserved by each online actor (a fraction shares one); the model acts on the GPU when Ray gives
+    the actor one."""
     envs_per_actor: int = 4
     """Environments each online actor steps in lockstep."""
     episodes_per_round: int = 8
@@ -539,6 +542,7 @@ def _online_checks(cfg: Config) -> list[tuple[bool, str, str]]:
     return [
         (o.num_actors >= 1, "online.num_actors", "at least 1"),
         (o.actor_cpus > 0, "online.actor_cpus", "positive"),
+        (o.actor_gpus >= 0, "online.actor_gpus", "non-negative"),
         (o.envs_per_actor >= 1, "online.envs_per_actor", "at least 1"),
         (o.episodes_per_round >= 1, "online.episodes_per_round", "at least 1"),
         (o.publish_every >= 1, "online.publish_every", "at least 1"),

@@ -129,8 +129,10 @@ class OnlineWorker:
                  faults: FaultInjection | None = None):
         self.faults = faults  # test hook: a hard exit at a seed (rollout.FaultInjection)
         torch.set_num_threads(1)  # beside training: one core's worth at most
+        # Modules hold no device: the model acts on a GPU only when Ray gave this actor one.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.cfg, self.tasks, self.board, self.index = cfg, dict(tasks), board, worker_index
-        self.model = build_model(cfg, next(iter(self.tasks.values())).spec.vocab).eval()
+        self.model = build_model(cfg, next(iter(self.tasks.values())).spec.vocab).to(self.device).eval()
         self.text_tokenizer = make_text_tokenizer(cfg.tokenizer)
         self.step: int | None = None
         self.workers: dict[str, RolloutWorker] = {}
@@ -161,7 +163,7 @@ class OnlineWorker:
 
         def build(envs: Sequence[gym.Env]) -> Any:
             model = ModelPolicy(self.model, task.spec, task.layout, self.text_tokenizer, len(envs),
-                                temperature=self.cfg.rollout.temperature)
+                                temperature=self.cfg.rollout.temperature, device=self.device)
             if self.cfg.online.mode != "dagger":
                 return model
             return DAggerPolicy(model, experts.make_expert(task.info, envs), len(envs), self.cfg.online.beta)
@@ -245,7 +247,8 @@ class OnlineLoop:
 
     def start(self) -> OnlineLoop:
         o = self.cfg.online
-        remote = ray.remote(OnlineWorker).options(num_cpus=o.actor_cpus, max_restarts=3, max_task_retries=3)
+        remote = ray.remote(OnlineWorker).options(num_cpus=o.actor_cpus, num_gpus=o.actor_gpus, max_restarts=3,
+                                                  max_task_retries=3)
         self._actors = [remote.remote(self.cfg, self.tasks, self.board, k) for k in range(o.num_actors)]
         self._thread = threading.Thread(target=self._run, name="online-loop", daemon=True)
         self._thread.start()

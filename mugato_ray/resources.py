@@ -96,7 +96,7 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
     actors, actor_cpus = _data_share(cfg, cpus * DATA_SHARE, n_tasks)
     slots = n_tasks * (actors + 1)
     eval_cpus = math.floor(min(1.0, cpus * EVAL_SHARE) * 1e4) / 1e4 if cfg.train.eval_every > 0 else 0.0
-    online_cpus = _online_share(cfg, cpus)
+    online_cpus = _online_share(cfg, cpus, gpus)
     per_worker, actor_cpus = _train_share(cfg, cpus, cpus - eval_cpus - online_cpus, n_tasks, actors, actor_cpus)
     # Ray rounds reservations to 1e-4 CPU; round down so that the sum never exceeds the cluster.
     actor_cpus = math.floor(actor_cpus * 1e4) / 1e4
@@ -119,10 +119,19 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
     )
 
 
-def _online_share(cfg: Config, cpus: float) -> float:
-    """CPUs held back for the online rollout actors; ValueError naming the keys when they take too many."""
+def _online_share(cfg: Config, cpus: float, gpus: float) -> float:
+    """CPUs held back for the online rollout actors; ValueError naming the keys when they (or their GPUs,
+    next to one per training worker with ``train.use_gpu``) do not fit."""
     if not cfg.online.enabled:
         return 0.0
+    need_gpus = cfg.online.num_actors * cfg.online.actor_gpus
+    train_gpus = max(cfg.train.num_workers, 1) if cfg.train.use_gpu else 0
+    if need_gpus and train_gpus + need_gpus > gpus + 1e-9:
+        raise ValueError(
+            f"online.num_actors={cfg.online.num_actors} x online.actor_gpus={cfg.online.actor_gpus:g} GPUs next to "
+            f"{train_gpus} for training exceed the cluster's {gpus:g}: lower online.actor_gpus (a fraction shares "
+            "a GPU) or train.num_workers"
+        )
     need = cfg.online.num_actors * cfg.online.actor_cpus
     if need > cpus * ONLINE_SHARE:
         raise ValueError(

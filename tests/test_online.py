@@ -248,6 +248,11 @@ def test_three_parties_fit_on_two_cpus_and_too_many_online_actors_is_an_error(tm
     greedy = make_cfg(tmp_path, online={"enabled": True, "num_actors": 8, "actor_cpus": 0.5})
     with pytest.raises(ValueError, match="online.num_actors=8 x online.actor_cpus=0.5"):
         plan_resources(greedy, {"CPU": 2.0})
+    gpu = make_cfg(tmp_path, online={"enabled": True, "num_actors": 2, "actor_gpus": 0.25},
+                   train={"num_workers": 2, "use_gpu": True})
+    assert plan_resources(gpu, {"CPU": 16.0, "GPU": 3.0}).online_cpus == 0.5  # 2 + 2 x 0.25 GPUs fit in 3
+    with pytest.raises(ValueError, match="online.actor_gpus=0.25 GPUs next to 2 for training"):
+        plan_resources(gpu, {"CPU": 16.0, "GPU": 2.0})
 
 
 # ------------------------------------------------------------------------------------------- a run
