@@ -570,23 +570,33 @@ def encode_observations(
     Output: int64 ids (text ids padded with ``vocab.pad``; discrete and mu-law continuous values shifted
     into the value range), or uint8 ``(E, P, patch*patch*C)`` image patches, not normalized.
     """
-    vocab, out = spec.vocab, {}
+    out = {}
     for field in spec.observation:
         if field.key not in observations:
             raise KeyError(f"observation field {field.key!r} is missing; got keys {sorted(observations)}")
-        x = observations[field.key]
-        if field.modality is Modality.TEXT:
-            out[field.key] = encode_text(list(x), text_tokenizer, vocab, field.tokens, field=field.key)[..., None]
-        elif field.modality is Modality.IMAGE:
-            x = np.asarray(x)
-            if x.dtype != np.uint8 or x.shape[1:] != field.shape:
-                raise ValueError(f"field {field.key!r}: expected uint8 (E, *{field.shape}), got {x.dtype} {x.shape}")
-            out[field.key] = image_to_patches(x, field.patch)
-        elif field.modality is Modality.DISCRETE:
-            out[field.key] = _encode_discrete(field, vocab, x)[..., None]
-        else:
-            out[field.key] = _encode_continuous(field, vocab, x, spec.mu, spec.M, is_action=False)[..., None]
+        try:
+            out[field.key] = _encode_observation(spec, field, observations[field.key], text_tokenizer)
+        except (ValueError, TypeError, OverflowError) as e:
+            if f"{field.key!r}" in str(e):
+                raise
+            raise ValueError(f"observation field {field.key!r}: {e}") from e
     return out
+
+
+def _encode_observation(spec: SpaceSpec, field: FieldSpec, x: Any, text_tokenizer: TextTokenizer) -> np.ndarray:
+    vocab = spec.vocab
+    if field.modality is Modality.TEXT:
+        if isinstance(x, (str, bytes)) or not all(isinstance(t, str) for t in x):
+            raise TypeError(f"expected a sequence of E strings, got {type(x).__name__}")
+        return encode_text(list(x), text_tokenizer, vocab, field.tokens, field=field.key)[..., None]
+    if field.modality is Modality.IMAGE:
+        x = np.asarray(x)
+        if x.dtype != np.uint8 or x.shape[1:] != field.shape:
+            raise ValueError(f"field {field.key!r}: expected uint8 (E, *{field.shape}), got {x.dtype} {x.shape}")
+        return image_to_patches(x, field.patch)
+    if field.modality is Modality.DISCRETE:
+        return _encode_discrete(field, vocab, x)[..., None]
+    return _encode_continuous(field, vocab, x, spec.mu, spec.M, is_action=False)[..., None]
 
 
 def decode_observations(
