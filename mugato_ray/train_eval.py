@@ -1,10 +1,11 @@
 """Evaluation during training: snapshots of the weights are scored while training goes on.
 
-Every ``train.eval_every`` steps (and at the last step) rank 0 writes a snapshot of the weights,
-``<run_dir>/snapshots/step_<N>/`` (model.pt, config.yaml, layouts.json, a BPE tokenizer), and hands its path to a
-:class:`TrainingEvaluator` actor without waiting. The actor scores snapshots one after the other, in
-its own process, with the evaluation harness's pieces (``RolloutWorker.sample`` for environment tasks,
-``score_dataset_chunk`` for dataset tasks), on ``train.eval_episodes`` *validation* seeds per task:
+Every ``train.eval_every`` steps (and at the last step) rank 0 writes a snapshot of the weights
+(``checkpoints.write_snapshot``: ``<run_dir>/snapshots/step_<N>/`` with model.pt, config.yaml,
+layouts.json and a BPE tokenizer) and hands its path to a :class:`TrainingEvaluator` actor without
+waiting. The actor scores snapshots one after the other, in its own process, with the evaluation
+harness's pieces (``rollout.measure_returns`` for environment tasks, ``score_dataset_chunk`` for
+dataset tasks), on ``train.eval_episodes`` *validation* seeds per task:
 ``eval.validation_seed_offset + i``, disjoint from the collection seeds and from the final evaluation's
 seeds, so that choosing a snapshot by its score does not leak into the reported numbers.
 
@@ -12,8 +13,8 @@ Each record (``{"step", "tasks": {task: {"mean_return", "normalized", "success_r
 appended to ``<run_dir>/snapshots/scores.json`` as it lands. The main job then evaluates the snapshot
 with the best IQM (the latest of equals) and says which it chose (:func:`best_snapshot`).
 
-On a cluster the actor takes a CPU of its own (``resources.EVAL_CPUS`` logical CPUs are held back
-from training for it); on a 2-core laptop it shares the cores with training, which slows it down.
+On a cluster the actor takes a CPU of its own (``resources.EVAL_SHARE`` of the logical CPUs is held
+back from training for it); on a 2-core laptop it shares the cores with training, which slows it down.
 """
 
 from __future__ import annotations
