@@ -221,29 +221,51 @@ class ModelPolicy:
             raise ValueError(f"task {self.layout.task!r}: each prompt needs 1 to {A - 1} tokens "
                              f"(lengths {length_N.tolist()})")
         budget_N = np.minimum(np.asarray(max_new, np.int64), A - length_N)
-        total = int((length_N + budget_N).max())
-        forced_NxK = np.full((N, total), self.vocab.pad, np.int64)
-        for i, p in enumerate(prefixes):
-            forced_NxK[i, : len(p)] = p
-        forced = torch.from_numpy(forced_NxK).to(self.device)
-        is_forced = torch.from_numpy(np.arange(total)[None, :] < length_N[:, None]).to(self.device)
         self.cache, self.current = None, []  # one-step episodes: every call starts from an empty cache
         self.reset(range(N), seeds)
         self.step_NxD = self.model.step_embedding(torch.zeros((N, 1), dtype=torch.long, device=self.device))[:, 0]
-        pieces = []
+        # One pass over the observations, the separator and every row's prompt (right-padded: pads are
+        # masked keys and positions are local, so a gap changes nothing), packed so that the last column
+        # is each row's last real token; then one token per pass, each row at its own local position.
+        pieces = [self._prompt_piece(observations, prefixes, length_N)]
+        steps = int(budget_N.max()) if N else 0
+        if self.use_cache:  # room for the longest prompt and the longest answer (rows past theirs go on, ignored)
+            self.cache = self.model.new_cache(N, pieces[0][0].shape[1] + steps)
+            self._refresh_cache()
+        ids_NxS = torch.full((N, steps), self.vocab.pad, dtype=torch.long, device=self.device)
+        for s in range(steps):
+            ids_NxS[:, s] = self._choose(self._next_logits(pieces), 0)  # a text field: every token, one mask
+            pieces = [self._embed_action_rows(ids_NxS[:, s], np.minimum(length_N + s, A - 1))]
+        ids = ids_NxS.cpu().numpy()
+        return [ids[i, : budget_N[i]] for i in range(N)]
+
+    def _prompt_piece(self, observations: Mapping[str, np.ndarray | list[str]], prefixes: Sequence[Sequence[int]],
+                      length_N: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Observations and separator (VQA) and the prompts' tokens in the action field, embedded and packed."""
+        N, parts = self.num_envs, []
         if self.pre_fields:
             pre_x, pre_valid = self.model.embed(self._torch(self._step_tokens(observations), add_step=True),
                                                 self.pre_fields)[:2]
-            pieces = [pack_valid(pre_x + self.step_NxD, pre_valid)]
-        if self.use_cache:
-            self._refresh_cache()
-        ids_NxK = torch.empty((N, total), dtype=torch.long, device=self.device)
-        for k in range(total):
-            chosen = self._choose(self._next_logits(pieces), k) if pieces else forced[:, k]
-            ids_NxK[:, k] = torch.where(is_forced[:, k], forced[:, k], chosen)
-            pieces = [self._embed_action(ids_NxK[:, k], k)]
-        ids = ids_NxK.cpu().numpy()
-        return [ids[i, length_N[i]: length_N[i] + budget_N[i]] for i in range(N)]
+            parts.append((pre_x + self.step_NxD, pre_valid))
+        width = int(length_N.max()) if N else 0
+        if width:
+            prompt_NxW = np.full((N, width), self.vocab.pad, np.int64)
+            for i, p in enumerate(prefixes):
+                prompt_NxW[i, : len(p)] = p
+            tokens = {self.act_field.key: torch.from_numpy(prompt_NxW).to(self.device).view(N, 1, width, 1)}
+            x, valid = self.model.embed(tokens, [self.act_field], pos0=self.act_offset)[:2]
+            parts.append((x + self.step_NxD, valid))
+        return pack_valid(*(torch.cat(t, dim=1) for t in zip(*parts)), keep_last=False, align=True)
+
+    def _embed_action_rows(self, ids_N: torch.Tensor, k_N: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Action token ``k_N[i]`` of every env i as a (N, 1, D) piece, each at its own local position."""
+        x = self.model.tok_emb.weight.new_empty((ids_N.shape[0], 1, self.model.n_embd))
+        valid = torch.ones((ids_N.shape[0], 1), dtype=torch.bool, device=self.device)
+        for k in np.unique(k_N):  # rows at the same position embed together
+            rows = torch.from_numpy(np.flatnonzero(k_N == k)).to(self.device)
+            tokens = {self.act_field.key: ids_N[rows].view(-1, 1, 1, 1)}
+            x[rows] = self.model.embed(tokens, [self.act_field], pos0=self.act_offset + int(k))[0] + self.step_NxD[rows]
+        return x, valid
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -387,13 +409,14 @@ def legal_mask(spec: SpaceSpec, act_field: LayoutField, task: str) -> np.ndarray
 
 
 def pack_valid(
-    x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, keep_last: bool = True
+    x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, keep_last: bool = True, align: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop each row's invalid tokens and right-align the rest: (B, W, D), (B, W) with W the largest count.
 
     Exact for everything acting reads: an invalid token is masked as a key, and its own output is only
     read when it is the last token (kept with ``keep_last``: the logits come from there). Shorter rows
-    are padded on the left with invalid entries.
+    are padded on the left with invalid entries. ``align``: rows whose last token is invalid (right-padded
+    prompts) are always right-aligned, so that the last column is each row's last valid token.
     """
     B, L, D = x_BxLxD.shape
     keep_BxL = valid_BxL.clone()
@@ -401,7 +424,8 @@ def pack_valid(
         keep_BxL[:, -1] = True
     count_B = keep_BxL.sum(dim=1)
     W = int(count_B.max())
-    if W == L:  # some row keeps every token: nothing to gain, and the unpacked rows are already exact
+    if W == L and not (align and not bool(keep_BxL[:, -1].all())):
+        # some row keeps every token and every row ends with a kept token: the unpacked rows are exact
         return x_BxLxD, valid_BxL
     # Kept positions first, in order; output slot j of row b takes kept token j - (W - count_b).
     order_BxL = torch.sort((~keep_BxL).to(torch.uint8), dim=1, stable=True).indices
