@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.episodes import ONLINE_SOURCES, STORE_COLUMNS, Episode, store_dir, write_episodes
+from mugato_ray.episodes import STORE_COLUMNS, Episode, is_online_file, store_dir, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
 from mugato_ray.sequence import STEP_MASK_KEY, LayoutField, SequenceBuilder, SequenceLayout
 from mugato_ray.store_source import REPEAT_KEY, StoreDatasource
@@ -247,7 +247,7 @@ class WindowSampler:
             rng = np.random.default_rng([self.seed, epoch_key, 0x0411E])
             exact = self.windows * float(repeat[0])
             draws = int(exact) + int(rng.random() < exact - int(exact))  # stochastic rounding: the mean is exact
-        online = repeat is not None and path is not None and Path(path).name.split("-", 1)[0] in ONLINE_SOURCES
+        online = repeat is not None and path is not None and is_online_file(path)
         for draw in range(draws):
             self.builder.seed = int(np.random.SeedSequence([self.seed, draw, epoch_key]).generate_state(1)[0])
             out = self.builder(rows)
@@ -360,7 +360,7 @@ def task_dataset(
     if not files:
         raise FileNotFoundError(f"task '{task}': no *.parquet files in {store_dir}")
     if cfg.online.enabled and not isinstance(store_dir, (list, tuple)):
-        source = StoreDatasource(store_dir, ONLINE_SOURCES, cfg.online.fraction, PATH_KEY, exclude)
+        source = StoreDatasource(store_dir, cfg.online.fraction, PATH_KEY, exclude)
         ds = ray.data.read_datasource(source, num_cpus=actor_cpus)
         return _tokenized(ds, task, spec, cfg, seed, windows, episode_filter, actors, actor_cpus)
     paths = [str(p) for p in files]

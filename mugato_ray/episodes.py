@@ -51,6 +51,12 @@ log = logging.getLogger(__name__)
 SOURCES = ("expert", "policy", "dagger", "random")
 ONLINE_SOURCES = ("dagger", "policy")
 """Sources of online experience (mugato_ray.online); their store files are named ``<source>-...``."""
+
+
+def is_online_file(path: str | Path) -> bool:
+    """Whether a store file holds online experience: its name starts with an online source (``dagger-``,
+    ``policy-``), as every file a rollout or online actor writes is named after its source."""
+    return Path(path).name.split("-", 1)[0] in ONLINE_SOURCES
 MODALITIES = ("text", "image", "discrete", "continuous")
 _NUMERIC_KINDS = "biuf"  # bool, int, uint, float: what the tokenizer can encode
 _SPEC_KINDS = {"image": "u", "discrete": "biu", "continuous": "f"}

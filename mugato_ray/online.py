@@ -45,7 +45,7 @@ import ray
 import torch
 
 from mugato_ray import experts
-from mugato_ray.episodes import ONLINE_SOURCES, store_dir
+from mugato_ray.episodes import is_online_file, store_dir
 from mugato_ray.learner import build_model
 from mugato_ray.policy import ModelPolicy
 from mugato_ray.resolve import ResolvedTask
@@ -193,10 +193,10 @@ def env_tasks(tasks: Mapping[str, ResolvedTask]) -> list[str]:
     return [n for n, t in tasks.items() if t.info.has_env and (t.entry is None or t.entry.weight > 0)]
 
 
-def retain(folder: Path, keep: int, sources: Sequence[str] = ONLINE_SOURCES) -> list[Path]:
+def retain(folder: Path, keep: int) -> list[Path]:
     """Delete the oldest online files (by modification time, then name) of ``folder`` until at most ``keep``
     online episodes remain; demonstrations are never touched. Returns the deleted files."""
-    files = [f for f in folder.glob("*.parquet") if f.name.split("-", 1)[0] in sources] if folder.is_dir() else []
+    files = [f for f in folder.glob("*.parquet") if is_online_file(f)] if folder.is_dir() else []
     files.sort(key=lambda f: (f.stat().st_mtime, f.name))
     counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
     deleted, total = [], sum(counts)

@@ -27,6 +27,8 @@ import pyarrow.parquet as pq
 from ray.data import Datasource, ReadTask
 from ray.data.block import BlockMetadata
 
+from mugato_ray.episodes import is_online_file
+
 REPEAT_KEY = "window_repeat"
 """Per row: how many times a pass draws this episode's windows, relative to a demonstration."""
 
@@ -48,13 +50,9 @@ def online_repeat(demo_rows: int, online_rows: int, fraction: float) -> float:
 class StoreDatasource(Datasource):
     """The Parquet files of one task's store, listed when the dataset executes (see the module doc)."""
 
-    def __init__(self, folder: str | Path, online_sources: Sequence[str], fraction: float, path_key: str,
-                 exclude: Sequence[str] = ()):
-        self.folder, self.online_sources = Path(folder), tuple(online_sources)
+    def __init__(self, folder: str | Path, fraction: float, path_key: str, exclude: Sequence[str] = ()):
+        self.folder = Path(folder)
         self.fraction, self.path_key, self.exclude = float(fraction), path_key, {str(p) for p in exclude}
-
-    def _is_online(self, f: Path) -> bool:
-        return f.name.split("-", 1)[0] in self.online_sources
 
     def estimate_inmemory_data_size(self) -> int | None:
         return None
@@ -68,9 +66,9 @@ class StoreDatasource(Datasource):
                 rows[f] = pq.ParquetFile(f).metadata.num_rows
             except (OSError, pa.ArrowException):  # deleted since the listing, or unreadable: left out
                 continue
-        online = sum(n for f, n in rows.items() if self._is_online(f))
+        online = sum(n for f, n in rows.items() if is_online_file(f))
         repeat = online_repeat(sum(rows.values()) - online, online, self.fraction)
-        return [ReadTask(_reader(f, repeat if self._is_online(f) else 1.0, self.path_key),
+        return [ReadTask(_reader(f, repeat if is_online_file(f) else 1.0, self.path_key),
                          BlockMetadata(num_rows=n, size_bytes=None, exec_stats=None, input_files=[str(f)]))
                 for f, n in rows.items()]
 

@@ -180,7 +180,7 @@ def test_store_source_lists_new_files_at_every_execution_and_weights_online_rows
     spec = resolve_task("CartPole-v1", cfg).spec
     folder = tmp_path / "store"
     _write(folder, "CartPole-v1", "expert", list(range(6)), spec)
-    ds = ray.data.read_datasource(StoreDatasource(folder, ("dagger", "policy"), 0.5, PATH_KEY))
+    ds = ray.data.read_datasource(StoreDatasource(folder, 0.5, PATH_KEY))
 
     def one_pass():  # streamed, as Ray Train's shards read it: every pass executes the dataset again
         return [(r[PATH_KEY], r[REPEAT_KEY]) for r in ds.iter_rows()]
