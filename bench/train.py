@@ -28,7 +28,6 @@ from mugato_ray.data import (  # noqa: E402
     WINDOW_SEED_KEY,
     WindowSampler,
     step_tasks,
-    store_files,
     synthetic_episodes,
     task_dataset,
     task_layouts,
@@ -38,6 +37,7 @@ from mugato_ray.learner import lr_at, make_optimizer, touch_all  # noqa: E402
 from mugato_ray.model import GatoModel, count_flops_per_token  # noqa: E402
 from mugato_ray.resources import plan_resources  # noqa: E402
 from mugato_ray.sequence import STEP_MASK_KEY  # noqa: E402
+from mugato_ray.store_check import store_files  # noqa: E402
 from mugato_ray.train import train  # noqa: E402
 
 TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]

@@ -21,7 +21,7 @@ def add_args(parser) -> None:
 
 
 def main(argv: list[str]) -> None:
-    cfg, args = parse_job_args(argv, __doc__, add_args)
+    cfg, args = parse_job_args(argv, __doc__, add_args, store="present")
     policy = PolicySpec(args.policy, args.checkpoint, temperature=cfg.rollout.temperature)
     source = args.source or {"model": "policy"}.get(args.policy, args.policy)
     init_ray(cfg)

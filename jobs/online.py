@@ -17,7 +17,7 @@ from mugato_ray.pipeline import run_main
 
 
 def main(argv: list[str]) -> None:
-    cfg, _ = parse_job_args(argv, __doc__)
+    cfg, _ = parse_job_args(argv, __doc__, store="present")
     cfg = dataclasses.replace(cfg, online=dataclasses.replace(cfg.online, enabled=True))
     init_ray(cfg)
     run_main(cfg)

@@ -16,7 +16,7 @@ from mugato_ray.train import train
 
 
 def main(argv: list[str]) -> None:
-    cfg, _ = parse_job_args(argv, __doc__)
+    cfg, _ = parse_job_args(argv, __doc__, store="required")
     init_ray(cfg)
     save_config(cfg)
     result = train(cfg)

@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from mugato_ray import tasks
 from mugato_ray.config import Config, ConfigError, load_config
@@ -21,6 +22,7 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
                    add_args: Callable[[argparse.ArgumentParser], None] | None = None, *,
                    needs_tasks: bool = True,
                    config_fallback: Callable[[argparse.Namespace], Path | None] | None = None,
+                   store: Literal["required", "present"] | None = None,
                    ) -> tuple[Config, argparse.Namespace]:
     """``--config PATH [key=value ...]`` (plus a job's own flags from ``add_args``) -> (config, args).
 
@@ -28,7 +30,8 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
     or override, and every problem :func:`preflight` finds, exit with the usage line and the errors
     (exit code 2) before anything starts: no Ray, no file written. ``config_fallback(args)``: the config
     file to use when ``--config`` is not given (e.g. the one a checkpoint carries); without one, or when it
-    returns None, ``--config`` is required.
+    returns None, ``--config`` is required. ``store``: check every task's episode store too (``required``:
+    each task must have one; ``present``: the stores that exist), see :func:`check_store`.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=config_fallback is None,
@@ -47,6 +50,8 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
     except ConfigError as e:
         parser.error(str(e))
     problems = preflight(cfg, args.config, needs_tasks=needs_tasks)
+    if store is not None and not problems:
+        problems = check_store(cfg, required=store == "required")
     if problems:
         parser.error("\n  ".join([f"{len(problems)} problem(s) with {args.config}:", *problems]))
     return cfg, args
@@ -76,6 +81,21 @@ def preflight(cfg: Config, where: str, *, needs_tasks: bool = True) -> list[str]
         if store.exists() and not store.is_dir():
             problems.append(f"tasks '{entry.name}': its store {store} exists and is not a directory")
     return problems
+
+
+def check_store(cfg: Config, *, required: bool) -> list[str]:
+    """The problems of the configured tasks' episode stores (``store_check.check_stores``: files, columns and,
+    with ``data.check_rows``, every row), found before Ray starts. ``required``: a task without a store is a
+    problem too. With ``data.on_bad_file: skip`` only a store with nothing usable is one."""
+    # Lazy: resolving tasks builds their envs and the row check reads Parquet; jobs import this module first.
+    from mugato_ray.resolve import resolve_tasks
+    from mugato_ray.store_check import check_stores
+
+    try:
+        check_stores(cfg, resolve_tasks(cfg), present_only=not required, log_skips=False)
+    except (ValueError, FileNotFoundError) as e:
+        return str(e).splitlines()
+    return []
 
 
 def init_ray(cfg: Config | None = None) -> None:

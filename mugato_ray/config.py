@@ -118,8 +118,12 @@ class DataConfig:
     text_folder: str | None = None
     """Folder of .txt/.jsonl files for the text_files dataset (None: the samples shipped with the package)."""
     on_bad_file: Literal["error", "skip"] = "error"
-    """A store file that is not readable Parquet, or lacks the store's columns for its task: stop before
-    training starts, naming every such file and why (error), or leave it out and say so (skip)."""
+    """A store file that is not readable Parquet, or lacks the store's columns for its task, or a row that
+    does not validate: stop before training starts, naming every one and why (error), or leave it out and
+    say so in the log and the report (skip). See ``mugato_ray.store_check``."""
+    check_rows: bool = True
+    """Validate every row of the store before training (a full read of the store). Off: only footers and
+    columns are checked, and a bad row stops training when it is read, named."""
 
 
 @dataclass

@@ -37,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.episodes import STORE_COLUMNS, Episode, is_online_file, store_dir, write_episodes
+from mugato_ray.episodes import Episode, is_online_file, store_dir, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
 from mugato_ray.sequence import STEP_MASK_KEY, LayoutField, SequenceBuilder, SequenceLayout
+from mugato_ray.store_check import StoreCheck, check_stores, parquet_files
 from mugato_ray.store_source import REPEAT_KEY, StoreDatasource
 from mugato_ray.tokenizer import FieldSpec, Modality, SpaceSpec, VocabLayout
 
@@ -149,11 +150,20 @@ class EpisodeFilter:
     min_return: float | None = None
     repeats: frozenset[tuple[str, str]] = frozenset()
     """``(real path of a file, episode_id)`` of copies to skip: the id was stored in an earlier file."""
+    bad_rows: frozenset[tuple[str, str]] = frozenset()
+    """``(real path of a file, episode_id)`` of rows the store check found bad (``data.on_bad_file: skip``)."""
 
     @classmethod
-    def from_config(cls, cfg: Config, task: str | ResolvedTask, files: Sequence[Path] = ()) -> EpisodeFilter:
+    def from_config(cls, cfg: Config, task: str | ResolvedTask, files: Sequence[Path] = (),
+                    check: StoreCheck | None = None) -> EpisodeFilter:
         threshold = resolve_task(task, cfg).min_return(cfg.data.min_return_fraction)
-        return cls(tuple(cfg.data.sources), threshold, repeated_ids(files))
+        bad = check.bad_ids if check is not None else frozenset()
+        return cls(tuple(cfg.data.sources), threshold, repeated_ids(files), bad)
+
+    @property
+    def by_file(self) -> bool:
+        """Whether the filter needs each row's file (it leaves out copies or bad rows of given files)."""
+        return bool(self.repeats or self.bad_rows)
 
     def mask(self, sources: Sequence[str], returns: Sequence[float], ids: Sequence[str] | None = None,
              path: str | None = None) -> np.ndarray:
@@ -168,7 +178,7 @@ class EpisodeFilter:
             real = os.path.realpath(path) if path is not None else None
             seen: set[str] = set()
             for j, i in enumerate(ids):
-                if i in seen or (real is not None and (real, i) in self.repeats):
+                if i in seen or (real is not None and ((real, i) in self.repeats or (real, i) in self.bad_rows)):
                     keep[j] = False
                 seen.add(i)
         return keep
@@ -260,75 +270,6 @@ class WindowSampler:
 # Datasets
 
 
-def parquet_files(root: str | Path) -> list[Path]:
-    """Every ``*.parquet`` under ``root``, sorted; hidden files and directories (temporaries) skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = (f for f in root.rglob("*.parquet") if f.is_file())
-    return sorted(f for f in found if not any(p.startswith(".") for p in f.relative_to(root).parts))
-
-
-def store_files(cfg: Config, task: str) -> list[Path]:
-    """The task's Parquet files under ``<run_dir>/data/<task>/``; FileNotFoundError naming both if none."""
-    files = parquet_files(store_dir(cfg, task))
-    if not files:
-        raise FileNotFoundError(
-            f"task '{task}': no episodes under {store_dir(cfg, task)} (expected *.parquet files); collect them "
-            "first (python jobs/collect.py --config ...) or remove the task from config key 'tasks'"
-        )
-    return files
-
-
-def check_store_files(files: Sequence[Path], task: str, spec: SpaceSpec) -> list[tuple[Path, str]]:
-    """``(file, reason)`` for every file of ``task``'s store that training could not read: not Parquet (or
-    truncated: the footer is read), missing a column of the store's schema for this task's spec, or
-    holding rows of another task. Reads footers and the ``task`` column only."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    needed = [*STORE_COLUMNS, *(f"obs.{f.key}" for f in spec.observation)]
-    bad = []
-    for f in files:
-        try:
-            names = set(pq.ParquetFile(f).schema_arrow.names)
-            missing = [c for c in needed if c not in names]
-            if missing:
-                bad.append((f, f"not an episode file of this task: missing columns {missing[:6]}"))
-                continue
-            other = set(pq.read_table(f, columns=["task"]).column("task").to_pylist()) - {task}
-            if other:
-                bad.append((f, f"holds episodes of task(s) {sorted(other)}, not '{task}'"))
-        except (pa.ArrowException, OSError) as e:
-            bad.append((f, f"unreadable Parquet: {e}"))
-    return bad
-
-
-def usable_store_files(cfg: Config, task: str, spec: SpaceSpec) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The task's store files training reads, and those left out (``data.on_bad_file: skip``). With
-    ``error`` (the default) any bad file is a ValueError naming every one and why, before Ray Data starts."""
-    files = store_files(cfg, task)
-    bad = check_store_files(files, task, spec)
-    if bad and cfg.data.on_bad_file == "error":
-        lines = "\n".join(f"  {f}: {why}" for f, why in bad)
-        raise ValueError(f"task '{task}': {len(bad)} store file(s) cannot be read:\n{lines}\nremove them, or set "
-                         "data.on_bad_file=skip to train without them")
-    for f, why in bad:
-        log.warning("task '%s': skipping store file %s: %s (data.on_bad_file=skip)", task, f, why)
-    skip = {f for f, _ in bad}
-    good = [f for f in files if f not in skip]
-    if not good:
-        raise ValueError(f"task '{task}': every store file is bad ({len(bad)} skipped); nothing to train on")
-    return good, bad
-
-
-def count_episodes(files: Sequence[Path]) -> int:
-    """Rows (episodes) in Parquet files, from their footers (no data is read)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-
-
 def task_dataset(
     task: str,
     store_dir: str | Path | Sequence[Path],
@@ -374,7 +315,7 @@ def task_dataset(
         # One block per file (Ray Data would split files into many tiny blocks): an actor call then
         # sees a whole file of episodes, the donors of its prompts, and pays its overheads once.
         ds = ray.data.read_parquet(paths, num_cpus=actor_cpus, override_num_blocks=len(paths),
-                                   include_paths=bool(episode_filter and episode_filter.repeats))
+                                   include_paths=bool(episode_filter and episode_filter.by_file))
     finally:
         ctx.use_datasource_v2 = use_v2
     return _tokenized(ds, task, spec, cfg, seed, windows, episode_filter, actors, actor_cpus)
@@ -413,7 +354,14 @@ class TaskData:
     windows: dict[str, int]
     """task -> windows per episode in one pass."""
     skipped_files: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)
-    """task -> (file, reason) of store files left out (``data.on_bad_file: skip``)."""
+    """task -> (file, or "file row i (episode id)", reason) of what the store check left out
+    (``data.on_bad_file: skip``)."""
+
+
+def left_out(check: StoreCheck) -> list[tuple[str, str]]:
+    """The report's entries for what a store check left out: bad files, then bad rows."""
+    return ([(str(f), why) for f, why in check.bad_files]
+            + [(f"{r.file} row {r.row} (episode {r.episode_id})", r.reason) for r in check.bad_rows])
 
 
 def task_layouts(cfg: Config, resolved: Mapping[str, ResolvedTask] | None = None
@@ -435,14 +383,11 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
     specs, layouts = task_layouts(cfg, resolved)
     counts = task_counts(cfg, 0, cfg.train.steps)
     datasets, episodes, windows = {}, {}, {}
-    usable, skipped = {}, {}
-    for entry in cfg.tasks:  # every store checked before any dataset starts
-        usable[entry.name], bad = usable_store_files(cfg, entry.name, specs[entry.name])
-        if bad:
-            skipped[entry.name] = [(str(f), why) for f, why in bad]
+    checks = check_stores(cfg, resolved)  # every store checked before any dataset starts
+    skipped = {t: left_out(c) for t, c in checks.items() if c.problems()}
     for i, entry in enumerate(cfg.tasks):
-        files = usable[entry.name]
-        episode_filter = EpisodeFilter.from_config(cfg, resolved[entry.name], files)
+        files = checks[entry.name].usable
+        episode_filter = EpisodeFilter.from_config(cfg, resolved[entry.name], files, checks[entry.name])
         episodes[entry.name], by_source = count_kept(files, episode_filter)
         if episodes[entry.name] == 0:
             raise ValueError(
@@ -463,7 +408,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
             # Tasks get different seeds so that equal stores do not give equal windows.
             seed=int(np.random.SeedSequence([cfg.train.seed, i]).generate_state(1)[0]),
             episode_filter=episode_filter,
-            exclude=[Path(f) for f, _ in skipped.get(entry.name, [])],
+            exclude=[f for f, _ in checks[entry.name].bad_files],
         )
     return TaskData(datasets, specs, layouts, episodes, windows, skipped)
 

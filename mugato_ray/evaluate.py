@@ -437,7 +437,7 @@ def markdown_report(report: dict) -> str:
     if errors:
         lines += ["", "Failed episodes:", ""] + [f"- {k}: {e}" for k, e in errors]
     if report.get("skipped_store_files"):
-        lines += ["", "Store files left out of training (data.on_bad_file: skip):", ""]
+        lines += ["", "Store files and rows left out of training (data.on_bad_file: skip):", ""]
         lines += [f"- {task}: `{f}`: {why}" for task, bad in report["skipped_store_files"].items() for f, why in bad]
     if report.get("training"):
         lines += training_lines(report["training"])

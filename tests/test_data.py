@@ -24,7 +24,6 @@ from mugato_ray.data import (
     load_layouts,
     save_layouts,
     step_tasks,
-    store_files,
     task_counts,
     task_dataset,
     task_layouts,
@@ -33,6 +32,7 @@ from mugato_ray.data import (
 )
 from mugato_ray.episodes import read_episodes
 from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY
+from mugato_ray.store_check import store_files
 
 TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
 EPISODES = 6
