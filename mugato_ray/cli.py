@@ -102,7 +102,8 @@ def init_ray(cfg: Config | None = None) -> None:
     """Join the cluster under ``ray job submit`` (RAY_ADDRESS set), else start a quiet local Ray.
 
     With RAY_ADDRESS set, ``ray.init()`` gets no resource arguments: the cluster owns them. A local Ray
-    gets this machine's usable CPUs and no dashboard. ``cfg`` is accepted so every job calls this the same
+    gets this machine's usable CPUs and no dashboard, and a watcher that stops its processes if the job is
+    killed (``mugato_ray.reaper``). ``cfg`` is accepted so every job calls this the same
     way; nothing in it changes how Ray starts today. Does nothing if Ray is already initialized.
     """
     import ray
@@ -117,3 +118,7 @@ def init_ray(cfg: Config | None = None) -> None:
     # (plain ray.init() would join it, and with num_cpus set it would refuse to).
     ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
              configure_logging=True)
+    # Lazy: only a job that starts its own Ray needs the watcher of its processes.
+    from mugato_ray.reaper import start_reaper
+
+    start_reaper()  # a SIGKILLed job leaves no Ray processes behind (see mugato_ray.reaper)

@@ -229,3 +229,39 @@ def test_sigterm_shuts_the_local_ray_down(tmp_path):
     while ray_processes() and time.time() < deadline:
         time.sleep(0.5)
     assert ray_processes() == []
+
+
+def test_a_sigkilled_job_leaves_no_ray_process_behind(tmp_path):
+    """SIGKILL runs no handler; the watcher that init_ray starts stops what the job's Ray left running
+    (without it, Ray's agents and workers outlive the driver by about 90 s)."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    code = ("from mugato_ray.cli import init_ray; import ray, time; init_ray(); "
+            "a = ray.remote(lambda: 1).remote(); ray.get(a); print('ready', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    assert proc.stdout.readline().strip() == "ready"
+    driver = psutil.Process(proc.pid)
+    deadline = time.time() + 30
+    while True:  # the agents start with the raylet; wait until they are there
+        tree = driver.children(recursive=True)
+        names = " ".join(" ".join(p.cmdline()) for p in tree)
+        if ("DashboardAgent" in names and "RuntimeEnvAgent" in names) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert "mugato_ray.reaper" in names and "raylet" in names and "DashboardAgent" in names, names
+    time.sleep(1.5)  # one poll of the watcher after the last process started
+
+    def running() -> list[str]:
+        return [" ".join(p.cmdline())[:80] for p in tree
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+    proc.kill()
+    proc.wait(timeout=10)
+    deadline = time.time() + 20
+    while running() and time.time() < deadline:
+        time.sleep(0.5)
+    assert running() == []
