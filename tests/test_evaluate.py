@@ -331,3 +331,15 @@ def test_checkpoint_evaluates_after_its_run_config_and_bpe_file_are_gone(ray_loc
     assert set(report["tasks"]) == {"CartPole-v1", "text-arith"}
     assert all(t["episodes"] == 2 and t["failed"] == 0 for t in report["tasks"].values())
     assert report["checkpoint"] == str((moved / "model.pt").resolve())
+
+
+@pytest.mark.slow
+def test_a_64_env_evaluation_over_2_actors_stays_under_the_stated_memory_bound():
+    """README "Reliability": the demo's tasks, an untrained demo-size model (long episodes), 64 envs over 2
+    actors; the job's processes together stay under the bound bench/eval_memory.py prints the ratio to."""
+    import runpy
+    from pathlib import Path
+
+    bench = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "eval_memory.py"), run_name="bench")
+    peaks = bench["measure"]("configs/demo.yaml", actors=2, envs_per_actor=32, episodes=64)
+    assert peaks["rss"] < bench["BOUND_MIB"] * 2**20, peaks
