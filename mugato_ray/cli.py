@@ -21,6 +21,7 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
                    add_args: Callable[[argparse.ArgumentParser], None] | None = None, *,
                    needs_tasks: bool = True,
                    config_fallback: Callable[[argparse.Namespace], Path | None] | None = None,
+                   checks: Callable[[Config, argparse.Namespace], list[str]] | None = None,
                    ) -> tuple[Config, argparse.Namespace]:
     """``--config PATH [key=value ...]`` (plus a job's own flags from ``add_args``) -> (config, args).
 
@@ -28,7 +29,8 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
     or override, and every problem :func:`preflight` finds, exit with the usage line and the errors
     (exit code 2) before anything starts: no Ray, no file written. ``config_fallback(args)``: the config
     file to use when ``--config`` is not given (e.g. the one a checkpoint carries); without one, or when it
-    returns None, ``--config`` is required.
+    returns None, ``--config`` is required. ``checks(cfg, args)``: the job's own problems (its inputs),
+    reported with the others.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=config_fallback is None,
@@ -47,6 +49,8 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
     except ConfigError as e:
         parser.error(str(e))
     problems = preflight(cfg, args.config, needs_tasks=needs_tasks)
+    if checks is not None:
+        problems += checks(cfg, args)
     if problems:
         parser.error("\n  ".join([f"{len(problems)} problem(s) with {args.config}:", *problems]))
     return cfg, args
