@@ -52,6 +52,20 @@ def record_cartpole(root: Path, dataset_id: str, refs: tuple[float, float] | Non
         os.environ.pop("MINARI_DATASETS_PATH") if old is None else os.environ.update(MINARI_DATASETS_PATH=old)
 
 
+@pytest.fixture(autouse=True)
+def no_remote(monkeypatch):
+    """Nothing here may reach Minari's remote: its download and cloud-storage entry points raise if called."""
+    import minari.storage.hosting as hosting
+    import minari.storage.local as local
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"Minari's remote was called with {args} {kwargs}")
+
+    for module, name in ((minari, "download_dataset"), (hosting, "download_dataset"), (local.hosting, "download_dataset"),
+                         (hosting, "get_cloud_storage"), (hosting, "list_remote_datasets")):
+        monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.fixture(scope="module")
 def cartpole(tmp_path_factory):
     root = tmp_path_factory.mktemp("minari")
