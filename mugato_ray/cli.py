@@ -23,6 +23,7 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
                    needs_tasks: bool = True,
                    config_fallback: Callable[[argparse.Namespace], Path | None] | None = None,
                    store: Literal["required", "present"] | None = None,
+                   checks: Callable[[Config, argparse.Namespace], list[str]] | None = None,
                    ) -> tuple[Config, argparse.Namespace]:
     """``--config PATH [key=value ...]`` (plus a job's own flags from ``add_args``) -> (config, args).
 
@@ -32,6 +33,7 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
     file to use when ``--config`` is not given (e.g. the one a checkpoint carries); without one, or when it
     returns None, ``--config`` is required. ``store``: check every task's episode store too (``required``:
     each task must have one; ``present``: the stores that exist), see :func:`check_store`.
+    ``checks(cfg, args)``: the job's own problems (its inputs), reported with the others.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=config_fallback is None,
@@ -52,6 +54,8 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
     problems = preflight(cfg, args.config, needs_tasks=needs_tasks)
     if store is not None and not problems:
         problems = check_store(cfg, required=store == "required")
+    if checks is not None:
+        problems += checks(cfg, args)
     if problems:
         parser.error("\n  ".join([f"{len(problems)} problem(s) with {args.config}:", *problems]))
     return cfg, args

@@ -213,6 +213,15 @@ def flatten_observation(obs: Any, space: spaces.Space, key: str = "observation")
     return {key: np.asarray(obs, dtype=space.dtype)}
 
 
+def unflatten_observations(flat: Mapping[str, Any], space: spaces.Space, key: str = "observation") -> Any:
+    """The inverse of :func:`flatten_observation`'s keys: flat fields (``key -> value``, e.g. stacked ``(N, *shape)``
+    arrays) back in the space's own structure (a Dict space -> a dict by its keys, nested; else the one field)."""
+    if isinstance(space, spaces.Dict):
+        return {k: unflatten_observations(flat, sub, k if key == "observation" else f"{key}/{k}")
+                for k, sub in space.spaces.items()}
+    return flat[key]
+
+
 def stack_observations(flats: Sequence[Mapping[str, np.ndarray | str]]) -> dict[str, np.ndarray | list[str]]:
     """N flat observations -> key -> (N, *shape) array, or list[str] of length N for text."""
     if not flats:

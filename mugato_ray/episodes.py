@@ -26,10 +26,15 @@ of how the work was split, and a task's folder holds each id once: :func:`write_
 that a file of the folder already holds (:func:`stored_ids`), so a rerun or a resume with another pool
 size cannot duplicate episodes. (Two writers racing with the same new id are not caught: the collector
 gives every writer disjoint seeds.)
+
+References: a task's folder may also hold ``references.json`` (:data:`REFERENCES_FILE`), the reference returns
+that came with imported data (a Minari dataset's ``ref_max_score``/``ref_min_score``); readers of episodes
+only ever list ``*.parquet``, so it is never taken for episode data.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -410,6 +415,63 @@ def stored_ids(directory: str | Path) -> dict[str, Path]:
         for i in ids:
             out.setdefault(i, file)
     return out
+
+
+REFERENCES_FILE = "references.json"
+"""Reference returns kept with a task's store (see :func:`read_store_references`)."""
+
+
+def read_store_references(directory: str | Path) -> dict | None:
+    """``{"expert_return", "random_return", "origin"}`` from the task folder's :data:`REFERENCES_FILE`, or None
+    when it has none. They came with imported data and, for a run whose store holds them, take the place of
+    references.yaml (``resolve.resolve_task``). A malformed file raises EpisodeError naming it and the field."""
+    path = Path(directory) / REFERENCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EpisodeError(f"unreadable reference returns: {e}", where=str(path)) from None
+    if not isinstance(data, dict):
+        raise EpisodeError(f"expected a JSON object, got {_describe(data)}", where=str(path))
+    for key in ("expert_return", "random_return"):
+        value = data.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise EpisodeError(f"expected a finite number, got {_describe(value)}", field=key, where=str(path))
+    if not isinstance(data.get("origin"), str):
+        raise EpisodeError(f"expected a str, got {_describe(data.get('origin'))}", field="origin", where=str(path))
+    return {"expert_return": float(data["expert_return"]), "random_return": float(data["random_return"]),
+            "origin": data["origin"]}
+
+
+def write_store_references(directory: str | Path, expert_return: float, random_return: float, origin: str) -> Path:
+    """Keep ``(expert_return, random_return)`` with the task's store, atomically. The file is never replaced:
+    the same values again are a no-op (a re-run), other values raise EpisodeError naming both."""
+    directory = Path(directory)
+    path = directory / REFERENCES_FILE
+    new = {"expert_return": float(expert_return), "random_return": float(random_return), "origin": origin}
+    old = read_store_references(directory)
+    if old is not None:
+        if (old["expert_return"], old["random_return"]) != (new["expert_return"], new["random_return"]):
+            raise EpisodeError(f"holds expert {old['expert_return']}, random {old['random_return']} ({old['origin']}); "
+                               f"{origin} has expert {new['expert_return']}, random {new['random_return']}: "
+                               "one store has one pair of references", field="references", where=str(path))
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{REFERENCES_FILE}.{uuid.uuid4().hex}.tmp"
+    try:
+        tmp.write_text(json.dumps(new, indent=2) + "\n")
+        try:
+            os.link(tmp, path)  # never clobbers a file that appeared meanwhile
+        except FileExistsError:
+            raise _exists(path) from None
+        except OSError:  # a filesystem without hard links: check, then rename
+            if path.exists():
+                raise _exists(path) from None
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _exists(path: Path) -> FileExistsError:

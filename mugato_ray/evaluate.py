@@ -13,7 +13,9 @@ accuracy, with references 1.0 (the data's own answers) and 0.0 (random text). Th
 greedily; "expert" replays the stored answer, "random" draws uniform text ids.
 
 Per task: episodes, mean return with a bootstrap 95% CI, success rate (where the task defines success),
-GATO's normalized score ``(score - random) / (expert - random)`` from ``tasks.reference_returns``, and
+GATO's normalized score ``(score - random) / (expert - random)`` from the resolved task's references
+(``references.yaml``, or those imported with the task's data: ``resolve.task_references``; each task's
+``reference_origin`` says which), and
 extras (failed episodes and their errors, mean length, env steps/s, per-episode results). Across tasks:
 the interquartile mean of the normalized scores (Agarwal et al., 2021), as JAT reports per domain.
 
@@ -167,6 +169,7 @@ def evaluate(cfg: Config, policy: PolicySpec, *, log: Callable[[str], None] = pr
             tasks[entry.name]["prompted"] = bool(prompted)
         else:
             tasks[entry.name] = _evaluate_dataset_task(run_cfg, task, policy, log)
+        tasks[entry.name]["reference_origin"] = reference_origin(task)
     scores = [t["normalized_score"] for t in tasks.values()]
     return {
         "checkpoint": policy_label(policy),
@@ -306,6 +309,14 @@ def _evaluate_dataset_task(cfg: Config, resolved: ResolvedTask, policy: PolicySp
                           dataset_references(resolved))
 
 
+def reference_origin(task: ResolvedTask) -> str | None:
+    """Where the task's report normalizes from: ``task.reference_origin`` ("references.yaml", or the data the
+    references were imported with), or for a scorable dataset task without measured references its answers."""
+    if task.reference_origin is None and not task.info.has_env:
+        return "exact answers (1.0 right, 0.0 random)"
+    return task.reference_origin
+
+
 def dataset_references(task: ResolvedTask) -> tuple[float, float]:
     """A dataset task's (expert, random) accuracy: the measured references, else ``DATASET_REFERENCES``."""
     expert, random = task.references
@@ -431,6 +442,7 @@ def markdown_report(report: dict) -> str:
             f"| {_fmt(t.get('env_steps_per_s'), 0)} |"
         )
     lines += ["", f"IQM of normalized scores: {_fmt(report['iqm_normalized_score'])}"]
+    lines += reference_lines(report)
     if report.get("skipped"):
         lines += ["", "Skipped:", ""] + [f"- {k}: {v}" for k, v in report["skipped"].items()]
     errors = [(k, e) for k, t in report["tasks"].items() for e in t.get("errors", [])]
@@ -444,6 +456,17 @@ def markdown_report(report: dict) -> str:
     if report.get("online"):
         lines += online_lines(report["online"])
     return "\n".join(lines) + "\n"
+
+
+def reference_lines(report: dict) -> list[str]:
+    """eval.md's list of where each task's expert and random references came from."""
+    by_origin: dict[str, list[str]] = {}
+    for name, t in report["tasks"].items():
+        by_origin.setdefault(t.get("reference_origin") or "none (no normalized score)", []).append(name)
+    if not by_origin:
+        return []
+    return ["", "Reference returns (expert, random) from:", ""] + [
+        f"- {origin}: {', '.join(names)}" for origin, names in by_origin.items()]
 
 
 def online_lines(online: dict) -> list[str]:

@@ -4,6 +4,12 @@ A job resolves each configured task at start (:func:`resolve_tasks`) and hands t
 :class:`ResolvedTask` to collection, the data pipeline, training, rollouts and evaluation, which then
 neither look the registry up again nor rebuild specs and layouts from the whole config.
 
+Reference returns come from ``references.yaml`` (``tasks.reference_returns``), unless the run's store of the
+task holds references that came with imported data (``episodes.REFERENCES_FILE``, written by
+``minari_io.import_dataset`` from a Minari dataset's ``ref_max_score``/``ref_min_score``): those win, for
+that run only, because they are what the imported demonstrations are measured against; the report says
+which was used (``ResolvedTask.reference_origin``).
+
 Registration lives here too (:func:`register_task`): checking a row's wrappers, expert and success
 criterion needs ``envs`` and ``experts``, while the registry itself (``mugato_ray.tasks``) stays a leaf
 table that imports nothing of the package.
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from mugato_ray import tasks
+from mugato_ray.episodes import read_store_references, store_dir
 from mugato_ray.sequence import SequenceLayout, make_layout
 from mugato_ray.specs import space_spec
 from mugato_ray.tasks import DOMAINS, ENV_DOMAINS, TaskInfo, get_task
@@ -41,6 +48,9 @@ class ResolvedTask:
     """Measured random-policy return; None where none was measured."""
     entry: TaskEntry | None = None
     """The run config's entry for the task (weight, episodes, window, ...); None for a task outside it."""
+    reference_origin: str | None = None
+    """Where the references come from: "references.yaml", or the origin recorded with the store's imported
+    references (e.g. a Minari dataset); None when the task has none."""
 
     @property
     def name(self) -> str:
@@ -149,9 +159,20 @@ def resolve_task(task: str | TaskInfo | ResolvedTask, cfg: Config) -> ResolvedTa
     entry = cfg.task(info.name)
     spec = task_spec(info, cfg)
     layout = make_layout(info.name, spec, cfg.model.context, entry.window if entry else None)
-    expert, random = tasks.reference_returns(info)  # through the module: tests replace the table
+    expert, random, origin = task_references(info, cfg)
     return ResolvedTask(info=info, spec=spec, layout=layout, expert_return=expert, random_return=random,
-                        entry=entry)
+                        entry=entry, reference_origin=origin)
+
+
+def task_references(info: TaskInfo, cfg: Config) -> tuple[float | None, float | None, str | None]:
+    """(expert_return, random_return, origin) of a task in ``cfg``'s run: the references stored with imported
+    data in its store (they win: see the module doc), else references.yaml's, else (None, None, None)."""
+    stored = read_store_references(store_dir(cfg, info.name))
+    if stored is not None:
+        return stored["expert_return"], stored["random_return"], stored["origin"]
+    expert, random = tasks.reference_returns(info)  # through the module: tests replace the table
+    origin = None if expert is None and random is None else "references.yaml"
+    return expert, random, origin
 
 
 def resolve_tasks(cfg: Config) -> dict[str, ResolvedTask]:

@@ -533,3 +533,18 @@ def test_batch_error_names_the_row():
         col[:] = [rows[0][c], rows[1][c]]
     with pytest.raises(EpisodeError, match=r"batch row 1.*grid-1.*length"):
         episodes_from_batch(batch)
+
+
+def test_store_references_are_kept_once_and_checked(tmp_path):
+    folder = tmp_path / "data" / "grid"
+    assert E.read_store_references(folder) is None
+    path = E.write_store_references(folder, 500.0, 10.0, "dataset d")
+    assert E.read_store_references(folder) == {"expert_return": 500.0, "random_return": 10.0, "origin": "dataset d"}
+    assert E.write_store_references(folder, 500, 10, "dataset d again") == path  # the same pair: a no-op
+    with pytest.raises(EpisodeError, match=r"expert 500.0, random 10.0 .*dataset e has expert 400.0"):
+        E.write_store_references(folder, 400.0, 10.0, "dataset e")
+    assert E.read_store_references(folder)["expert_return"] == 500.0  # never replaced
+    path.write_text('{"expert_return": "high", "random_return": 1, "origin": "x"}')
+    with pytest.raises(EpisodeError, match=f"{path}: expert_return: expected a finite number"):
+        E.read_store_references(folder)
+    assert not any(p.name.endswith(".tmp") for p in folder.iterdir())

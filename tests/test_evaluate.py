@@ -137,6 +137,8 @@ def test_report_files_and_schema(ray_local, tmp_path):
     assert loaded["iqm_normalized_score"] == pytest.approx(iqm([t["normalized_score"] for t in loaded["tasks"].values()]))
     md = paths["md"].read_text()
     assert all(name in md for name in ("CartPole-v1", "text-arith", "text-files")) and "| task |" in md
+    assert loaded["tasks"]["CartPole-v1"]["reference_origin"] == "references.yaml"  # where normalization came from
+    assert "- references.yaml: CartPole-v1" in md and "- exact answers (1.0 right, 0.0 random): text-arith" in md
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["png"].stat().st_size > 1000
     assert sorted(p.name for p in eval_dir(cfg).iterdir()) == ["eval.json", "eval.md", "normalized_scores.png"]
 
