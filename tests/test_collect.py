@@ -224,7 +224,10 @@ def test_sigterm_shuts_the_local_ray_down(tmp_path):
 
     assert ray_processes()  # its raylet and friends name the GCS address
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == signal.SIGTERM  # Ray's driver handler: sys.exit(15), so atexit hooks run
+    # Ray's driver handler: sys.exit(15), so atexit hooks run. On a machine loaded far past its cores (load
+    # average 20 on 2 cores) Ray's core worker was seen to abort (-6) in that shutdown, with or without this
+    # project's process watcher; either way the job ends and what it started must be gone.
+    assert proc.wait(timeout=60) in (signal.SIGTERM, -signal.SIGABRT)
     deadline = time.time() + 30
     while ray_processes() and time.time() < deadline:
         time.sleep(0.5)
