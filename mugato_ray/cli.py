@@ -16,6 +16,7 @@ from typing import Literal
 
 from mugato_ray import tasks
 from mugato_ray.config import Config, ConfigError, load_config
+from mugato_ray.console import quiet_driver, set_verbose
 
 
 def parse_job_args(argv: Sequence[str] | None, description: str | None,
@@ -40,9 +41,12 @@ def parse_job_args(argv: Sequence[str] | None, description: str | None,
                         help="YAML experiment config, e.g. configs/smoke.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted config overrides, e.g. train.lr=3e-4 run_dir=/tmp/run")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's own informational output too (default: the project's lines only)")
     if add_args is not None:
         add_args(parser)
     args = parser.parse_intermixed_args(argv)
+    set_verbose(args.verbose)
     if args.config is None:
         args.config = config_fallback(args) if config_fallback is not None else None
         if args.config is None:
@@ -114,6 +118,7 @@ def init_ray(cfg: Config | None = None) -> None:
 
     if ray.is_initialized():
         return
+    quiet_driver()  # before Ray starts: its processes inherit the quiet settings (mugato_ray.console)
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
         return

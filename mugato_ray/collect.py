@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 import ray
 
 from mugato_ray.config import Config, TaskEntry
+from mugato_ray.console import eta
 from mugato_ray.datasets import generate_episodes
 from mugato_ray.episodes import env_episode_id, stored_ids, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_tasks
@@ -155,9 +156,10 @@ def _collect_env(cfg: Config, entry: TaskEntry, task: ResolvedTask, policy: Poli
     def progress() -> None:
         elapsed = time.perf_counter() - t0
         mean = f"{np.mean(returns):.2f}" if returns else "n/a"
+        left = eta(done - len(stored), entry.episodes - len(stored), elapsed)
         log(f"collect {name}: {done}/{entry.episodes} episodes (kept {summary.kept}, filtered "
             f"{summary.filtered}, failed {summary.failed}), mean return {mean}, "
-            f"{summary.env_steps / elapsed:.0f} env steps/s")
+            f"{summary.env_steps / elapsed:.0f} env steps/s" + (f", {left}" if left else ""))
 
     def on_result(chunk: list[int], result: RolloutResult) -> None:
         nonlocal done

@@ -40,6 +40,7 @@ import numpy as np
 from mugato_ray.checkpoints import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, checkpoint_layout
 from mugato_ray.collect import collect
 from mugato_ray.config import Config, TaskEntry, load_config
+from mugato_ray.console import eta
 from mugato_ray.datasets import generate_episodes, prompt_and_answer, resolve, score_text_answer
 from mugato_ray.episodes import store_dir
 from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
@@ -247,8 +248,10 @@ def _evaluate_env_task(cfg: Config, resolved: ResolvedTask, policy: PolicySpec, 
 
 def _progress(log, task, outcomes, failed, total, steps, seconds, unit="env steps") -> None:
     mean = f"{np.mean([o['return'] for o in outcomes]):.3f}" if outcomes else "n/a"
-    log(f"eval {task}: {len(outcomes) + len(failed)}/{total} episodes (failed {len(failed)}), "
-        f"mean return {mean}, {steps / max(seconds, 1e-9):.1f} {unit}/s")
+    done = len(outcomes) + len(failed)
+    left = eta(done, total, seconds)
+    log(f"eval {task}: {done}/{total} episodes (failed {len(failed)}), "
+        f"mean return {mean}, {steps / max(seconds, 1e-9):.1f} {unit}/s" + (f", {left}" if left else ""))
 
 
 def summarize_task(cfg: Config, task: str, outcomes: Sequence[dict], failed: Sequence[dict], env_steps: int,

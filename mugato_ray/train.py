@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ from mugato_ray.checkpoints import (
     write_snapshot,
 )
 from mugato_ray.config import Config
+from mugato_ray.console import eta, quiet_train_worker, set_verbose, train_log_level, verbose
 from mugato_ray.data import ONLINE_KEY, TaskData, build_datasets, task_batch_size, task_weights
 from mugato_ray.learner import FaultHook, Learner, LoopState, MetricWindow, restore
 from mugato_ray.resolve import ResolvedTask, resolve_tasks
@@ -210,6 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch.set_num_threads(plan.torch_threads)
+    set_verbose(config.get("verbose", True))  # this worker's console (mugato_ray.console)
+    quiet_train_worker()
     # The run directory as the driver resolved it: Ray Train workers do not run in the driver's directory.
     local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
 
@@ -224,6 +228,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     learner = Learner(state.model, state.optimizer, cfg, layouts, device)
 
     history: list[dict[str, Any]] = []
+    started = time.perf_counter()
     for step in range(state.step, tcfg.steps):
         fault.before_step(step)
         maybe_publish(config, learner, step, step == state.step, rank)
@@ -244,9 +249,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             metrics |= {f"online_rows/{t}": s.online_rows for t, s in streams.items() if cfg.online.enabled}
         if rank == 0:
             history.append(metrics)
-            log.info("step %d %s", done, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
+            log.info(progress_line(metrics, tcfg.steps, done - state.step, time.perf_counter() - started,
+                                   config.get("verbose", True)))
         report(metrics, done, ckpt_now, learner, config, rank)
     return history
+
+
+def progress_line(metrics: dict[str, Any], total: int, steps_here: int, seconds: float, verbose: bool) -> str:
+    """Rank 0's line at a log step: step, rate, time left and mean loss; every metric when ``verbose``
+    (the metrics files hold them all either way)."""
+    done = metrics["step"]
+    rate = steps_here / seconds if seconds > 0 else 0.0
+    head = f"train step {done}/{total} ({100 * done / total:.0f}%), {rate:.2f} steps/s"
+    left = eta(steps_here, steps_here + total - done, seconds)
+    head += f", {left}" if left else ""
+    if verbose:
+        return head + " | " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
+    return head + (f", loss {metrics['loss']:.4f}" if "loss" in metrics else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,6 +291,7 @@ def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any, board:
             "local_mode": plan.train_workers == 0,
             "evaluator": evaluator,
             "weights_board": board,
+            "verbose": verbose(),
         },
         torch_config=TorchConfig(backend="nccl" if plan.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
@@ -282,6 +302,7 @@ def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any, board:
             storage_path=storage_path(cfg),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level()),  # mugato_ray.console
         ),
         datasets=data.datasets,
     )
