@@ -6,7 +6,8 @@
 PATH is a model file or a training checkpoint directory (holding model.pt). The model acts greedily unless
 rollout.temperature > 0; eval.prompt=true prompts it with an expert demonstration. Without --config, a
 checkpoint directory's own config.yaml is used: a checkpoint carries its config, layouts and BPE
-tokenizer, so it evaluates on its tasks after its run directory and BPE file are gone.
+tokenizer, so it evaluates on its tasks after its run directory and BPE file are gone. A checkpoint or
+snapshot whose step its folder names also adds its scores to <run_dir>/metrics/ (eval.csv, TensorBoard).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mugato_ray.checkpoints import checkpoint_step
 from mugato_ray.cli import init_ray, parse_job_args
-from mugato_ray.evaluate import eval_dir, evaluate, summary_lines, write_report
+from mugato_ray.evaluate import eval_dir, evaluate, resolve_checkpoint, summary_lines, write_eval_metrics, write_report
 from mugato_ray.rollout import PolicySpec
 
 
@@ -43,6 +45,9 @@ def main(argv: list[str]) -> None:
     init_ray(cfg)
     report = evaluate(cfg, policy)
     paths = write_report(report, eval_dir(cfg))
+    step = checkpoint_step(resolve_checkpoint(args.checkpoint)) if args.checkpoint else None
+    if step is not None:
+        write_eval_metrics(cfg, report, step)
     for line in summary_lines(report):
         print(line)
     for path in paths.values():

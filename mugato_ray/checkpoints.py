@@ -80,6 +80,16 @@ def write_manifest(directory: Path) -> Path:
     return tmp.replace(directory / MANIFEST_FILE)
 
 
+def checkpoint_step(model_file: str | Path) -> int | None:
+    """The training step of a checkpoint's or snapshot's model file, from its folder's name
+    (``checkpoint_<step>``, ``step_<step>``); None for a model file kept elsewhere."""
+    name = Path(model_file).parent.name
+    for prefix in ("checkpoint_", "step_"):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):])
+    return None
+
+
 def verify_checkpoint(directory: Path) -> str | None:
     """None when ``directory`` is a complete checkpoint whose files match its manifest, else the reason."""
     directory = Path(directory)

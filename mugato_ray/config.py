@@ -19,6 +19,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
+LoggerName = Literal["csv", "tensorboard", "wandb"]
+"""A metric writer of ``train.loggers`` (see mugato_ray.metric_log)."""
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and the key."""
@@ -169,6 +172,9 @@ class TrainConfig:
     """Where Ray Train stores checkpoints (None: <run_dir>/checkpoints); use shared storage on a cluster."""
     log_every: int = 10
     """Steps between reported metrics."""
+    loggers: list[LoggerName] = field(default_factory=lambda: ["csv", "tensorboard"])
+    """Metric writers of training and evaluation reports, under <run_dir>/metrics/ (mugato_ray.metric_log): csv
+    (train.csv, eval.csv), tensorboard (tb/<stream>/ event files), wandb (offline runs; needs the wandb package)."""
     eval_every: int = 0
     """Steps between evaluations of the current weights while training goes on (0: none); the main job
     then evaluates the snapshot with the best IQM (see mugato_ray.train_eval)."""
@@ -493,6 +499,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints", "at least 1"),
         (cfg.train.log_every >= 1, "train.log_every", "at least 1"),
         (cfg.train.eval_every >= 0, "train.eval_every", "non-negative"),
+        (len(set(cfg.train.loggers)) == len(cfg.train.loggers), "train.loggers",
+         f"a list without repeats of {list(typing.get_args(LoggerName))}"),
         (cfg.train.max_failures >= -1, "train.max_failures", "at least -1 (-1: retry without limit)"),
         (cfg.train.torch_threads >= 0, "train.torch_threads", "non-negative"),
         (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),

@@ -20,7 +20,9 @@ extras (failed episodes and their errors, mean length, env steps/s, per-episode 
 the interquartile mean of the normalized scores (Agarwal et al., 2021), as JAT reports per domain.
 
 ``write_report`` writes ``eval.json``, ``eval.md`` and ``normalized_scores.png`` under ``<run_dir>/eval/``,
-each atomically (temp file + rename).
+each atomically (temp file + rename), and, when the report has a "training" section, ``loss_curves.png``
+(per-task training losses by step) and ``score_curves.png`` (the snapshots' scores during training).
+``write_eval_metrics`` adds the scores to the run's ``eval`` metrics (``eval/...``, ``mugato_ray.metric_log``).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from mugato_ray.config import Config, TaskEntry, load_config
 from mugato_ray.console import eta
 from mugato_ray.datasets import generate_episodes, prompt_and_answer, resolve, score_text_answer
 from mugato_ray.episodes import store_dir
+from mugato_ray.metric_log import open_metric_log, score_metrics
 from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_tasks, task_spec
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
@@ -488,59 +491,81 @@ def online_lines(online: dict) -> list[str]:
 
 
 def training_lines(training: dict) -> list[str]:
-    """eval.md's "During training" section: the snapshot scores by step and which snapshot was chosen."""
+    """eval.md's "Training" section: the loss curves, then the snapshot scores by step and which was chosen."""
+    lines = ["", "## Training", ""]
+    if training.get("history"):
+        lines += ["Training loss per task (from `metrics/train.csv`):", "", "![loss curves](loss_curves.png)", ""]
     evals = training.get("evaluations", [])
+    if not evals:
+        return lines
     tasks = sorted({t for r in evals for t in r["tasks"]})
-    lines = ["", "## During training", "", "![training curves](training.png)", ""]
+    lines += ["### Evaluations during training", "", "![score curves](score_curves.png)", ""]
     if training.get("chosen_step") is not None:
         lines += [f"Evaluated above: the snapshot of step {training['chosen_step']}, the best IQM "
                   f"({_fmt(training.get('chosen_iqm'))}) of {len(evals)} snapshots scored on "
                   f"{training.get('episodes', '?')} validation episodes per task (seeds disjoint from the ones above).", ""]
-    if evals:
-        lines += ["| step | IQM | " + " | ".join(tasks) + " |", "| ---: | ---: |" + " ---: |" * len(tasks)]
-        for r in evals:
-            cells = [_fmt(r["tasks"].get(t, {}).get("normalized")) for t in tasks]
-            lines.append(f"| {r['step']} | {_fmt(r['iqm'])} | " + " | ".join(cells) + " |")
+    lines += ["| step | IQM | " + " | ".join(tasks) + " |", "| ---: | ---: |" + " ---: |" * len(tasks)]
+    for r in evals:
+        cells = [_fmt(r["tasks"].get(t, {}).get("normalized")) for t in tasks]
+        lines.append(f"| {r['step']} | {_fmt(r['iqm'])} | " + " | ".join(cells) + " |")
     return lines
 
 
-def plot_training(training: dict, fh: Any) -> None:
-    """Training loss per task and the snapshots' normalized scores per task, against the step (PNG)."""
+def _save_figure(draw: Callable[[Any], None], fh: Any, figsize: tuple[float, float] = (6.0, 3.6)) -> None:
+    """One axes drawn by ``draw(ax)``, saved as PNG into the open file ``fh``."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # no display on cluster nodes
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+    fig, ax = plt.subplots(figsize=figsize, layout="constrained")
     try:
-        history = training.get("history", [])
+        draw(ax)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_losses(history: Sequence[dict], fh: Any) -> None:
+    """Training loss per task (``loss/<task>``) and overall (``loss``) against the step (PNG)."""
+
+    def draw(ax: Any) -> None:
         for key in sorted({k for h in history for k in h if k.startswith("loss/")}):
             pts = [(h["step"], h[key]) for h in history if key in h]
-            ax_loss.plot(*zip(*pts), label=key[5:])
-        ax_loss.set_xlabel("step")
-        ax_loss.set_ylabel("training loss")
-        ax_loss.set_yscale("log")
-        evals = training.get("evaluations", [])
+            ax.plot(*zip(*pts), label=key[5:])
+        pts = [(h["step"], h["loss"]) for h in history if "loss" in h and math.isfinite(h["loss"])]
+        if pts:
+            ax.plot(*zip(*pts), color="black", lw=2, label="mean")
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_yscale("log")
+
+    _save_figure(draw, fh)
+
+
+def plot_score_curves(training: dict, fh: Any) -> None:
+    """The snapshots' normalized scores per task and their IQM against the step (PNG)."""
+    evals = training.get("evaluations", [])
+
+    def draw(ax: Any) -> None:
         for task in sorted({t for r in evals for t in r["tasks"]}):
             pts = [(r["step"], r["tasks"][task]["normalized"]) for r in evals
                    if task in r["tasks"] and r["tasks"][task]["normalized"] is not None]
             if pts:
-                ax_score.plot(*zip(*pts), marker="o", ms=3, label=task)
+                ax.plot(*zip(*pts), marker="o", ms=3, label=task)
         pts = [(r["step"], r["iqm"]) for r in evals if r["iqm"] is not None]
         if pts:
-            ax_score.plot(*zip(*pts), color="black", lw=2, label="IQM")
+            ax.plot(*zip(*pts), color="black", lw=2, label="IQM")
         if training.get("chosen_step") is not None:
-            ax_score.axvline(training["chosen_step"], color="gray", ls=":", lw=1)
-        ax_score.axhline(1.0, color="gray", ls="--", lw=1)
-        ax_score.set_xlabel("step")
-        ax_score.set_ylabel("normalized score (validation seeds)")
-        for ax in (ax_loss, ax_score):
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.savefig(fh, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+            ax.axvline(training["chosen_step"], color="gray", ls=":", lw=1)
+        ax.axhline(1.0, color="gray", ls="--", lw=1)
+        ax.set_xlabel("step")
+        ax.set_ylabel("normalized score (validation seeds)")
+
+    _save_figure(draw, fh)
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -559,6 +584,17 @@ def summary_lines(report: dict) -> list[str]:
 
 def plot_scores(report: dict, fh: Any) -> None:
     """A bar chart of normalized scores with their 95% CI as error bars (PNG into the open file ``fh``)."""
+    import matplotlib.pyplot as plt
+
+    fig = score_figure(report)
+    try:
+        fig.savefig(fh, format="png", dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def score_figure(report: dict) -> Any:
+    """The figure of :func:`plot_scores` (the caller closes it)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on cluster nodes
@@ -566,38 +602,57 @@ def plot_scores(report: dict, fh: Any) -> None:
 
     rows = [(k, t) for k, t in report["tasks"].items() if t["normalized_score"] is not None]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(rows) + 2), 3.5), layout="constrained")
-    try:
-        if rows:
-            names = [k for k, _ in rows]
-            score = np.asarray([t["normalized_score"] for _, t in rows])
-            ci = np.asarray([t.get("normalized_ci95") or [s, s] for (_, t), s in zip(rows, score)])
-            err = np.stack([score - ci[:, 0], ci[:, 1] - score]).clip(min=0)
-            ax.bar(names, score, yerr=err, capsize=4, color="tab:blue")
-            ax.tick_params(axis="x", labelrotation=30)
-        else:
-            ax.text(0.5, 0.5, "no task has reference returns", ha="center", va="center", transform=ax.transAxes)
-        ax.axhline(1.0, color="gray", ls="--", lw=1)
-        ax.axhline(0.0, color="black", lw=0.8)
-        ax.set_ylabel("normalized score (expert = 1)")
-        ax.set_title(f"{report['checkpoint']}: IQM {_fmt(report['iqm_normalized_score'])}", fontsize=9)
-        fig.savefig(fh, format="png", dpi=100)
-    finally:
-        plt.close(fig)
+    if rows:
+        names = [k for k, _ in rows]
+        score = np.asarray([t["normalized_score"] for _, t in rows])
+        ci = np.asarray([t.get("normalized_ci95") or [s, s] for (_, t), s in zip(rows, score)])
+        err = np.stack([score - ci[:, 0], ci[:, 1] - score]).clip(min=0)
+        ax.bar(names, score, yerr=err, capsize=4, color="tab:blue")
+        ax.tick_params(axis="x", labelrotation=30)
+    else:
+        ax.text(0.5, 0.5, "no task has reference returns", ha="center", va="center", transform=ax.transAxes)
+    ax.axhline(1.0, color="gray", ls="--", lw=1)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_ylabel("normalized score (expert = 1)")
+    ax.set_title(score_title(report), fontsize=9, wrap=True)
+    return fig
+
+
+def score_title(report: dict) -> str:
+    """The score chart's title: the IQM first, then the policy (a checkpoint as its last two path parts: the
+    whole path is in eval.md, and at the top of a narrow chart it pushed the IQM out of the picture)."""
+    label = report["checkpoint"]
+    if "/" in label:
+        label = "/".join(Path(label).parts[-2:])
+    return f"IQM normalized score {_fmt(report['iqm_normalized_score'])}\n{label}"
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
-    """eval.json, eval.md and normalized_scores.png (and training.png when the report has a "training"
-    section) under ``out_dir``, each written atomically."""
+    """eval.json, eval.md and normalized_scores.png under ``out_dir``, each written atomically; with a
+    "training" section also loss_curves.png (when it has a loss history) and score_curves.png (when it has
+    evaluations during training)."""
     out = Path(out_dir)
     paths = {
         "json": _atomic_write(out / "eval.json", lambda fh: json.dump(report, fh, indent=2, allow_nan=False)),
         "md": _atomic_write(out / "eval.md", lambda fh: fh.write(markdown_report(report))),
         "png": _atomic_write(out / "normalized_scores.png", lambda fh: plot_scores(report, fh), binary=True),
     }
-    if report.get("training"):
-        paths["training"] = _atomic_write(out / "training.png", lambda fh: plot_training(report["training"], fh),
-                                          binary=True)
+    training = report.get("training") or {}
+    if training.get("history"):
+        paths["losses"] = _atomic_write(out / "loss_curves.png", lambda fh: plot_losses(training["history"], fh),
+                                        binary=True)
+    if training.get("evaluations"):
+        paths["scores"] = _atomic_write(out / "score_curves.png", lambda fh: plot_score_curves(training, fh),
+                                        binary=True)
     return paths
+
+
+def write_eval_metrics(cfg: Config, report: dict, step: int) -> None:
+    """The report's scores as ``eval/<task>/<key>`` and ``eval/iqm`` at training step ``step`` (of the evaluated
+    checkpoint) into the run's ``eval`` metrics: ``<run_dir>/metrics/eval.csv`` and TensorBoard's ``tb/eval/``,
+    beside the evaluations during training (``validation/...``)."""
+    with open_metric_log(cfg, "eval") as metrics:
+        metrics.write(step, score_metrics("eval", report["tasks"], report["iqm_normalized_score"]))
 
 
 def eval_dir(cfg: Config) -> Path:

@@ -31,7 +31,7 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     """Collect -> train -> evaluate -> report, on a connected Ray (``cli.init_ray``)."""
     # Lazy: the stages import torch and gymnasium; jobs/main.py imports this module before its config is checked.
     from mugato_ray.collect import collect
-    from mugato_ray.evaluate import eval_dir, evaluate, summary_lines, write_report
+    from mugato_ray.evaluate import eval_dir, evaluate, summary_lines, write_eval_metrics, write_report
     from mugato_ray.resolve import resolve_tasks
     from mugato_ray.rollout import PolicySpec
     from mugato_ray.train import train
@@ -58,7 +58,8 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     log(f"== evaluate: {cfg.eval.episodes} episodes per task")
     policy = PolicySpec("model", checkpoint, temperature=cfg.rollout.temperature)
     report = evaluate(cfg, policy, log=log, resolved=resolved)
-    if training:
+    write_eval_metrics(cfg, report, training.get("chosen_step", result.final_step))
+    if training.get("history") or training.get("evaluations"):
         report["training"] = training
     if result.skipped_files:
         report["skipped_store_files"] = result.skipped_files
@@ -76,16 +77,27 @@ def run_main(cfg: Config, log: Callable[[str], None] = print) -> MainResult:
     return MainResult(checkpoint, report, paths, seconds)
 
 
-def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[str, dict | None]:
+def loss_history(cfg: Config) -> list[dict]:
+    """The training losses of the whole run by step (``loss``, ``loss/<task>``), from ``metrics/train.csv``:
+    every attempt's, where ``TrainResult.history`` holds only the last one's. Empty without a CSV logger."""
+    from mugato_ray.metric_log import metrics_dir, read_metrics  # lazy: as in run_main
+
+    rows = read_metrics(metrics_dir(cfg) / "train.csv") if "csv" in cfg.train.loggers else []
+    return [{k: v for k, v in row.items() if k == "step" or k == "loss" or k.startswith("loss/")} for row in rows]
+
+
+def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[str, dict]:
     """The weights to evaluate: the snapshot with the best IQM during training when snapshots were scored
-    (``train.eval_every``), else the final checkpoint; and the report's "training" section (or None)."""
+    (``train.eval_every``), else the final checkpoint; and the report's "training" section: the loss history
+    (:func:`loss_history`) and, with snapshots, their scores and which was chosen."""
     from mugato_ray.train_eval import best_snapshot  # lazy: as in run_main
 
+    training: dict = {"history": loss_history(cfg)}
     if not result.evaluations:
-        return result.checkpoint_path, None
+        return result.checkpoint_path, training
     best = best_snapshot(result.evaluations)
-    training = {"evaluations": [{k: v for k, v in r.items() if k != "model_file"} for r in result.evaluations],
-                "history": result.history, "episodes": cfg.train.eval_episodes}
+    training |= {"evaluations": [{k: v for k, v in r.items() if k != "model_file"} for r in result.evaluations],
+                 "episodes": cfg.train.eval_episodes}
     if best is None:
         log("no snapshot has an IQM (no task has reference returns): evaluating the final checkpoint")
         return result.checkpoint_path, training

@@ -13,7 +13,9 @@ worker loop wires the pieces that know nothing of Ray to Ray Train:
   positions computed (``nonpad/<task>``, after packing), real tokens/s (pads not counted), lr and grad
   norm (``learner.MetricWindow``); every ``checkpoint_every`` steps (and at the end) rank 0 reports a
   checkpoint directory (``checkpoints.write_checkpoint``); with ``train.eval_every`` rank 0 hands weight
-  snapshots to the evaluator actor (``mugato_ray.train_eval``) without waiting.
+  snapshots to the evaluator actor (``mugato_ray.train_eval``) without waiting;
+- rank 0 writes every report to ``<run_dir>/metrics/`` (``train.csv``, TensorBoard under ``tb/train/``:
+  ``mugato_ray.metric_log``); an attempt that resumes at step S first drops what was logged after S.
 
 Resume: running again with the same ``run_dir`` (same ``RunConfig(name, storage_path)``) continues from
 the latest verified checkpoint, at its step; ``train.max_failures`` lets Ray Train restart dead workers
@@ -48,6 +50,7 @@ from mugato_ray.config import Config
 from mugato_ray.console import eta, quiet_train_worker, set_verbose, train_log_level, verbose
 from mugato_ray.data import ONLINE_KEY, TaskData, build_datasets, task_batch_size, task_weights
 from mugato_ray.learner import FaultHook, Learner, LoopState, MetricWindow, restore
+from mugato_ray.metric_log import check_loggers, open_metric_log
 from mugato_ray.resolve import ResolvedTask, resolve_tasks
 from mugato_ray.resources import Plan, describe, plan_resources
 from mugato_ray.tokenizer import VocabLayout
@@ -226,6 +229,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     fault = FaultHook(config.get("crash_at_step"), local_cfg.run_dir, rank)
     window = MetricWindow(len(tasks), device)
     learner = Learner(state.model, state.optimizer, cfg, layouts, device)
+    # Rank 0 keeps every report (Ray Train keeps none without a checkpoint); what an interrupted attempt
+    # logged after this attempt's checkpoint is dropped.
+    metric_log = open_metric_log(local_cfg, "train", start_step=state.step + 1) if rank == 0 else None
 
     history: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -247,11 +253,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         if log_now:
             metrics |= window.summary(tasks, world=world, params=learner.raw_model.parameters())
             metrics |= {f"online_rows/{t}": s.online_rows for t, s in streams.items() if cfg.online.enabled}
-        if rank == 0:
+        if metric_log is not None:
             history.append(metrics)
+            metric_log.write(done, metrics)
             log.info(progress_line(metrics, tcfg.steps, done - state.step, time.perf_counter() - started,
                                    config.get("verbose", True)))
         report(metrics, done, ckpt_now, learner, config, rank)
+    if metric_log is not None:
+        metric_log.close()
     return history
 
 
@@ -317,6 +326,7 @@ def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, Resolved
     import ray
     import ray.train
 
+    check_loggers(cfg.train.loggers)  # here, not in a worker after the datasets have started
     plan = plan or plan_resources(cfg, ray.cluster_resources())
     log.info("resources: %s", describe(plan, len(cfg.tasks)))
     data = build_datasets(cfg, plan, world_size=max(1, plan.train_workers), resolved=resolved)
@@ -337,6 +347,8 @@ def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, Resolved
         result = trainer.fit()
         # Actor calls run in order: this returns once every submitted snapshot is scored.
         evaluations = ray.get(evaluator.results.remote()) if evaluator is not None else []
+        if evaluator is not None:
+            ray.get(evaluator.close.remote())
     except ray.train.TrainingFailedError as e:
         raise TrainingFailedError(
             f"training of run '{run_name(cfg)}' failed after train.max_failures={cfg.train.max_failures} "

@@ -9,8 +9,10 @@ dataset tasks), on ``train.eval_episodes`` *validation* seeds per task:
 ``eval.validation_seed_offset + i``, disjoint from the collection seeds and from the final evaluation's
 seeds, so that choosing a snapshot by its score does not leak into the reported numbers.
 
-Each record (``{"step", "tasks": {task: {"mean_return", "normalized", "success_rate"}}, "iqm"}``) is
-appended to ``<run_dir>/snapshots/scores.json`` as it lands. The main job then evaluates the snapshot
+Each record (``{"step", "tasks": {task: {"mean_return", "normalized", "success_rate", "episodes",
+"env_steps_per_s"}}, "iqm"}``) is appended to ``<run_dir>/snapshots/scores.json`` as it lands, and its numbers
+go to the run's ``eval`` metrics as ``validation/<task>/<key>`` and ``validation/iqm`` at its step
+(``<run_dir>/metrics/eval.csv`` and TensorBoard: ``mugato_ray.metric_log``). The main job then evaluates the snapshot
 with the best IQM (the latest of equals) and says which it chose (:func:`best_snapshot`).
 
 On a cluster the actor takes a CPU of its own (``resources.EVAL_SHARE`` of the logical CPUs is held
@@ -22,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ import numpy as np
 from mugato_ray.checkpoints import snapshot_root
 from mugato_ray.config import Config
 from mugato_ray.evaluate import dataset_references, score_dataset_chunk
+from mugato_ray.metric_log import open_metric_log, score_metrics
 from mugato_ray.metrics import iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
 from mugato_ray.rollout import PolicySpec, measure_returns
@@ -44,25 +48,29 @@ def validation_seeds(cfg: Config) -> list[int]:
 
 
 def score_policy(cfg: Config, task: str | ResolvedTask, policy: Any, seeds: Sequence[int]) -> dict:
-    """``{"mean_return", "normalized", "success_rate"}`` of ``policy`` on ``task`` over ``seeds``, in this process.
+    """``{"mean_return", "normalized", "success_rate", "episodes", "env_steps_per_s"}`` of ``policy`` on ``task``
+    over ``seeds``, in this process (a dataset task's steps are its answers).
 
     ``policy``: a ``PolicySpec``, or (environment tasks) any object of the rollout Policy protocol. Environment
     tasks are measured by ``rollout.measure_returns``: episodes run to the task's own step limit, where the
     references were measured (``rollout.max_episode_steps`` is for collection).
     """
-    task = resolve_task(task, cfg)
+    task, t0 = resolve_task(task, cfg), time.perf_counter()
     if task.info.has_env:
         # An episode lost to an env error is left out, as in the final evaluation: training goes on.
         stats = measure_returns(task, policy, cfg, seeds, skip_failed=True)
         returns, successes, references = stats.returns.tolist(), stats.successes, task.references
+        steps = int(stats.lengths.sum())
     else:
         outcomes = score_dataset_chunk(cfg, task.name, policy, list(seeds))
         returns, successes = [o["return"] for o in outcomes], [o["success"] for o in outcomes]
-        references = dataset_references(task)
+        references, steps = dataset_references(task), len(outcomes)
+    seconds = time.perf_counter() - t0
     successes = [s for s in successes if s is not None]
     mean = float(np.mean(returns)) if returns else float("nan")
     return {"mean_return": mean, "normalized": normalized_score(mean, *references),
-            "success_rate": float(np.mean(successes)) if successes else None}
+            "success_rate": float(np.mean(successes)) if successes else None, "episodes": len(returns),
+            "env_steps_per_s": steps / seconds if seconds > 0 else None}
 
 
 class TrainingEvaluator:
@@ -76,6 +84,7 @@ class TrainingEvaluator:
         self.tasks = resolve_tasks(cfg)
         # A resumed run keeps the scores of the snapshots its earlier attempts wrote.
         self.records: list[dict] = read_scores(cfg)
+        self.metrics: Any = None  # the "eval" metric stream, opened at the first snapshot
 
     def evaluate(self, step: int, model_file: str) -> dict:
         policy = PolicySpec("model", model_file, temperature=self.cfg.rollout.temperature)
@@ -85,11 +94,27 @@ class TrainingEvaluator:
                   "iqm": iqm([t["normalized"] for t in tasks.values()])}
         self.records = [r for r in self.records if r["step"] != record["step"]] + [record]
         _write_json(snapshot_root(self.cfg) / SCORES_FILE, self.records)
+        self.log_metrics(record)
         return record
+
+    def log_metrics(self, record: dict) -> None:
+        """``validation/...`` scores of ``record`` into the run's ``eval`` metrics (``metric_log``). This
+        attempt's first snapshot starts the stream at its step: what an interrupted attempt logged from there
+        on is dropped (snapshots come in step order)."""
+        if self.metrics is None:
+            self.metrics = open_metric_log(self.cfg, "eval", start_step=record["step"])
+        tasks = {name: {**t, "normalized_score": t["normalized"]} for name, t in record["tasks"].items()}
+        self.metrics.write(record["step"], score_metrics("validation", tasks, record["iqm"]))
 
     def results(self) -> list[dict]:
         """Every record so far (called after the last submission: it runs after every queued evaluation)."""
         return list(self.records)
+
+    def close(self) -> None:
+        """Close the metric writers (a W&B run is finished; CSV and TensorBoard are on disk after each write)."""
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
 
 def start_evaluator(cfg: Config, num_cpus: float) -> Any:

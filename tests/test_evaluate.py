@@ -21,8 +21,10 @@ from mugato_ray.evaluate import (
     evaluate,
     generate_answers,
     resolve_checkpoint,
+    score_figure,
     write_report,
 )
+from mugato_ray.metric_log import read_metrics
 from mugato_ray.metrics import iqm
 from mugato_ray.model import GatoModel, save_model
 from mugato_ray.rollout import FaultInjection, PolicySpec, split_seeds
@@ -146,6 +148,44 @@ def test_report_files_and_schema(ray_local, tmp_path):
     check_schema(expert, "policy:expert")
     for name in ("text-arith", "vqa-minigrid-color"):  # the data's own answers score exactly 1
         assert expert["tasks"][name]["mean_return"] == 1.0 and expert["tasks"][name]["normalized_score"] == 1.0
+
+
+def test_the_score_chart_title_shows_the_iqm_inside_the_figure():
+    """A long checkpoint path used to push the title, and the IQM at its end, out of the chart."""
+    import matplotlib.pyplot as plt
+
+    task = {"normalized_score": 0.5, "normalized_ci95": [0.4, 0.6]}
+    path = "/home/someone/experiments/a-rather-long-run-directory-name/checkpoints/run/checkpoint_00000600/model.pt"
+    fig = score_figure({"checkpoint": path, "iqm_normalized_score": 0.51234, "tasks": {"CartPole-v1": task}})
+    try:
+        fig.canvas.draw()
+        title = fig.axes[0].title
+        assert "0.512" in title.get_text() and "checkpoint_00000600/model.pt" in title.get_text()
+        box = title.get_window_extent()
+        assert 0 <= box.x0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    finally:
+        plt.close(fig)
+
+
+def test_the_report_draws_loss_and_score_curves_from_its_training_section(tmp_path):
+    report = {"checkpoint": "policy:expert", "iqm_normalized_score": 0.5, "seeds": {"offset": 0, "episodes": 2},
+              "tasks": {"CartPole-v1": {"episodes": 2, "mean_return": 250.0, "ci95": [200.0, 300.0],
+                                        "success_rate": None, "normalized_score": 0.5, "expert_return": 500.0,
+                                        "random_return": 0.0}}}
+    plain = write_report(report, tmp_path / "plain")
+    assert set(plain) == {"json", "md", "png"} and "## Training" not in plain["md"].read_text()
+    history = [{"step": s, "loss": 3.0 / s, "loss/CartPole-v1": 2.0 / s} for s in (2, 4, 6)]
+    report["training"] = {"history": history}
+    losses = write_report(report, tmp_path / "losses")
+    assert set(losses) == {"json", "md", "png", "losses"} and "](loss_curves.png)" in losses["md"].read_text()
+    report["training"] |= {"evaluations": [{"step": 4, "iqm": 0.5, "tasks": {"CartPole-v1": {"normalized": 0.5}}},
+                                           {"step": 6, "iqm": 0.7, "tasks": {"CartPole-v1": {"normalized": 0.7}}}],
+                           "chosen_step": 6, "chosen_iqm": 0.7, "episodes": 2}
+    paths = write_report(report, tmp_path / "both")
+    md = paths["md"].read_text()
+    assert "](loss_curves.png)" in md and "](score_curves.png)" in md and "| 6 | 0.700 | 0.700 |" in md
+    for key in ("losses", "scores"):
+        assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 1000
 
 
 # ------------------------------------------------------------------------------------------- determinism and faults
@@ -318,7 +358,7 @@ def test_checkpoint_evaluates_after_its_run_config_and_bpe_file_are_gone(ray_loc
     original.mkdir(parents=True)
     write_checkpoint(original, model, make_optimizer(model, cfg.train), 1, cfg, specs, layouts)
     assert (original / TOKENIZER_FILE).is_file()
-    moved = tmp_path / "elsewhere" / "ckpt"
+    moved = tmp_path / "elsewhere" / "checkpoint_00000001"
     shutil.copytree(original, moved)
     shutil.rmtree(tmp_path / "run")
     shutil.rmtree(bpe.parent)
@@ -333,6 +373,11 @@ def test_checkpoint_evaluates_after_its_run_config_and_bpe_file_are_gone(ray_loc
     assert set(report["tasks"]) == {"CartPole-v1", "text-arith"}
     assert all(t["episodes"] == 2 and t["failed"] == 0 for t in report["tasks"].values())
     assert report["checkpoint"] == str((moved / "model.pt").resolve())
+    # The checkpoint's folder names its step: the scores join the run's eval metrics at it.
+    (row,) = read_metrics(out_dir / "metrics" / "eval.csv")
+    assert row["step"] == 1 and row["eval/CartPole-v1/episodes"] == 2
+    assert row["eval/text-arith/mean_return"] == report["tasks"]["text-arith"]["mean_return"]
+    assert any((out_dir / "metrics" / "tb" / "eval").glob("events.out.tfevents.*"))
 
 
 @pytest.mark.slow

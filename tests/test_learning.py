@@ -15,6 +15,7 @@ from mugato_ray.checkpoints import snapshot_root
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter, WindowSampler, synthetic_episodes, task_layouts, write_synthetic_store
 from mugato_ray.episodes import episode_to_row, store_dir
+from mugato_ray.metric_log import open_metric_log, read_metrics
 from mugato_ray.metrics import bootstrap_ci
 from mugato_ray.pipeline import choose_checkpoint
 from mugato_ray.resolve import task_spec
@@ -169,18 +170,29 @@ def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, 
         assert set(r["tasks"]) == {"CartPole-v1", "text-arith"}
         assert r["tasks"]["CartPole-v1"]["normalized"] is not None and r["iqm"] is not None
     assert read_scores(cfg) == result.evaluations  # written as they land
+    rows = read_metrics(Path(cfg.run_dir) / "metrics" / "eval.csv")  # and into the run's metrics, by step
+    assert [r["step"] for r in rows] == [2, 4]
+    for row, r in zip(rows, result.evaluations):
+        assert row["validation/iqm"] == r["iqm"] and row["validation/CartPole-v1/episodes"] == 2
+        assert row["validation/CartPole-v1/normalized_score"] == r["tasks"]["CartPole-v1"]["normalized"]
+        assert row["validation/text-arith/env_steps_per_s"] > 0
     assert (snapshot_root(cfg) / SCORES_FILE).is_file()
     checkpoint, training = choose_checkpoint(cfg, result, log=lambda *_: None)
     best = best_snapshot(result.evaluations)
     assert checkpoint == best["model_file"] and training["chosen_step"] == best["step"]
 
 
-def test_best_snapshot_takes_the_highest_iqm_then_the_latest_step():
+def test_best_snapshot_takes_the_highest_iqm_then_the_latest_step(tmp_path):
     records = [{"step": 2, "iqm": 0.5}, {"step": 4, "iqm": 0.9}, {"step": 6, "iqm": 0.9}, {"step": 8, "iqm": None}]
     assert best_snapshot(records)["step"] == 6
     assert best_snapshot([{"step": 2, "iqm": None}]) is None
     no_evals = TrainResult(checkpoint_path="/x/checkpoint_00000004", final_step=4, metrics={})
-    assert choose_checkpoint(None, no_evals, log=lambda *_: None) == ("/x/checkpoint_00000004", None)
+    cfg = make_cfg(tmp_path, "[{name: CartPole-v1}]")  # no metrics/train.csv yet: no loss history
+    assert choose_checkpoint(cfg, no_evals, log=lambda *_: None) == ("/x/checkpoint_00000004", {"history": []})
+    with open_metric_log(cfg, "train") as log:  # what rank 0 writes: the report's loss curves come from it
+        log.write(2, {"step": 2, "loss": 2.0, "loss/CartPole-v1": 2.0, "lr": 1e-3, "nonpad/CartPole-v1": 0.5})
+    _, training = choose_checkpoint(cfg, no_evals, log=lambda *_: None)
+    assert training == {"history": [{"step": 2, "loss": 2.0, "loss/CartPole-v1": 2.0}]}
 
 
 # ---------------------------------------------------------------------------------------------

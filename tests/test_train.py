@@ -16,9 +16,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import ray
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mugato_ray.checkpoints import latest_checkpoint, read_state, verify_checkpoint
 from mugato_ray.config import load_config
@@ -189,10 +191,23 @@ def test_a_truncated_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_o
     model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])  # a real truncated file
     assert "model.pt has" in verify_checkpoint(newest)
     assert latest_checkpoint(cfg).name == "checkpoint_00000002"
+    first = pd.read_csv(tmp_path / "metrics" / "train.csv")
     cfg.train.steps = 6
     again = train(cfg)
     assert [h["step"] for h in again.history] == [3, 4, 5, 6]  # resumed at 2, not 4 and not 0
     assert verify_checkpoint(newest) is None and latest_checkpoint(cfg).name == "checkpoint_00000006"
+    # Rank 0 logged every report; the rows of steps 3 and 4 that the first run logged past checkpoint 2 gave
+    # way to the second run's, in the CSV and in TensorBoard's reading of both runs' event files.
+    df = pd.read_csv(tmp_path / "metrics" / "train.csv")
+    assert df["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert df["tokens_per_s"].iloc[:2].tolist() == first["tokens_per_s"].iloc[:2].tolist()
+    for key in ("loss", "loss/Pendulum-v1", "nonpad/Pendulum-v1", "tokens_per_s", "lr", "grad_norm"):
+        assert df[key].iloc[2:].tolist() == [h[key] for h in again.history], key
+    acc = EventAccumulator(str(tmp_path / "metrics" / "tb" / "train"))
+    acc.Reload()
+    tb = [(e.step, e.value) for e in acc.Scalars("tokens_per_s")]
+    assert [s for s, _ in tb] == [1, 2, 3, 4, 5, 6]
+    assert [v for _, v in tb] == pytest.approx(df["tokens_per_s"].tolist(), rel=1e-6)  # float32 in the file
 
 
 def test_a_failure_past_max_failures_names_the_key(local_ray, tmp_path, monkeypatch):
