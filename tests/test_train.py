@@ -266,7 +266,7 @@ def _process_group(pgid: int) -> list:
     return out
 
 
-def _stop_process_group(pgid: int, grace_s: float = 20.0) -> None:
+def _stop_process_group(pgid: int, grace_s: float = 5.0) -> None:
     """SIGTERM, then SIGKILL after ``grace_s``, to the process group ``pgid`` (a head's processes stay in the
     group of the shell that ran ``ray start``; its GCS was seen to ignore SIGTERM). ``ray stop`` would stop every
     Ray on the machine, other test runs' too."""
