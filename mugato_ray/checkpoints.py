@@ -43,6 +43,8 @@ TOKENIZER_FILE = "tokenizer.json"
 """The copy of the BPE tokenizer (``tokenizer.bpe_path``) in a checkpoint of a ``tokenizer.text: bpe`` run."""
 MANIFEST_FILE = "manifest.json"
 """Written last into every checkpoint: each file's size and SHA-256, so a checkpoint can be verified."""
+EXPORT_MODEL_FILE, EXPORT_CONFIG_FILE = "model.safetensors", "config.json"
+"""An export's weights and run config (``mugato_ray.export``): what it holds instead of model.pt and config.yaml."""
 STATE_FORMAT = 1
 
 
@@ -195,6 +197,24 @@ def read_state(directory: Path) -> dict[str, Any]:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"training state {path}: expected format {STATE_FORMAT}")
     return state
+
+
+def find_model_file(path: str | Path) -> Path:
+    """A model file, or a directory holding ``model.pt`` (a checkpoint or snapshot) or ``model.safetensors``
+    (an export) -> that model file, absolute. FileNotFoundError naming what was expected otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / n for n in (MODEL_FILE, EXPORT_MODEL_FILE) if (path / n).is_file()), path / MODEL_FILE)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: expected a model file, a checkpoint directory with {MODEL_FILE} "
+                                f"or an export directory with {EXPORT_MODEL_FILE}")
+    return path.resolve()
+
+
+def saved_config_file(directory: str | Path) -> Path | None:
+    """The run config saved beside a model: ``config.yaml`` (a checkpoint) or ``config.json`` (an export)."""
+    return next((Path(directory) / n for n in (CONFIG_FILE, EXPORT_CONFIG_FILE) if (Path(directory) / n).is_file()),
+                None)
 
 
 def checkpoint_layout(model_file: str | Path, task: str, space: Any) -> Any:

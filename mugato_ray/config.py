@@ -11,6 +11,7 @@ is parsed as YAML (``train.lr=3e-4``, ``run_dir=/tmp/x``, ``tasks.names=[CartPol
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -456,14 +457,16 @@ def _set_dotted(data: dict, dotted: str, value: Any, where: str) -> None:
 
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config strictly and apply dotted ``key=value`` overrides."""
+    """Read a YAML config (or JSON, when the file ends in ``.json``: an export's ``config.json``) strictly and
+    apply dotted ``key=value`` overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        # JSON is read as JSON: YAML 1.1 would read a float such as 1e-05 as a string.
+        data = (json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())) or {}
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     for item in overrides:

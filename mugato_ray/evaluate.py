@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.checkpoints import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, checkpoint_layout
+from mugato_ray.checkpoints import TOKENIZER_FILE, checkpoint_layout, find_model_file, saved_config_file
 from mugato_ray.collect import collect
 from mugato_ray.config import Config, TaskEntry, load_config
 from mugato_ray.console import eta
@@ -101,24 +101,20 @@ def check_seeds_disjoint(cfg: Config) -> None:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A model file, or a training checkpoint directory holding ``model.pt`` -> the model file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: expected a model file or a checkpoint directory with {MODEL_FILE}")
-    return path.resolve()
+    """A model file, a training checkpoint directory (``model.pt``) or an export directory (``model.safetensors``,
+    ``mugato_ray.export``) -> the model file."""
+    return find_model_file(path)
 
 
 def checkpoint_config(cfg: Config, model_file: Path, log: Callable[[str], None] = print) -> Config:
-    """``cfg`` with the tokenizer section the model was trained with, when its checkpoint holds a config.yaml;
-    a BPE tokenizer is read from the checkpoint's own copy (``tokenizer.json``), so a checkpoint evaluates
-    after the original BPE file is gone.
+    """``cfg`` with the tokenizer section the model was trained with, when its checkpoint holds the run's config
+    (``config.yaml``, or an export's ``config.json``); a BPE tokenizer is read from the checkpoint's own copy
+    (``tokenizer.json``), so a checkpoint evaluates after the original BPE file is gone.
 
     Observations must become the ids the model learned; the evaluated config may describe another run.
     """
-    saved = model_file.parent / CONFIG_FILE
-    if not saved.is_file():
+    saved = saved_config_file(model_file.parent)
+    if saved is None:
         return cfg
     tokenizer = load_config(saved).tokenizer
     own = model_file.parent / TOKENIZER_FILE

@@ -64,6 +64,7 @@ the same :class:`Block` stack through :meth:`GatoModel.trunk`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tempfile
@@ -709,23 +710,31 @@ def count_flops_per_token(model: GatoModel, seq_len: int, logit_fraction: float 
 # Checkpoints
 
 
-def save_model(model: GatoModel, path: str | Path) -> Path:
-    """Write ``{"format", "model_config", "vocab", "patch_size", "mu_law", "state_dict"}`` atomically (temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+SAFETENSORS_SUFFIX = ".safetensors"
+"""A model file with this suffix is safetensors (an export, ``mugato_ray.export``); any other is a torch file."""
+SAFETENSORS_META_KEY = "mugato_ray.model"
+"""The safetensors metadata entry holding :func:`model_meta` as JSON (the header's metadata is str -> str)."""
+
+
+def model_meta(model: GatoModel) -> dict:
+    """What rebuilds ``model`` besides its weights: ``{"format", "model_config", "vocab", "patch_size", "mu_law"}``."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "model_config": dataclasses.asdict(model.cfg),
         "vocab": {"text_size": model.vocab.text_size, "value_bins": model.vocab.value_bins},
         "patch_size": model.patch_size,
         "mu_law": {"mu": model.mu, "M": model.M},
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+
+
+def _atomic_file(path: Path, write) -> Path:
+    """``write(tmp_path)`` then rename over ``path``: a reader never sees a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -734,25 +743,71 @@ def save_model(model: GatoModel, path: str | Path) -> Path:
     return path
 
 
+def save_model(model: GatoModel, path: str | Path) -> Path:
+    """Write the weights and :func:`model_meta` atomically: a torch file (``{**model_meta, "state_dict"}``), or
+    safetensors when ``path`` ends in ``.safetensors`` (the metadata then lives in the file's header)."""
+    path = Path(path)
+    if path.suffix == SAFETENSORS_SUFFIX:
+        # Lazy: only exports write safetensors. Its save_model keeps one name of each group of tensors that
+        # share memory (safetensors refuses shared tensors) and its load_model ties them again.
+        from safetensors.torch import save_model as save_safetensors
+
+        meta = {SAFETENSORS_META_KEY: json.dumps(model_meta(model))}
+        return _atomic_file(path, lambda tmp: save_safetensors(model, tmp, metadata=meta))
+    payload = {**model_meta(model), "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    return _atomic_file(path, lambda tmp: torch.save(payload, tmp))
+
+
+def build_model(meta: Mapping, path: Path) -> GatoModel:
+    """The (untrained) GatoModel that :func:`model_meta` describes; CheckpointError naming ``path`` otherwise."""
+    if not isinstance(meta, Mapping) or meta.get("format") != CHECKPOINT_FORMAT:
+        got = meta.get("format") if isinstance(meta, Mapping) else type(meta).__name__
+        raise CheckpointError(f"model checkpoint {path}: expected format {CHECKPOINT_FORMAT}, got {got!r}")
+    try:
+        cfg = ModelConfig(**meta["model_config"])
+        vocab = VocabLayout(**meta["vocab"])
+        mu_law = meta["mu_law"]
+        return GatoModel(cfg, vocab, patch_size=int(meta["patch_size"]), mu=float(mu_law["mu"]), M=float(mu_law["M"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"model checkpoint {path} does not describe a GatoModel: {e}") from e
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> GatoModel:
-    """Rebuild a model saved by :func:`save_model`; never executes code (``weights_only=True``)."""
+    """Rebuild a model saved by :func:`save_model`, from either format; never executes code (torch files load
+    ``weights_only``, safetensors is a JSON header and raw tensors: no pickle at all)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"model checkpoint not found: {path}")
+    if path.suffix == SAFETENSORS_SUFFIX:
+        return _load_safetensors(path).to(map_location)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"model checkpoint {path} is corrupt or not a torch file: {e}") from e
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        got = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"model checkpoint {path}: expected format {CHECKPOINT_FORMAT}, got {got!r}")
+    model = build_model(payload, path)
     try:
-        cfg = ModelConfig(**payload["model_config"])
-        vocab = VocabLayout(**payload["vocab"])
-        mu_law = payload["mu_law"]
-        model = GatoModel(cfg, vocab, patch_size=int(payload["patch_size"]), mu=float(mu_law["mu"]),
-                          M=float(mu_law["M"]))
         model.load_state_dict(payload["state_dict"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"model checkpoint {path} does not describe a GatoModel: {e}") from e
     return model.to(map_location)
+
+
+def _load_safetensors(path: Path) -> GatoModel:
+    # Lazy: only exports are safetensors.
+    from safetensors import safe_open
+    from safetensors.torch import load_model as load_safetensors
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads((f.metadata() or {})[SAFETENSORS_META_KEY])
+    except KeyError:
+        raise CheckpointError(f"model file {path} has no {SAFETENSORS_META_KEY!r} metadata: not a mugato-ray "
+                              "export") from None
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise CheckpointError(f"model file {path} is corrupt or not a safetensors file: {e}") from e
+    model = build_model(meta, path)
+    try:
+        load_safetensors(model, str(path), strict=True)
+    except Exception as e:  # a truncated body, a missing or misshapen tensor
+        raise CheckpointError(f"model file {path} does not hold this GatoModel's weights: {e}") from e
+    return model

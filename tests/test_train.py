@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -269,68 +268,83 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ray_job_submit_trains_and_leaves_a_checkpoint(tmp_path):
-    """`ray start --head` + `ray job submit --working-dir . -- python jobs/train.py ...` as a user would.
+def _process_group(pgid: int) -> list:
+    import psutil
 
-    The head runs with `--block` as this test's child, and stopping it (SIGTERM) takes down exactly
-    the processes it started: `ray stop` would stop every Ray on the machine, other test runs' too.
+    out = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getpgid(proc.pid) == pgid:
+                out.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return out
+
+
+def _stop_process_group(pgid: int, grace_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``, to the process group ``pgid`` (a head's processes stay in the
+    group of the shell that ran ``ray start``; its GCS was seen to ignore SIGTERM). ``ray stop`` would stop every
+    Ray on the machine, other test runs' too."""
+    import psutil
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pgid, sig)
+        except ProcessLookupError:
+            return
+        _, alive = psutil.wait_procs(_process_group(pgid), timeout=grace_s)
+        if not alive:
+            return
+
+
+def test_ray_job_submit_trains_and_leaves_a_checkpoint(tmp_path):
+    """The README's cluster sequence, ``deploy/submit_local.sh``, run as it is against a fresh head with Ray's
+    default authentication (token authentication, turned on by the script): a job submitted with
+    ``ray job submit --working-dir .`` trains and leaves a checkpoint.
+
+    The head is this test's own: free ports and its own temp dir (``RAY_HEAD_OPTIONS``), on 127.0.0.1, its token
+    in a temporary HOME (never the machine's ~/.ray, which other runs share), stopped through the process group of
+    the script, which this test started.
     """
     run_dir = tmp_path / "run"
     cfg = load_config(ROOT / "configs/smoke.yaml", [f"run_dir={run_dir}"])
     write_synthetic_store(cfg, 4)
     bin_dir = Path(sys.executable).parent
-    # Token auth off for this head only (it listens on 127.0.0.1): otherwise whether `ray job submit` finds
-    # a token depends on ~/.ray of the machine running the test.
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    env.pop("RAY_ADDRESS", None)
+    home = tmp_path / "home"
+    home.mkdir()
     # Every port of this head is a free one: other Rays on the machine hold the defaults (the job agent's
     # 52365 above all: without it the job server answers "No available agent").
     port, dash, agent, agent_grpc, metrics, runtime_env, client = (_free_port() for _ in range(7))
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    head = subprocess.Popen(
-        [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus=2", f"--port={port}",
-         "--node-ip-address=127.0.0.1", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-         f"--dashboard-port={dash}", f"--dashboard-agent-listen-port={agent}",
-         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}",
-         f"--runtime-env-agent-port={runtime_env}", f"--ray-client-server-port={client}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    head_options = (
+        f"--num-cpus=2 --port={port} --node-ip-address=127.0.0.1 --dashboard-host=127.0.0.1 "
+        f"--dashboard-port={dash} --dashboard-agent-listen-port={agent} --dashboard-agent-grpc-port={agent_grpc} "
+        f"--metrics-export-port={metrics} --runtime-env-agent-port={runtime_env} --ray-client-server-port={client} "
+        f"--temp-dir={temp_dir} --disable-usage-stats")
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "HOME": str(home),
+           "RAY_HEAD_OPTIONS": head_options, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dash}",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    for key in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        env.pop(key, None)  # Ray's defaults, as on a fresh machine
+    script = subprocess.Popen(
+        ["bash", "deploy/submit_local.sh", "python", "jobs/train.py", "--config", "configs/smoke.yaml",
+         f"run_dir={run_dir}"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
-    address = f"http://127.0.0.1:{dash}"
     try:
-        deadline = time.time() + 120
-        while True:  # the job server answers once the dashboard is up
-            try:
-                urllib.request.urlopen(f"{address}/api/version", timeout=5).close()
-                break
-            except urllib.error.HTTPError:  # it answers (e.g. 401 under token auth): it is up
-                break
-            except OSError:
-                assert head.poll() is None, "ray start --head exited"
-                assert time.time() < deadline, "the dashboard did not come up within 120 s"
-                time.sleep(1)
-        while True:  # the dashboard answers before its job agent is up: "No available agent ... try again"
-            job = subprocess.run(
-                [str(bin_dir / "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
-                 "python", "jobs/train.py", "--config", "configs/smoke.yaml", f"run_dir={run_dir}"],
-                env=env, cwd=ROOT, capture_output=True, text=True, timeout=420,
-            )
-            out = job.stdout + job.stderr
-            if "No available agent" not in out or time.time() > deadline:
-                break
-            time.sleep(2)
-        assert job.returncode == 0, out[-3000:]
+        out, _ = script.communicate(timeout=420)
+        assert script.returncode == 0, out[-3000:]
         assert "succeeded" in out, out[-3000:]
         assert f"trained {cfg.train.steps} steps" in out, out[-3000:]
+        assert (home / ".ray" / "auth_token").is_file()  # the token the head and the submission used
+        with pytest.raises(urllib.error.HTTPError) as refused:  # the head does authenticate: no token, no entry
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/jobs/", timeout=10)
+        assert refused.value.code == 401
         ckpt = latest_checkpoint(cfg)
         assert read_state(ckpt)["step"] == cfg.train.steps
         assert isinstance(load_model(ckpt / "model.pt"), torch.nn.Module)
     finally:
-        head.send_signal(signal.SIGTERM)
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        script.kill()  # no-op when it has exited
+        script.wait()
+        _stop_process_group(script.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
