@@ -142,3 +142,19 @@ def test_the_rayjob_manifest_has_the_crds_structure_and_shared_storage_for_run_d
     assert args[0] == "python" and args[2] == "--config"
     for path in (args[1], args[3]):
         assert path.startswith(home + "/") and (ROOT / path[len(home) + 1:]).is_file(), path
+
+
+def test_the_readme_cluster_sequence_is_the_script_ci_runs():
+    """README "On a cluster" and deploy/submit_local.sh cannot drift: each command line of the README's block
+    (but the final `ray stop`, which the test does through its own process group) is a line of the script."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## On a cluster"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1).splitlines()
+    script = [line.strip() for line in (ROOT / "deploy" / "submit_local.sh").read_text().splitlines()]
+    commands = [line for line in block if line and line != "ray stop"]
+    assert commands[:2] == ["export RAY_AUTH_MODE=token", "ray get-auth-token --generate > /dev/null"]
+    for line in commands[:2]:
+        assert line in script, line
+    assert any(s.startswith("ray start --head") for s in script)
+    assert 'ray job submit --working-dir . -- "$@"' in script and commands[3].startswith(
+        "ray job submit --working-dir . -- python jobs/")

@@ -336,6 +336,9 @@ def test_ray_job_submit_trains_and_leaves_a_checkpoint(tmp_path):
         assert script.returncode == 0, out[-3000:]
         assert "succeeded" in out, out[-3000:]
         assert f"trained {cfg.train.steps} steps" in out, out[-3000:]
+        # The calm console (mugato_ray.console): the project's progress lines, not Ray Train's per-report ones.
+        assert f"train step {cfg.train.steps}/{cfg.train.steps} (100%)" in out, out[-3000:]
+        assert "Reporting training result" not in out and "Requesting resources" not in out, out[-3000:]
         assert (home / ".ray" / "auth_token").is_file()  # the token the head and the submission used
         with pytest.raises(urllib.error.HTTPError) as refused:  # the head does authenticate: no token, no entry
             urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/jobs/", timeout=10)
