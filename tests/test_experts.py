@@ -94,7 +94,7 @@ def double_pendulum_lqr_gain() -> np.ndarray:
 
 
 def test_double_pendulum_gain_is_the_lqr_of_the_env_model():
-    np.testing.assert_allclose(experts.DOUBLE_PENDULUM_LQR_GAIN, double_pendulum_lqr_gain(), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(experts.DOUBLE_PENDULUM_LQR_GAIN, double_pendulum_lqr_gain(), rtol=1e-3)
 
 
 def test_episode_results_do_not_depend_on_batch_slots():
