@@ -251,18 +251,31 @@ def _return_at_least(threshold: str) -> SuccessFn:
     return lambda ret, terminated, info: ret >= t
 
 
+def _info_at_least(arg: str) -> SuccessFn:
+    key, sep, threshold = arg.rpartition(":")
+    if not (sep and key):
+        raise ValueError("expected 'info_at_least:<info key>:<x>'")
+    t = float(threshold)
+    # The info of the episode's last step; an episode that ended without one (a policy that could not act)
+    # or whose info lacks the key did not succeed.
+    return lambda ret, terminated, info: key in info and float(info[key]) >= t
+
+
 SUCCESS: dict[str, Callable[..., SuccessFn]] = {
     # BabyAI gives a positive reward (1 - 0.9 * steps / max_steps) only when the mission is done.
     "babyai": lambda: lambda ret, terminated, info: ret > 0,
     # Envs that terminate exactly at their goal (MountainCar, Acrobot); a time limit truncates instead.
     "terminated": lambda: lambda ret, terminated, info: bool(terminated),
     "return_at_least": _return_at_least,
+    # A quantity the env reports in the last step's info, e.g. Reacher's reward_dist (minus the final distance).
+    "info_at_least": _info_at_least,
 }
 """Named success criteria: name -> factory(*args) -> fn(episode_return, terminated, info) -> bool."""
 
 
 def success_criterion(name: str, where: str = "") -> SuccessFn:
-    """``"babyai"``, ``"terminated"`` or ``"return_at_least:<x>"`` -> fn(episode_return, terminated, info)."""
+    """``"babyai"``, ``"terminated"``, ``"return_at_least:<x>"`` or ``"info_at_least:<key>:<x>"`` -> fn(episode_return,
+    terminated, info of the last step)."""
     base, sep, arg = name.partition(":")
     if base not in SUCCESS:
         raise ValueError(f"{where}: unknown success criterion {name!r}; known: {sorted(SUCCESS)}")

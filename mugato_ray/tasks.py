@@ -42,7 +42,8 @@ class TaskInfo:
     expert: str = "none"
     """"babyai_bot" | "scripted:<name in experts.SCRIPTED>" | "rllib:<checkpoint dir>" | "none"."""
     success: str | None = None
-    """A criterion of envs.SUCCESS ("babyai", "terminated", "return_at_least:<x>"); None: the task defines none."""
+    """A criterion of envs.SUCCESS ("babyai", "terminated", "return_at_least:<x>", "info_at_least:<key>:<x>");
+    None: the task defines none."""
     max_episode_steps: int | None = None
     """TimeLimit applied by envs.make_env (None: the env's own limit)."""
     dataset: str | None = None
@@ -83,6 +84,14 @@ _TABLE: tuple[TaskInfo, ...] = (
     _babyai("GoToLocal"),
     _babyai("PickupLoc"),
     _babyai("OpenDoor"),
+    # Missions that must be read: which of four doors (by color); which object among distractors (by color,
+    # type or both); which object to put next to which (up to 43 characters, the longest mission here).
+    _babyai("GoToDoor"),
+    _babyai("PickupDist"),
+    _babyai("PutNextLocal"),
+    # Missions that need not be read: the only object in the room; "open the door" (fetch the key first).
+    _babyai("GoToObj"),
+    _babyai("UnlockLocal"),
     TaskInfo("CartPole-v1", "classic", "CartPole-v1", expert="scripted:cartpole", success="return_at_least:475"),
     # Acrobot and MountainCar terminate exactly when the goal is reached.
     TaskInfo("Acrobot-v1", "classic", "Acrobot-v1", expert="scripted:acrobot", success="terminated"),
@@ -97,6 +106,27 @@ _TABLE: tuple[TaskInfo, ...] = (
         wrappers=("float32_obs",),
         expert="scripted:inverted_pendulum",
         success="return_at_least:1000",
+    ),
+    # Gymnasium's reward_threshold for the env: at most 9.36 per step (10 alive, minus 0.64 for the tip's
+    # height), so >= 9100 means balancing at least 973 of the 1000 steps (random: ~50, down within 13 steps).
+    TaskInfo(
+        "InvertedDoublePendulum-v5",
+        "mujoco",
+        "InvertedDoublePendulum-v5",
+        wrappers=("float32_obs",),
+        expert="scripted:inverted_double_pendulum",
+        success="return_at_least:9100",
+    ),
+    # The fingertip ends within 2 cm of the target (their spheres, radii 1 and 0.9 cm, touch): the return
+    # cannot tell reaching from not, since it depends on how far the target starts (seeds 0..99: the expert
+    # -6.2 to -0.55, all within 2 cm; staying still -20 to -1.7, none; random -54 to -35, 2 of 100).
+    TaskInfo(
+        "Reacher-v5",
+        "mujoco",
+        "Reacher-v5",
+        wrappers=("float32_obs",),
+        expert="scripted:reacher",
+        success="info_at_least:reward_dist:-0.02",
     ),
     _atari("Pong"),
     _atari("Breakout"),

@@ -247,6 +247,15 @@ def test_success_criteria():
     assert envs.is_success("MountainCar-v0", -200.0, False) is False  # truncated by the time limit
     assert envs.is_success("MountainCar-v0", -120.0, True) is True
     assert envs.is_success("ALE/Pong-v5", 21.0, True) is None
+    # Reacher: the last step's info says how far the fingertip ended from the target.
+    assert envs.is_success("Reacher-v5", -5.0, False, {"reward_dist": -0.01}) is True
+    assert envs.is_success("Reacher-v5", -1.0, False, {"reward_dist": -0.03}) is False
+    assert envs.is_success("Reacher-v5", -1.0, False, {}) is False  # ended without a step's info
+    reach = envs.success_criterion("info_at_least:a:b:-1.5")  # the key may hold colons; the number is last
+    assert reach(0.0, False, {"a:b": -1.0}) and not reach(0.0, False, {"a:b": -2.0})
+    for bad in ("info_at_least:-0.02", "info_at_least:reward_dist:near"):
+        with pytest.raises(ValueError, match="bad success criterion"):
+            envs.success_criterion(bad)
 
 
 def test_crash_at_step_raises_only_for_chosen_seeds():
