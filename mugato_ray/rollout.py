@@ -13,7 +13,10 @@ runs exactly one episode per seed:
   bot) always act on a live env; its data is discarded;
 - an env that raises in ``reset`` or ``step`` loses that episode (reported in ``failed``), is rebuilt, and
   the slot goes on with the next seed;
-- kept episodes can be written atomically as ONE Parquet file per call, so a crashed call leaves nothing.
+- kept episodes can be written atomically as ONE Parquet file per call, so a crashed call leaves nothing;
+- the episodes of a ``video.VideoRequest``'s seeds are rendered (their slots rebuilt with
+  ``render_mode="rgb_array"``) and written as videos, one file each, by the actor itself; rendering only reads
+  the env, so an episode is the same with or without its video.
 
 ``RolloutActor`` is the Ray actor of the same class: Ray restarts it when its process dies and retries the
 call, which is safe because a call's output depends only on its seeds and is written once at the end.
@@ -361,7 +364,7 @@ class _Lockstep:
         self.resets: list[tuple[int, int]] = []
         self.record = set(video_request.seeds) & set(seeds) if video_request is not None else set()
         self.video_folder = Path(video_request.folder) if video_request is not None else None
-        self.video_format = video.video_format() if self.record else None
+        self.video_format = video.actor_format(video_request) if self.record else None
         self.recording: list[video.EpisodeVideo | None] = [None] * n
         self.videos: list[dict] = []
         self.video_errors: list[dict] = []

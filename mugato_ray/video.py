@@ -67,7 +67,13 @@ class VideoRequest:
     """Shared storage on a multi-node cluster: the actors write here, the report links here."""
     seeds: tuple[int, ...]
     fmt: str = "mp4"
-    """"mp4" or "gif"; an "mp4" request falls back to "gif" in an actor that has no MP4 encoder."""
+    """"mp4" or "gif", decided once by the caller (``video_format``); "mp4" falls back to "gif" in a process that
+    has no MP4 encoder (``actor_format``)."""
+
+
+def actor_format(request: VideoRequest) -> str:
+    """The format this process writes a request's videos in."""
+    return "gif" if request.fmt == "gif" or mp4_encoder() is None else "mp4"
 
 
 class EpisodeVideo:
