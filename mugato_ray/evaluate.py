@@ -513,19 +513,24 @@ def markdown_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def video_lines(report: dict) -> list[str]:
     """eval.md's "Videos" section: links (relative to eval/) to each env task's recorded episodes."""
     tasks = {name: t for name, t in report["tasks"].items() if "videos" in t}
     if not tasks:
         return []
     formats = sorted({v["format"] for t in tasks.values() for v in t["videos"]})
-    lines = ["", "## Videos", "", f"The first {report.get('video_episodes')} evaluation episodes of each environment "
-             f"task ({', '.join(f.upper() for f in formats) or 'none written'}).", ""]
+    k = report.get("video_episodes")
+    lines = ["", "## Videos", "", f"The first {_count(k, 'evaluation episode')} of each environment task, as the env "
+             f"renders them at its own frame rate ({', '.join(f.upper() for f in formats) or 'none written'}).", ""]
     lines += [f"{note[0].upper()}{note[1:]}.\n" for note in filter(None, map(encoder_note, formats))]
     lines += ["| task | videos |", "| --- | --- |"]
     for name, t in tasks.items():
         results = {o["seed"]: o for o in t.get("per_episode", [])}
-        links = [f"[seed {v['seed']}]({v['file']}) (return {_fmt(results.get(v['seed'], {}).get('return'), 1)}, "
+        links = [f"[seed {v['seed']}]({v['file']}) (return {_fmt(results.get(v['seed'], {}).get('return'))}, "
                  f"{v['frames']} frames)" for v in t["videos"]]
         lines.append(f"| {md_text(name, 80)} | {', '.join(links) or 'none'} |")
     errors = [(name, e) for name, t in tasks.items() for e in t.get("video_errors", [])]
@@ -547,7 +552,7 @@ def answer_lines(report: dict) -> list[str]:
              if any("answer" in o for o in t.get("per_episode", []))}
     if not tasks:
         return []
-    lines = ["", "## Answers", "", f"The first {n} evaluation items of each text and VQA task: the prompt (its last "
+    lines = ["", "## Answers", "", f"The first {_count(n, 'evaluation item')} of each text and VQA task: the prompt (its last "
              f"{TEXT_SHOWN} characters; a VQA prompt is the question, its image not shown), the policy's answer and "
              "the reference. Scored: the answer's first line against the reference."]
     for name, t in tasks.items():

@@ -26,6 +26,7 @@ from mugato_ray.evaluate import (
     generate_answers,
     md_text,
     resolve_checkpoint,
+    video_dir,
     write_report,
 )
 from mugato_ray.metrics import iqm
@@ -249,7 +250,7 @@ def test_text_answers_are_shown_with_prompt_and_reference(ray_local, tmp_path):
     """eval.md's Answers: the first items of text-arith and VQA, each with the end of its prompt, the answer
     and the reference, escaped so that no text breaks the table (a random policy's answers are any bytes)."""
     names = ["text-arith", "vqa-minigrid-color"]
-    cfg = make_cfg(tmp_path, names, episodes=4, eval={"video_episodes": 3})
+    cfg = make_cfg(tmp_path, names, episodes=3, eval={"video_episodes": 3})
     report = evaluate(cfg, PolicySpec("random"), **QUIET)
     md = write_report(report, eval_dir(cfg))["md"].read_text()
     assert "## Answers" in md and "## Videos" not in md
@@ -266,6 +267,12 @@ def test_text_answers_are_shown_with_prompt_and_reference(ray_local, tmp_path):
     arith = report["tasks"]["text-arith"]["per_episode"][0]
     prompt, expected = prompt_and_answer("text-arith", generate_episodes("text-arith", 1, arith["seed"], cfg)[0])
     assert (arith["prompt"], arith["expected"]) == (prompt, expected)  # the item's own prompt and reference
+
+
+def test_a_task_name_is_one_folder_of_videos(tmp_path):
+    cfg = make_cfg(tmp_path, ["CartPole-v1"])
+    assert video_dir(cfg, "ALE/Pong-v5") == eval_dir(cfg) / "videos" / "ALE_Pong-v5"
+    assert [video.task_folder_name(n) for n in ("../up", "a b:c", "..")] == ["_up", "a_b_c", "_"]
 
 
 def test_markdown_text_is_literal():
