@@ -53,7 +53,7 @@ from mugato_ray.resolve import ResolvedTask, resolve_tasks, task_spec
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
 from mugato_ray.sequence import make_layout
 from mugato_ray.tokenizer import decode_text, encode_text, make_text_tokenizer
-from mugato_ray.video import VideoRequest, encoder_note, task_folder_name, video_format
+from mugato_ray.video import VideoRequest, encoder_note, remove_videos, task_folder_name, video_format
 
 if TYPE_CHECKING:
     from mugato_ray.tasks import TaskInfo
@@ -272,8 +272,7 @@ def prepare_videos(cfg: Config, task: str) -> VideoRequest | None:
     if k == 0:
         return None
     folder = video_dir(cfg, task)
-    for old in [*folder.glob("seed-*.mp4"), *folder.glob("seed-*.gif")] if folder.is_dir() else []:
-        old.unlink()
+    remove_videos(folder)
     return VideoRequest(str(folder), tuple(eval_seeds(cfg)[:k]), video_format())
 
 
@@ -284,6 +283,7 @@ def video_entries(cfg: Config, task: str, request: VideoRequest, videos: Sequenc
 
     Every file is checked from the driver: actors on other nodes write to ``run_dir``, which must then be
     storage every node reads; a video the driver cannot see is an error, not a broken link."""
+    remove_videos(request.folder, finished=False)  # the pool is gone: a temporary file left is a dead actor's
     base, listed, problems = eval_dir(cfg), [], [f"seed {e['seed']}: {e['error']}" for e in errors]
     for v in sorted(videos, key=lambda v: v["seed"]):
         rel = (Path(request.folder) / Path(v["file"]).name).relative_to(base).as_posix()
@@ -381,7 +381,8 @@ def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Seque
     """Generate the held-out episodes of ``seeds``, answer every prompt with ``policy``, score each exactly.
 
     Returns one outcome per seed: ``{"seed", "return" (1.0 right / 0.0 wrong), "length": 1, "success",
-    "prompt", "answer", "expected"}`` (a VQA prompt is the question; the image is not repeated). Consecutive seeds are generated in one call (an episode depends on its seed only).
+    "prompt", "answer", "expected"}`` (a VQA prompt is the question; the image is not repeated). Consecutive
+    seeds are generated in one call (an episode depends on its seed only).
     """
     seeds = [int(s) for s in seeds]
     if seeds != list(range(seeds[0], seeds[0] + len(seeds))):

@@ -140,6 +140,15 @@ def _even(frame: np.ndarray) -> np.ndarray:
     return np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge") if pad_h or pad_w else frame
 
 
+def remove_videos(folder: str | Path, finished: bool = True) -> None:
+    """Remove the temporary files an actor that died mid-episode left in ``folder`` and, with ``finished``, the
+    videos of an earlier evaluation."""
+    folder = Path(folder)
+    patterns = [".seed-*.tmp.*"] + (["seed-*.mp4", "seed-*.gif"] if finished else [])
+    for path in [p for pattern in patterns for p in folder.glob(pattern)] if folder.is_dir() else []:
+        path.unlink(missing_ok=True)
+
+
 def env_fps(env: Any) -> float:
     """The env's own ``render_fps``, so a video runs at the env's speed."""
     fps = (getattr(env, "metadata", None) or {}).get("render_fps")

@@ -204,18 +204,22 @@ def test_videos_of_the_first_episodes_are_linked_and_change_no_result(ray_local,
 def test_without_an_mp4_encoder_videos_are_gifs_and_the_report_says_so(ray_local, tmp_path, monkeypatch):
     """No MP4 encoder (the lookup patched to find none): a GIF that shows each of the length + 1 frames for 1/fps
     (Pillow merges identical consecutive frames, summing their time); the log and eval.md say why it is a GIF.
-    An earlier evaluation's video in the folder is removed: the folder holds what the report lists."""
+    An earlier evaluation's video and a dead actor's partial file are removed: the folder holds what the report
+    lists."""
     name = "CartPole-v1"
     cfg = make_cfg(tmp_path, [name], episodes=2, eval={"video_episodes": 1})
     stale = eval_dir(cfg) / "videos" / name / f"seed-{eval_seeds(cfg)[1]}.mp4"
+    partial = stale.with_name(f".seed-{eval_seeds(cfg)[0]}.tmp.mp4")  # an actor that died mid-episode
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
+    partial.write_bytes(b"half")
     monkeypatch.setattr(video, "mp4_encoder", lambda: None)
     lines = []
     report = evaluate(cfg, PolicySpec("random"), log=lines.append)
     t = report["tasks"][name]
     (v,) = t["videos"]
-    assert v["file"] == f"videos/{name}/seed-{eval_seeds(cfg)[0]}.gif" and not stale.exists()
+    assert v["file"] == f"videos/{name}/seed-{eval_seeds(cfg)[0]}.gif"
+    assert [p.name for p in stale.parent.iterdir()] == [f"seed-{eval_seeds(cfg)[0]}.gif"]
     frames, durations = read_video(eval_dir(cfg) / v["file"])
     length = t["per_episode"][0]["length"]
     assert frames.shape[1:] == render_shape(name) and len(frames) <= length + 1 == v["frames"]
