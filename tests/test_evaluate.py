@@ -250,6 +250,20 @@ def test_a_video_that_cannot_be_rendered_is_named_and_the_episodes_kept(tmp_path
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
+def test_mujoco_renders_off_screen_or_says_why(tmp_path):
+    """MuJoCo renders without a display (EGL, unless MUJOCO_GL says otherwise); where it cannot, the video is
+    named with the reason. The episode is the same either way."""
+    name, seeds = "InvertedPendulum-v5", [7]
+    cfg = make_cfg(tmp_path, [name])
+    worker = RolloutWorker(name, PolicySpec("random"), cfg, num_envs=1)
+    plain = worker.sample(seeds, return_episodes=False)
+    recorded = worker.sample(seeds, return_episodes=False, video_request=VideoRequest(str(tmp_path / "v"), (7,)))
+    assert recorded.outcomes == plain.outcomes and len(recorded.videos) + len(recorded.video_errors) == 1
+    for v in recorded.videos:
+        frames, _ = read_video(v["file"])
+        assert frames.shape == (plain.outcomes[0]["length"] + 1, *render_shape(name)) and frames.std() > 10
+
+
 def test_text_answers_are_shown_with_prompt_and_reference(ray_local, tmp_path):
     """eval.md's Answers: the first items of text-arith and VQA, each with the end of its prompt, the answer
     and the reference, escaped so that no text breaks the table (a random policy's answers are any bytes)."""
