@@ -5,7 +5,8 @@ MP4 (H.264, yuv420p: it plays in browsers) goes through imageio's ffmpeg plugin,
 written by imageio's pillow plugin, and ``encoder_note`` says so. A GIF stores each frame with a 256-colour
 palette of its own, and Pillow merges identical consecutive frames into one shown for their summed time; an
 MP4 keeps every frame. Either way a video of an episode of L steps shows L + 1 frames' time: the frame after
-``reset``, then one after each step.
+``reset``, then one after each step, each for 1 / the env's ``render_fps`` (a GIF rounds it to hundredths of a
+second).
 
 A video is written to a dot-prefixed temporary file and renamed when complete, as the episode store is: a
 reader (a browser following a link in eval.md) never sees a partial file.
@@ -105,8 +106,7 @@ class EpisodeVideo:
         self.frames += 1
 
     def close(self) -> dict:
-        """Finish the file and put it in place; returns ``{"seed"?, "file", "format", "frames", "fps", "shape"}``
-        without the seed (the caller knows it)."""
+        """Finish the file and put it in place; returns ``{"file", "format", "frames", "fps", "shape"}``."""
         self._writer.close()
         os.replace(self.tmp, self.path)
         return {"file": str(self.path), "format": self.fmt, "frames": self.frames, "fps": self.fps,
