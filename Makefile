@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[envs,minari,dev]"
+	$(PIP) install -q -e ".[envs,minari,video,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)

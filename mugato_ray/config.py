@@ -221,6 +221,10 @@ class EvalConfig:
     """Prompt the model with a successful expert demonstration (GATO's prompt conditioning)."""
     bootstrap_samples: int = 1000
     """Bootstrap resamples for 95% confidence intervals."""
+    video_episodes: int = 0
+    """Record the first K evaluation episodes (the K lowest seeds) of each environment task as videos under
+    ``<run_dir>/eval/videos/<task>/``, linked from eval.md; text and VQA tasks show their first K items' prompt,
+    answer and reference there instead (0: no videos, and 5 items)."""
 
 
 @dataclass
@@ -515,6 +519,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.data.num_tokenize_actors >= 0, "data.num_tokenize_actors", "non-negative"),
         (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),
         (cfg.eval.episodes >= 1, "eval.episodes", "at least 1"),
+        (cfg.eval.video_episodes >= 0, "eval.video_episodes", "non-negative"),
         *_ppo_checks(cfg.ppo),
         *_online_checks(cfg),
     ]

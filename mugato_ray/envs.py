@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import os
 import string
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -177,10 +178,16 @@ def apply_wrappers(env: gym.Env, entries: Sequence[str], where: str = "") -> gym
 
 
 def make_env(task: TaskInfo | str, render_mode: str | None = None) -> gym.Env:
-    """The task's env: gym.make (with TimeLimit when the task sets max_episode_steps), then its wrappers."""
+    """The task's env: gym.make (with TimeLimit when the task sets max_episode_steps), then its wrappers.
+
+    ``render_mode`` goes to gym.make; the wrappers keep the env's ``render``. MuJoCo renders off screen through
+    EGL unless ``MUJOCO_GL`` says otherwise: its default (GLFW) needs a display, which cluster nodes lack.
+    """
     info = get_task(task)
     if not info.has_env:
         raise ValueError(f"task {info.name!r} is a dataset task ({info.dataset!r}); it has no environment")
+    if render_mode is not None and info.domain == "mujoco":
+        os.environ.setdefault("MUJOCO_GL", "egl")  # read when the env first renders
     module = _DOMAIN_MODULES.get(info.domain)
     if module is not None:
         importlib.import_module(module)  # registers the env ids (ale_py: "ALE/...", minigrid: "BabyAI-...")

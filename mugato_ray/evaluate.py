@@ -23,6 +23,11 @@ the interquartile mean of the normalized scores (Agarwal et al., 2021), as JAT r
 each atomically (temp file + rename), and, when the report has a "training" section, ``loss_curves.png``
 (per-task training losses by step) and ``score_curves.png`` (the snapshots' scores during training).
 ``write_eval_metrics`` adds the scores to the run's ``eval`` metrics (``eval/...``, ``mugato_ray.metric_log``).
+
+Watching the agent: with ``eval.video_episodes: K`` the rollout actors render the first K episodes (the K
+lowest evaluation seeds) of each env task to ``<run_dir>/eval/videos/<task>/seed-<s>.mp4`` (GIF where no MP4
+encoder is installed; ``mugato_ray.video``), and eval.md links them. eval.md also shows the first items of each
+text and VQA task: prompt, answer and reference.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -51,6 +57,7 @@ from mugato_ray.resolve import ResolvedTask, resolve_tasks, task_spec
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
 from mugato_ray.sequence import make_layout
 from mugato_ray.tokenizer import decode_text, encode_text, make_text_tokenizer
+from mugato_ray.video import VideoRequest, encoder_note, remove_videos, task_folder_name, video_format
 
 if TYPE_CHECKING:
     from mugato_ray.tasks import TaskInfo
@@ -177,6 +184,7 @@ def evaluate(cfg: Config, policy: PolicySpec, *, log: Callable[[str], None] = pr
         "iqm_normalized_score": iqm(scores),
         "policy": {"kind": policy.kind, "temperature": policy.temperature, "prompt": bool(cfg.eval.prompt)},
         "seeds": {"offset": cfg.eval.seed_offset, "episodes": cfg.eval.episodes},
+        "video_episodes": cfg.eval.video_episodes,
         "skipped": skipped,
         "seconds": time.perf_counter() - t0,
     }
@@ -220,12 +228,15 @@ def _evaluate_env_task(cfg: Config, resolved: ResolvedTask, policy: PolicySpec, 
     registered in this process only (``resolve.register_task``) runs too."""
     t0, task = time.perf_counter(), resolved.name
     seeds = eval_seeds(cfg)
-    outcomes, failed, steps = [], [], [0]
+    outcomes, failed, steps, videos, video_errors = [], [], [0], [], []
+    request = prepare_videos(cfg, task)
 
     def on_result(chunk: list[int], result: RolloutResult) -> None:
         outcomes.extend(result.outcomes)
         failed.extend(result.failed)
         steps[0] += result.env_steps
+        videos.extend(result.videos)
+        video_errors.extend(result.video_errors)
         _progress(log, task, outcomes, failed, len(seeds), steps[0], time.perf_counter() - t0)
 
     def on_error(chunk: list[int], err: Exception) -> None:
@@ -240,9 +251,52 @@ def _evaluate_env_task(cfg: Config, resolved: ResolvedTask, policy: PolicySpec, 
         _progress(log, task, outcomes, failed, len(seeds), steps[0], time.perf_counter() - t0)
 
     run_on_pool(resolved, policy, cfg, split_seeds(seeds, cfg.rollout.num_actors, cfg.rollout.envs_per_actor),
-                on_result, sample_kwargs={"source": SOURCES[policy.kind], "return_episodes": False}, faults=faults,
-                on_error=on_error, log=log)
-    return summarize_task(cfg, task, outcomes, failed, steps[0], time.perf_counter() - t0, resolved.references)
+                on_result, sample_kwargs={"source": SOURCES[policy.kind], "return_episodes": False,
+                                          "video_request": request}, faults=faults, on_error=on_error, log=log)
+    summary = summarize_task(cfg, task, outcomes, failed, steps[0], time.perf_counter() - t0, resolved.references)
+    if request is not None:
+        summary.update(video_entries(cfg, task, request, videos, video_errors, log))
+    return summary
+
+
+def video_dir(cfg: Config, task: str) -> Path:
+    """``<run_dir>/eval/videos/<task>``, the task's name made one path component (``ALE/Pong-v5`` -> ``ALE_Pong-v5``)."""
+    return eval_dir(cfg) / "videos" / task_folder_name(task)
+
+
+def prepare_videos(cfg: Config, task: str) -> VideoRequest | None:
+    """The videos an evaluation of ``task`` records: its ``eval.video_episodes`` lowest evaluation seeds, whichever
+    actor runs them (None: none). Videos of earlier evaluations in the folder are removed first, so the folder
+    holds what this evaluation's report lists."""
+    k = cfg.eval.video_episodes
+    if k == 0:
+        return None
+    folder = video_dir(cfg, task)
+    remove_videos(folder)
+    return VideoRequest(str(folder), tuple(eval_seeds(cfg)[:k]), video_format())
+
+
+def video_entries(cfg: Config, task: str, request: VideoRequest, videos: Sequence[dict], errors: Sequence[dict],
+                  log: Callable[[str], None]) -> dict:
+    """A task's ``videos`` (``{"seed", "file"`` relative to eval/, ``"format", "frames", "fps", "shape"}``, by
+    seed) and ``video_errors`` (``"seed <s>: <why>"``) for its report entry.
+
+    Every file is checked from the driver: actors on other nodes write to ``run_dir``, which must then be
+    storage every node reads; a video the driver cannot see is an error, not a broken link."""
+    remove_videos(request.folder, finished=False)  # the pool is gone: a temporary file left is a dead actor's
+    base, listed, problems = eval_dir(cfg), [], [f"seed {e['seed']}: {e['error']}" for e in errors]
+    for v in sorted(videos, key=lambda v: v["seed"]):
+        rel = (Path(request.folder) / Path(v["file"]).name).relative_to(base).as_posix()
+        if (base / rel).is_file():
+            listed.append({**v, "file": rel})
+        else:
+            problems.append(f"seed {v['seed']}: {v['file']} was written by an actor but is not visible here "
+                            "(on a cluster, run_dir must be on storage every node can read)")
+    note = encoder_note(listed[0]["format"]) if listed else None
+    log(f"eval {task}: {len(listed)} of {len(request.seeds)} videos in {request.folder}" + (f"; {note}" if note else ""))
+    for problem in sorted(problems):
+        log(f"eval {task}: no video of {problem}")
+    return {"videos": listed, "video_errors": sorted(problems)}
 
 
 def _progress(log, task, outcomes, failed, total, steps, seconds, unit="env steps") -> None:
@@ -329,7 +383,8 @@ def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Seque
     """Generate the held-out episodes of ``seeds``, answer every prompt with ``policy``, score each exactly.
 
     Returns one outcome per seed: ``{"seed", "return" (1.0 right / 0.0 wrong), "length": 1, "success",
-    "answer", "expected"}``. Consecutive seeds are generated in one call (an episode depends on its seed only).
+    "prompt", "answer", "expected"}`` (a VQA prompt is the question; the image is not repeated). Consecutive
+    seeds are generated in one call (an episode depends on its seed only).
     """
     seeds = [int(s) for s in seeds]
     if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
@@ -355,7 +410,7 @@ def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Seque
     for ep, (prompt, expected), answer in zip(episodes, pairs, answers):
         ok = score_text_answer(task, prompt, answer, expected)
         out.append({"seed": ep.seed, "return": float(ok), "length": 1, "success": ok,
-                    "answer": answer, "expected": expected})
+                    "prompt": prompt, "answer": answer, "expected": expected})
     return out
 
 
@@ -453,11 +508,83 @@ def markdown_report(report: dict) -> str:
     if report.get("skipped_store_files"):
         lines += ["", "Store files and rows left out of training (data.on_bad_file: skip):", ""]
         lines += [f"- {task}: `{f}`: {why}" for task, bad in report["skipped_store_files"].items() for f, why in bad]
+    lines += video_lines(report) + answer_lines(report)
     if report.get("training"):
         lines += training_lines(report["training"])
     if report.get("online"):
         lines += online_lines(report["online"])
     return "\n".join(lines) + "\n"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def video_lines(report: dict) -> list[str]:
+    """eval.md's "Videos" section: links (relative to eval/) to each env task's recorded episodes."""
+    tasks = {name: t for name, t in report["tasks"].items() if "videos" in t}
+    if not tasks:
+        return []
+    formats = sorted({v["format"] for t in tasks.values() for v in t["videos"]})
+    k = report.get("video_episodes")
+    lines = ["", "## Videos", "", f"The first {_count(k, 'evaluation episode')} of each environment task, as the env "
+             f"renders them at its own frame rate ({', '.join(f.upper() for f in formats) or 'none written'}).", ""]
+    lines += [f"{note[0].upper()}{note[1:]}.\n" for note in filter(None, map(encoder_note, formats))]
+    lines += ["| task | videos |", "| --- | --- |"]
+    for name, t in tasks.items():
+        results = {o["seed"]: o for o in t.get("per_episode", [])}
+        links = [f"[seed {v['seed']}]({v['file']}) (return {_fmt(results.get(v['seed'], {}).get('return'))}, "
+                 f"{v['frames']} frames)" for v in t["videos"]]
+        lines.append(f"| {md_text(name, 80)} | {', '.join(links) or 'none'} |")
+    errors = [(name, e) for name, t in tasks.items() for e in t.get("video_errors", [])]
+    if errors:
+        lines += ["", "Not recorded:", ""] + [f"- {md_text(name, 80)}: {md_text(e, 300)}" for name, e in errors]
+    return lines
+
+
+ANSWERS_SHOWN = 5
+"""Items of each text and VQA task shown in eval.md when ``eval.video_episodes`` is 0."""
+TEXT_SHOWN = 160
+"""Characters of a prompt (its end), an answer or a reference (their start) shown in eval.md."""
+
+
+def answer_lines(report: dict) -> list[str]:
+    """eval.md's "Answers" section: the first items of each text and VQA task, prompt, answer and reference."""
+    n = report.get("video_episodes") or ANSWERS_SHOWN
+    tasks = {name: t for name, t in report["tasks"].items()
+             if any("answer" in o for o in t.get("per_episode", []))}
+    if not tasks:
+        return []
+    lines = ["", "## Answers", "", f"The first {_count(n, 'evaluation item')} of each text and VQA task: the prompt (its last "
+             f"{TEXT_SHOWN} characters; a VQA prompt is the question, its image not shown), the policy's answer and "
+             "the reference. Scored: the answer's first line against the reference."]
+    for name, t in tasks.items():
+        lines += ["", f"### {md_text(name, 80)}", "", "| seed | prompt | answer | reference | right |",
+                  "| ---: | --- | --- | --- | :---: |"]
+        for o in t["per_episode"][:n]:
+            lines.append(f"| {o['seed']} | {md_text(o.get('prompt', ''), TEXT_SHOWN, tail=True)} "
+                         f"| {md_text(o['answer'], TEXT_SHOWN)} | {md_text(o['expected'], TEXT_SHOWN)} "
+                         f"| {'yes' if o['success'] else 'no'} |")
+    return lines
+
+
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|~$])")
+"""Characters with a meaning inside a Markdown line or table cell (``$``: GitHub's math); HTML is done apart."""
+
+
+def md_text(text: str, limit: int, tail: bool = False) -> str:
+    """``text`` as literal Markdown inline text (a table cell, a list item): at most ``limit`` characters (its
+    start, or with ``tail`` its end, an ellipsis marking the cut); characters that are not printable (newlines,
+    control bytes a random policy emits) written as Python escapes; HTML and Markdown syntax escaped; the empty
+    string shown as *(empty)*."""
+    if text == "":
+        return "*(empty)*"
+    if len(text) > limit:
+        text = "…" + text[len(text) - limit:] if tail else text[:limit] + "…"
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    return re.sub(r"^ | $| (?= )", "&nbsp;", text)  # spaces that Markdown would trim or collapse, kept
 
 
 def reference_lines(report: dict) -> list[str]:

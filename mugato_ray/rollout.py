@@ -13,7 +13,10 @@ runs exactly one episode per seed:
   bot) always act on a live env; its data is discarded;
 - an env that raises in ``reset`` or ``step`` loses that episode (reported in ``failed``), is rebuilt, and
   the slot goes on with the next seed;
-- kept episodes can be written atomically as ONE Parquet file per call, so a crashed call leaves nothing.
+- kept episodes can be written atomically as ONE Parquet file per call, so a crashed call leaves nothing;
+- the episodes of a ``video.VideoRequest``'s seeds are rendered (their slots rebuilt with
+  ``render_mode="rgb_array"``) and written as videos, one file each, by the actor itself; rendering only reads
+  the env, so an episode is the same with or without its video.
 
 ``RolloutActor`` is the Ray actor of the same class: Ray restarts it when its process dies and retries the
 call, which is safe because a call's output depends only on its seeds and is written once at the end.
@@ -37,7 +40,7 @@ import gymnasium as gym
 import numpy as np
 import ray
 
-from mugato_ray import envs, experts, sequence, tokenizer
+from mugato_ray import envs, experts, sequence, tokenizer, video
 from mugato_ray.checkpoints import checkpoint_layout
 from mugato_ray.episodes import Episode, env_episode_id, read_episodes, store_dir, stored_ids, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task
@@ -119,6 +122,11 @@ class RolloutResult:
     outcomes: list[dict] = field(default_factory=list)
     """One ``{"seed", "return", "length", "success"}`` per finished episode (kept and filtered), in seed order:
     what evaluation needs, without shipping observations through the object store."""
+    videos: list[dict] = field(default_factory=list)
+    """One ``{"seed", "file", "format", "frames", "fps", "shape"}`` per recorded episode (see ``video``)."""
+    video_errors: list[dict] = field(default_factory=list)
+    """One ``{"seed", "error"}`` per requested video that could not be rendered or written (the episode
+    itself is kept: rendering never changes it)."""
 
 
 def chunk_file_name(source: str, worker_index: int, seeds: Sequence[int], policy_step: int | None = None) -> str:
@@ -192,18 +200,21 @@ def demonstration_prompt(task: str, space: Any, layout: Any, text_tokenizer: Any
 
 class _EnvSlot(gym.Wrapper):
     """A stable handle on slot i's env. Policies keep this object; ``rebuild`` swaps the env inside,
-    so an expert that reads ``env.unwrapped`` sees the new env after its next ``reset``."""
+    so an expert that reads ``env.unwrapped`` sees the new env after its next ``reset``.
 
-    def __init__(self, make):
+    ``make(render_mode)`` builds the env; a slot is rebuilt with ``render_mode="rgb_array"`` when it starts an
+    episode to record. An episode depends only on its seed, so the rebuilt env runs the same episode."""
+
+    def __init__(self, make: Callable[[str | None], gym.Env]):
         self._make = make
-        super().__init__(make())
+        super().__init__(make(None))
 
-    def rebuild(self) -> None:
+    def rebuild(self, render_mode: str | None = None) -> None:
         try:
             self.env.close()
         except Exception:  # noqa: BLE001 - a broken env may fail to close; it is dropped either way
             pass
-        self.env = self._make()
+        self.env = self._make(render_mode)
 
 
 def perturb(action: np.ndarray, space: gym.Space, rng: np.random.Generator, noise: float) -> np.ndarray:
@@ -259,7 +270,7 @@ class RolloutWorker:
         self.faults = faults or FaultInjection()
         self.num_envs = num_envs or cfg.rollout.envs_per_actor
         self.max_steps = cfg.rollout.max_episode_steps
-        self.envs = [_EnvSlot(lambda: envs.make_env(self.info)) for _ in range(self.num_envs)]
+        self.envs = [_EnvSlot(lambda mode: envs.make_env(self.info, mode)) for _ in range(self.num_envs)]
         self.spec = self.task.spec
         if self.policy_spec is not None:
             self.policy = make_policy(self.policy_spec, self.task, self.envs, cfg)
@@ -283,12 +294,14 @@ class RolloutWorker:
 
     def sample(self, seeds: Sequence[int], *, source: str = "expert", store_dir: str | Path | None = None,
                min_return: float | None = None, return_episodes: bool = True,
-               policy_step: int | None = None) -> RolloutResult:
+               policy_step: int | None = None, video_request: video.VideoRequest | None = None) -> RolloutResult:
         """Run one episode per seed; keep those with return >= min_return; optionally write them to store_dir.
 
         ``return_episodes=False`` returns counts and returns only: a collector that stores the episodes
         need not ship them (images included) back through the object store. ``policy_step``: the optimizer
         step of the weights acting (online experience); episodes record it, and it is part of their ids.
+        ``video_request``: the episodes of its seeds (those among ``seeds``) are rendered and written to its
+        folder as ``seed-<s>.mp4`` (``.gif`` where no MP4 encoder is installed); see ``RolloutResult.videos``.
         """
         t0 = time.perf_counter()
         seeds = [int(s) for s in seeds]
@@ -296,7 +309,7 @@ class RolloutWorker:
             raise ValueError(f"sample({self.info.name!r}): seeds must be distinct, got {seeds}")
         if not seeds:
             return RolloutResult(episodes=[], returns=[], failed=[], env_steps=0, seconds=0.0)
-        run = _Lockstep(self, seeds, source, policy_step)
+        run = _Lockstep(self, seeds, source, policy_step, video_request)
         run.run()
         done = [run.finished[s] for s in seeds if s in run.finished]
         kept = [ep for ep in done if min_return is None or ep.episode_return >= min_return]
@@ -305,7 +318,8 @@ class RolloutWorker:
                              failed=run.failed, env_steps=sum(ep.length for ep in done),
                              seconds=time.perf_counter() - t0, filtered=len(done) - len(kept), files=files,
                              outcomes=[{"seed": ep.seed, "return": ep.episode_return, "length": ep.length,
-                                        "success": ep.success} for ep in done])
+                                        "success": ep.success} for ep in done],
+                             videos=sorted(run.videos, key=lambda v: v["seed"]), video_errors=run.video_errors)
 
     def _store(self, kept: list[Episode], source: str, store_dir: str | Path) -> list[str]:
         """Write the kept episodes not stored yet as one file; the files holding all of them."""
@@ -338,7 +352,8 @@ class RolloutWorker:
 class _Lockstep:
     """One ``sample`` call: the worker's N envs step in lockstep through the seeds (see the module doc)."""
 
-    def __init__(self, worker: RolloutWorker, seeds: list[int], source: str, policy_step: int | None = None):
+    def __init__(self, worker: RolloutWorker, seeds: list[int], source: str, policy_step: int | None = None,
+                 video_request: video.VideoRequest | None = None):
         self.w, self.seeds, self.source, self.policy_step = worker, seeds, source, policy_step
         n = worker.num_envs
         self.queue: deque[int] = deque(seeds)
@@ -347,18 +362,40 @@ class _Lockstep:
         self.trajs: list[_Trajectory | None] = [None] * n  # None: the slot is idle (throw-away episode)
         self.obs: list[dict | None] = [None] * n
         self.resets: list[tuple[int, int]] = []
+        self.record = set(video_request.seeds) & set(seeds) if video_request is not None else set()
+        self.video_folder = Path(video_request.folder) if video_request is not None else None
+        self.video_format = video.actor_format(video_request) if self.record else None
+        self.recording: list[video.EpisodeVideo | None] = [None] * n
+        self.videos: list[dict] = []
+        self.video_errors: list[dict] = []
 
     def run(self) -> None:
-        for i in range(self.w.num_envs):
-            self.start(i)
-        self.flush_resets()
-        while any(t is not None for t in self.trajs):
-            self.step()
+        try:
+            for i in range(self.w.num_envs):
+                self.start(i)
             self.flush_resets()
+            while any(t is not None for t in self.trajs):
+                self.step()
+                self.flush_resets()
+        finally:  # a call that raises leaves no partial video behind
+            for i in range(self.w.num_envs):
+                self.drop_video(i)
 
     def fail(self, i: int, seed: int, err: Exception) -> None:
         self.failed.append({"seed": seed, "error": f"{type(err).__name__}: {err}"})
+        self.drop_video(i)  # the episode is lost, and its video with it
         self.w.envs[i].rebuild()
+
+    def finish(self, i: int, traj: _Trajectory, terminated: bool, info: dict) -> None:
+        """Slot i's episode is over: keep it, and put its video in place."""
+        self.finished[traj.seed] = self.w._episode(traj, self.source, terminated, info, self.policy_step)
+        rec, self.recording[i] = self.recording[i], None
+        if rec is not None:
+            try:
+                self.videos.append({"seed": traj.seed, **rec.close()})
+            except Exception as e:  # noqa: BLE001 - a video that cannot be written loses only the video
+                rec.abort()
+                self.video_errors.append({"seed": traj.seed, "error": f"{type(e).__name__}: {e}"})
 
     def start(self, i: int) -> None:
         """Give slot i the next seed (or a throw-away episode when none is left)."""
@@ -366,6 +403,7 @@ class _Lockstep:
         while self.queue:
             seed = self.queue.popleft()
             self.w._maybe_exit(seed)
+            record = seed in self.record and self.render_env(i, seed)
             try:
                 raw, _ = env.reset(seed=seed)
             except Exception as e:  # noqa: BLE001 - any env error loses only this episode
@@ -373,6 +411,8 @@ class _Lockstep:
                 continue
             self.obs[i], self.trajs[i] = envs.flatten_observation(raw, env.observation_space), _Trajectory(seed)
             self.resets.append((i, seed))
+            if record:
+                self.start_video(i, seed)
             return
         self.trajs[i] = None
         idle_seed = self.seeds[-1]
@@ -383,6 +423,47 @@ class _Lockstep:
             raw, _ = env.reset(seed=idle_seed)
         self.obs[i] = envs.flatten_observation(raw, env.observation_space)
         self.resets.append((i, idle_seed))
+
+    # Rendering only reads the env (no step, no random draw): the episode is the same with or without video.
+    # A frame that cannot be rendered or written drops that video, named in ``video_errors``; never the episode.
+
+    def render_env(self, i: int, seed: int) -> bool:
+        """Slot i's env made to render frames (``render_mode="rgb_array"``); False, with the reason, if it cannot."""
+        env = self.w.envs[i]
+        if env.render_mode == "rgb_array":
+            return True
+        try:
+            env.rebuild("rgb_array")
+            return True
+        except Exception as e:  # noqa: BLE001 - see above; the episode runs in a plain env
+            self.video_errors.append({"seed": seed, "error": f"{type(e).__name__}: {e}"})
+            env.rebuild()
+            return False
+
+    def start_video(self, i: int, seed: int) -> None:
+        env = self.w.envs[i]
+        try:
+            path = self.video_folder / video.video_file_name(seed, self.video_format)
+            self.recording[i] = video.EpisodeVideo(path, video.env_fps(env), self.video_format)
+        except Exception as e:  # noqa: BLE001 - see above
+            self.video_errors.append({"seed": seed, "error": f"{type(e).__name__}: {e}"})
+            return
+        self.add_frame(i)
+
+    def add_frame(self, i: int) -> None:
+        rec = self.recording[i]
+        if rec is None:
+            return
+        try:
+            rec.add(self.w.envs[i].render())
+        except Exception as e:  # noqa: BLE001 - see above
+            self.drop_video(i)
+            self.video_errors.append({"seed": self.trajs[i].seed, "error": f"{type(e).__name__}: {e}"})
+
+    def drop_video(self, i: int) -> None:
+        rec, self.recording[i] = self.recording[i], None
+        if rec is not None:
+            rec.abort()
 
     def flush_resets(self) -> None:
         if self.resets:
@@ -413,7 +494,7 @@ class _Lockstep:
             traj = self.trajs[i]
             if i in failures:  # the policy cannot act here (it says why): the episode ends at its last label
                 if traj is not None and traj.rewards:
-                    self.finished[traj.seed] = w._episode(traj, self.source, False, {}, self.policy_step)
+                    self.finish(i, traj, False, {})
                 elif traj is not None:
                     self.fail(i, traj.seed, RuntimeError(failures[i]))
                 env.rebuild()  # the env was left mid-episode
@@ -434,10 +515,10 @@ class _Lockstep:
                 continue
             if traj is not None:
                 traj.add(self.obs[i], actions[i], float(reward))
+                self.add_frame(i)
                 truncated = truncated or (w.max_steps is not None and len(traj.rewards) >= w.max_steps)
                 if terminated or truncated:
-                    self.finished[traj.seed] = w._episode(traj, self.source, bool(terminated), info,
-                                                          self.policy_step)
+                    self.finish(i, traj, bool(terminated), info)
             if terminated or truncated:
                 self.start(i)
             else:

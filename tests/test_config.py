@@ -154,3 +154,12 @@ def test_running_interpreter_satisfies_requires_python():
         parts = c.split(" :: ")
         if parts[:2] == ["Programming Language", "Python"] and len(parts) == 3 and parts[2].count(".") == 1:
             assert tuple(int(p) for p in parts[2].split(".")) >= minimum, f"classifier {c!r} is below {spec}"
+
+
+def test_video_episodes_default_and_range(tmp_path):
+    assert Config().eval.video_episodes == 0  # no videos unless asked
+    assert load_config(write(tmp_path, {}), ["eval.video_episodes=3"]).eval.video_episodes == 3
+    with pytest.raises(ConfigError, match="eval.video_episodes' must be non-negative"):
+        load_config(write(tmp_path, {"eval": {"video_episodes": -1}}))
+    with pytest.raises(ConfigError, match="eval.video_episodes"):
+        load_config(write(tmp_path, {}), ["eval.video_episodes=two"])

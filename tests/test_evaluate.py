@@ -5,30 +5,37 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 import ray
 import torch
 
-from mugato_ray import tasks
+from mugato_ray import rollout, tasks, video
 from mugato_ray.config import config_from_dict
+from mugato_ray.datasets import generate_episodes, prompt_and_answer
+from mugato_ray.envs import make_env
 from mugato_ray.episodes import store_dir
 from mugato_ray.evaluate import (
+    TEXT_SHOWN,
     check_seeds_disjoint,
     eval_dir,
     eval_seeds,
     evaluate,
     generate_answers,
+    md_text,
     resolve_checkpoint,
     score_figure,
+    video_dir,
     write_report,
 )
 from mugato_ray.metric_log import read_metrics
 from mugato_ray.metrics import iqm
 from mugato_ray.model import GatoModel, save_model
-from mugato_ray.rollout import FaultInjection, PolicySpec, split_seeds
+from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutWorker, measure_returns, split_seeds
 from mugato_ray.tokenizer import make_text_tokenizer, make_vocab
+from mugato_ray.video import VideoRequest, read_video
 
 QUIET = dict(log=lambda _: None)
 
@@ -186,6 +193,151 @@ def test_the_report_draws_loss_and_score_curves_from_its_training_section(tmp_pa
     assert "](loss_curves.png)" in md and "](score_curves.png)" in md and "| 6 | 0.700 | 0.700 |" in md
     for key in ("losses", "scores"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 1000
+
+# ------------------------------------------------------------------------------------------- videos and answers
+
+
+def md_links(md: str) -> list[str]:
+    return re.findall(r"\]\((videos/[^)]+)\)", md)
+
+
+def render_shape(task: str) -> tuple[int, ...]:
+    env = make_env(task, render_mode="rgb_array")
+    try:
+        env.reset(seed=0)
+        return env.render().shape
+    finally:
+        env.close()
+
+
+def test_videos_of_the_first_episodes_are_linked_and_change_no_result(ray_local, tmp_path):
+    """eval.video_episodes=3: the 3 lowest seeds' episodes, whichever actor ran them, as MP4s of length + 1 frames
+    of the env's render size, at its frame rate; eval.md links exactly them; every result equals a run without."""
+    name, fps = "CartPole-v1", 50
+    cfg = make_cfg(tmp_path, [name], eval={"video_episodes": 3})
+    assert split_seeds(eval_seeds(cfg), 2, 2) == [eval_seeds(cfg)[:2], eval_seeds(cfg)[2:]]  # both actors record
+    lines = []
+    report = evaluate(cfg, PolicySpec("random"), log=lines.append)
+    t = report["tasks"][name]
+    plain = measure_returns(name, PolicySpec("random"), cfg, eval_seeds(cfg))  # no video, in this process
+    assert [(o["seed"], o["return"], o["length"]) for o in t["per_episode"]] == list(
+        zip(plain.seeds.tolist(), plain.returns.tolist(), plain.lengths.tolist()))  # rendering changed nothing
+    lengths = {o["seed"]: o["length"] for o in t["per_episode"]}
+    assert [v["seed"] for v in t["videos"]] == eval_seeds(cfg)[:3] and t["video_errors"] == []
+    assert any(f"3 of 3 videos in {eval_dir(cfg) / 'videos' / name}" in line for line in lines)
+    paths = write_report(report, eval_dir(cfg))
+    for v in t["videos"]:
+        assert v["file"] == f"videos/{name}/seed-{v['seed']}.mp4" and v["format"] == "mp4"
+        frames, durations = read_video(eval_dir(cfg) / v["file"])
+        assert frames.shape == (lengths[v["seed"]] + 1, *render_shape(name)) == (v["frames"], *v["shape"])
+        assert sum(durations) == pytest.approx(len(frames) * 1000 / fps)
+        assert frames.std() > 10  # a picture, not a blank
+    md = paths["md"].read_text()
+    assert "## Videos" in md and md_links(md) == [v["file"] for v in t["videos"]]
+    assert all((eval_dir(cfg) / link).is_file() for link in md_links(md))
+    assert json.loads(paths["json"].read_text())["tasks"][name]["videos"] == t["videos"]
+    assert sorted(p.name for p in (eval_dir(cfg) / "videos" / name).iterdir()) == [
+        f"seed-{s}.mp4" for s in eval_seeds(cfg)[:3]]  # no temporary file left
+
+
+def test_without_an_mp4_encoder_videos_are_gifs_and_the_report_says_so(ray_local, tmp_path, monkeypatch):
+    """No MP4 encoder (the lookup patched to find none): a GIF that shows each of the length + 1 frames for 1/fps
+    (Pillow merges identical consecutive frames, summing their time); the log and eval.md say why it is a GIF.
+    An earlier evaluation's video and a dead actor's partial file are removed: the folder holds what the report
+    lists."""
+    name = "CartPole-v1"
+    cfg = make_cfg(tmp_path, [name], episodes=2, eval={"video_episodes": 1})
+    stale = eval_dir(cfg) / "videos" / name / f"seed-{eval_seeds(cfg)[1]}.mp4"
+    partial = stale.with_name(f".seed-{eval_seeds(cfg)[0]}.tmp.mp4")  # an actor that died mid-episode
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"old")
+    partial.write_bytes(b"half")
+    monkeypatch.setattr(video, "mp4_encoder", lambda: None)
+    lines = []
+    report = evaluate(cfg, PolicySpec("random"), log=lines.append)
+    t = report["tasks"][name]
+    (v,) = t["videos"]
+    assert v["file"] == f"videos/{name}/seed-{eval_seeds(cfg)[0]}.gif"
+    assert [p.name for p in stale.parent.iterdir()] == [f"seed-{eval_seeds(cfg)[0]}.gif"]
+    frames, durations = read_video(eval_dir(cfg) / v["file"])
+    length = t["per_episode"][0]["length"]
+    assert frames.shape[1:] == render_shape(name) and len(frames) <= length + 1 == v["frames"]
+    assert sum(durations) == pytest.approx((length + 1) * 1000 / 50)
+    assert any("no MP4 encoder is installed, so videos are GIFs" in line for line in lines)
+    md = write_report(report, eval_dir(cfg))["md"].read_text()
+    assert "No MP4 encoder is installed, so videos are GIFs (pip install imageio-ffmpeg" in md
+    assert md_links(md) == [v["file"]]
+
+
+def test_a_video_that_cannot_be_rendered_is_named_and_the_episodes_kept(tmp_path, monkeypatch):
+    """An env that cannot render (MuJoCo without an OpenGL backend, say) loses its videos, named with the
+    reason, never its episodes, and leaves no file behind."""
+    cfg = make_cfg(tmp_path, ["CartPole-v1"])
+    seeds, folder = [3, 4, 5], tmp_path / "videos"
+    request = VideoRequest(str(folder), (3, 5), "mp4")
+    worker = RolloutWorker("CartPole-v1", PolicySpec("random"), cfg, num_envs=2)
+    plain = worker.sample(seeds, return_episodes=False)
+
+    def no_gl(self):
+        raise RuntimeError("no OpenGL context")
+
+    monkeypatch.setattr(rollout._EnvSlot, "render", no_gl)
+    broken = worker.sample(seeds, return_episodes=False, video_request=request)
+    assert broken.outcomes == plain.outcomes and broken.videos == []
+    assert broken.video_errors == [{"seed": 3, "error": "RuntimeError: no OpenGL context"},
+                                   {"seed": 5, "error": "RuntimeError: no OpenGL context"}]
+    assert not folder.exists() or list(folder.iterdir()) == []
+
+
+def test_mujoco_renders_off_screen_or_says_why(tmp_path):
+    """MuJoCo renders without a display (EGL, unless MUJOCO_GL says otherwise); where it cannot, the video is
+    named with the reason. The episode is the same either way."""
+    name, seeds = "InvertedPendulum-v5", [7]
+    cfg = make_cfg(tmp_path, [name])
+    worker = RolloutWorker(name, PolicySpec("random"), cfg, num_envs=1)
+    plain = worker.sample(seeds, return_episodes=False)
+    recorded = worker.sample(seeds, return_episodes=False, video_request=VideoRequest(str(tmp_path / "v"), (7,)))
+    assert recorded.outcomes == plain.outcomes and len(recorded.videos) + len(recorded.video_errors) == 1
+    for v in recorded.videos:
+        frames, _ = read_video(v["file"])
+        assert frames.shape == (plain.outcomes[0]["length"] + 1, *render_shape(name)) and frames.std() > 10
+
+
+def test_text_answers_are_shown_with_prompt_and_reference(ray_local, tmp_path):
+    """eval.md's Answers: the first items of text-arith and VQA, each with the end of its prompt, the answer
+    and the reference, escaped so that no text breaks the table (a random policy's answers are any bytes)."""
+    names = ["text-arith", "vqa-minigrid-color"]
+    cfg = make_cfg(tmp_path, names, episodes=3, eval={"video_episodes": 3})
+    report = evaluate(cfg, PolicySpec("random"), **QUIET)
+    md = write_report(report, eval_dir(cfg))["md"].read_text()
+    assert "## Answers" in md and "## Videos" not in md
+    for name in names:
+        items = report["tasks"][name]["per_episode"]
+        rows = md.split(f"### {md_text(name, 80)}\n\n")[1].split("\n\n")[0].splitlines()[2:]
+        assert len(rows) == 3
+        for item, row in zip(items, rows):
+            assert row == (f"| {item['seed']} | {md_text(item['prompt'], TEXT_SHOWN, tail=True)} "
+                           f"| {md_text(item['answer'], TEXT_SHOWN)} | {md_text(item['expected'], TEXT_SHOWN)} "
+                           f"| {'yes' if item['success'] else 'no'} |")
+            assert item["answer"] != item["expected"] and item["prompt"] and item["expected"]
+            assert len(re.findall(r"(?<!\\)\|", row)) == 6  # five cells, whatever the texts hold
+    arith = report["tasks"]["text-arith"]["per_episode"][0]
+    prompt, expected = prompt_and_answer("text-arith", generate_episodes("text-arith", 1, arith["seed"], cfg)[0])
+    assert (arith["prompt"], arith["expected"]) == (prompt, expected)  # the item's own prompt and reference
+
+
+def test_a_task_name_is_one_folder_of_videos(tmp_path):
+    cfg = make_cfg(tmp_path, ["CartPole-v1"])
+    assert video_dir(cfg, "ALE/Pong-v5") == eval_dir(cfg) / "videos" / "ALE_Pong-v5"
+    assert [video.task_folder_name(n) for n in ("../up", "a b:c", "..")] == ["_up", "a_b_c", "_"]
+
+
+def test_markdown_text_is_literal():
+    assert md_text("a|b *c* _d_ [e](f) `g` <h> &amp; $x$ \\", 200) == (
+        "a\\|b \\*c\\* \\_d\\_ \\[e\\](f) \\`g\\` &lt;h&gt; &amp;amp; \\$x\\$ \\\\")
+    assert md_text("1\n2\x00", 200) == "1\\\\n2\\\\x00"  # one line, the characters shown as escapes
+    assert md_text("  x ", 200) == "&nbsp; x&nbsp;" and md_text("", 5) == "*(empty)*"  # no space trimmed
+    assert md_text("0123456789", 4) == "0123…" and md_text("0123456789", 4, tail=True) == "…6789"
 
 
 # ------------------------------------------------------------------------------------------- determinism and faults
