@@ -304,10 +304,13 @@ def make_scheduler(cfg: Config) -> Any:
     """ASHA on the snapshots' validation IQM by training step (``sweep.scheduler: asha``), else None (FIFO)."""
     if cfg.sweep.scheduler != "asha":
         return None
+    # Only the sweep's driver builds a scheduler.
     from ray.tune.schedulers import ASHAScheduler
 
     grace = cfg.sweep.grace_steps or cfg.train.eval_every
-    return ASHAScheduler(time_attr="step", metric="validation_iqm", mode="max", max_t=cfg.train.steps,
+    # ASHA stops a trial that reaches max_t: past the last step, so the snapshot of the last step never stops a
+    # trial before its final evaluation.
+    return ASHAScheduler(time_attr="step", metric="validation_iqm", mode="max", max_t=cfg.train.steps + 1,
                          grace_period=min(grace, cfg.train.steps))
 
 

@@ -100,6 +100,25 @@ def test_tune_space_draws_from_the_configured_distributions(tmp_path):
     assert space["seed"] == {"grid_search": [1, 2]}
 
 
+def test_asha_stops_on_the_validation_iqm_but_never_a_trial_at_its_last_step(tmp_path):
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from mugato_ray.sweep import make_scheduler
+
+    assert make_scheduler(make_cfg(tmp_path)) is None
+    cfg = make_cfg(tmp_path, "sweep.scheduler=asha", "train.eval_every=3", "train.steps=6")
+    asha = make_scheduler(cfg)
+    assert isinstance(asha, ASHAScheduler) and asha.metric == "validation_iqm" and asha._time_attr == "step"
+
+    class Trial:
+        trial_id = "t"
+
+    asha.on_trial_add(None, Trial())
+    # The snapshot of step 6 lands before the final evaluation: the trial must go on to be evaluated.
+    decision = asha.on_trial_result(None, Trial(), {"step": 6, "validation_iqm": 0.5})
+    assert decision == TrialScheduler.CONTINUE
+
+
 # ---------------------------------------------------------------------------------------------
 # Resources
 
