@@ -85,7 +85,7 @@ def preflight(cfg: Config, where: str, *, needs_tasks: bool = True) -> list[str]
         if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
             problems.append(f"run_dir: {run_dir} cannot be created ({parent} is not a writable directory)")
     for entry in cfg.tasks:
-        store = run_dir / "data" / entry.name
+        store = cfg.store_root() / entry.name
         if store.exists() and not store.is_dir():
             problems.append(f"tasks '{entry.name}': its store {store} exists and is not a directory")
     return problems

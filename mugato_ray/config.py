@@ -10,6 +10,7 @@ is parsed as YAML (``train.lr=3e-4``, ``run_dir=/tmp/x``, ``tasks.names=[CartPol
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import types
@@ -128,6 +129,9 @@ class DataConfig:
     check_rows: bool = True
     """Validate every row of the store before training (a full read of the store). Off: only footers and
     columns are checked, and a bad row stops training when it is read, named."""
+    store_root: str | None = None
+    """Folder that holds the episode store's task folders (None: <run_dir>/data). A sweep's trials point it at
+    the base run's store, which they read and never write (mugato_ray.sweep)."""
 
 
 @dataclass
@@ -293,6 +297,34 @@ class OnlineConfig:
     """Online episode seeds start here, disjoint from collection and evaluation seeds."""
 
 
+SweepDistribution = Literal["choice", "grid", "uniform", "loguniform"]
+"""How a swept key's values are drawn: one of a list (choice), every one of a list (grid: each sample runs them
+all), or a number between two bounds (uniform, loguniform; loguniform needs positive bounds)."""
+
+
+@dataclass
+class SweepConfig:
+    """Hyperparameter sweeps with Ray Tune (jobs/sweep.py, mugato_ray.sweep); no other job reads it."""
+
+    space: dict[str, dict[SweepDistribution, list[Any]]] = field(default_factory=dict)
+    """Dotted config key -> one distribution, e.g. ``train.lr: {loguniform: [1.0e-4, 3.0e-3]}``,
+    ``model.n_embd: {choice: [64, 128]}``. Keys are those a ``key=value`` override accepts; every value is
+    checked through that override path before Tune starts."""
+    num_samples: int = 1
+    """Samples drawn from the space (a grid key multiplies them by its number of values)."""
+    max_concurrent_trials: int = 1
+    """Trials run at once; each gets 1/max_concurrent_trials of the cluster (mugato_ray.resources.plan_trial)."""
+    metric: Literal["iqm", "validation_iqm"] = "iqm"
+    """What ranks the trials (higher is better): iqm, the IQM of the normalized scores of each trial's final
+    evaluation (eval.episodes per task); validation_iqm, the best IQM of its snapshots scored during training
+    (needs train.eval_every)."""
+    scheduler: Literal["none", "asha"] = "none"
+    """asha: stop trials whose validation IQM lags at a snapshot step (needs train.eval_every); none: run every
+    trial to its end."""
+    grace_steps: int = 0
+    """ASHA: training steps before a trial may be stopped (0: train.eval_every)."""
+
+
 @dataclass
 class Config:
     """A whole experiment. Every job writes under run_dir."""
@@ -310,6 +342,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     online: OnlineConfig = field(default_factory=OnlineConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     tasks: list[TaskEntry] = field(default_factory=list)
     """The task mixture."""
 
@@ -319,6 +352,10 @@ class Config:
     def task(self, name: str) -> TaskEntry | None:
         """The entry of task ``name`` in ``tasks`` (None when the config does not list it)."""
         return next((t for t in self.tasks if t.name == name), None)
+
+    def store_root(self) -> Path:
+        """The folder of the task stores: ``data.store_root``, else ``<run_dir>/data``."""
+        return Path(self.data.store_root) if self.data.store_root else Path(self.run_dir) / "data"
 
 
 SECTION_SEEDS = ("train", "rollout", "ppo")
@@ -473,16 +510,23 @@ def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> Confi
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return apply_overrides(data, overrides, str(path))
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str], where: str) -> Config:
+    """The Config of plain ``data`` (a config file's content, or ``config_to_dict`` of a Config) with dotted
+    ``key=value`` overrides applied, strictly; ``data`` is not modified."""
+    data = copy.deepcopy(data)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"{path}: override '{item}' must look like key=value")
+            raise ConfigError(f"{where}: override '{item}' must look like key=value")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: override '{item}': value is not valid YAML: {e}") from e
-        _set_dotted(data, key.strip(), value, f"{path} (override '{item}')")
-    return config_from_dict(data, str(path))
+            raise ConfigError(f"{where}: override '{item}': value is not valid YAML: {e}") from e
+        _set_dotted(data, key.strip(), value, f"{where} (override '{item}')")
+    return config_from_dict(data, where)
 
 
 def validate(cfg: Config, where: str = "<config>") -> None:
@@ -522,6 +566,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.eval.video_episodes >= 0, "eval.video_episodes", "non-negative"),
         *_ppo_checks(cfg.ppo),
         *_online_checks(cfg),
+        *_sweep_checks(cfg),
     ]
     for ok, key, expected in checks:
         if not ok:
@@ -575,6 +620,43 @@ def _online_checks(cfg: Config) -> list[tuple[bool, str, str]]:
         (not o.enabled or wanted in cfg.data.sources, "data.sources",
          f"a list including {wanted!r} when online.enabled with online.mode={o.mode!r} (training must read "
          "the online episodes)"),
+    ]
+
+
+def sweep_bounds(values: list[Any]) -> tuple[float, float] | None:
+    """``[low, high]`` of a uniform or loguniform key as floats (YAML reads ``1e-4`` as a string); None when
+    they are not two numbers."""
+    if len(values) != 2 or any(isinstance(v, bool) for v in values):
+        return None
+    try:
+        return float(values[0]), float(values[1])
+    except (TypeError, ValueError):
+        return None
+
+
+def _sweep_checks(cfg: Config) -> list[tuple[bool, str, str]]:
+    """Ranges of the sweep section; whether its keys exist is checked by ``sweep.check_space`` (through
+    :func:`apply_overrides`, against the whole config)."""
+    s, checks = cfg.sweep, []
+    for key, dist in s.space.items():
+        name, values = next(iter(dist.items()), (None, []))
+        checks.append((len(dist) == 1, f"sweep.space.{key}",
+                       f"one distribution of {list(typing.get_args(SweepDistribution))}, e.g. {{choice: [64, 128]}}"))
+        if name in ("choice", "grid"):
+            checks.append((len(values) >= 1, f"sweep.space.{key}.{name}", "a non-empty list of values"))
+        elif name in ("uniform", "loguniform"):
+            bounds = sweep_bounds(values)
+            ordered = bounds is not None and bounds[0] < bounds[1] and (name == "uniform" or bounds[0] > 0)
+            checks.append((ordered, f"sweep.space.{key}.{name}",
+                           "[low, high] with low < high" + (" and low > 0" if name == "loguniform" else "")))
+    needs_snapshots = s.metric == "validation_iqm" or s.scheduler == "asha"
+    return checks + [
+        (s.num_samples >= 1, "sweep.num_samples", "at least 1"),
+        (s.max_concurrent_trials >= 1, "sweep.max_concurrent_trials", "at least 1"),
+        (s.grace_steps >= 0, "sweep.grace_steps", "non-negative"),
+        (not needs_snapshots or cfg.train.eval_every > 0, "train.eval_every",
+         f"positive with sweep.metric={s.metric!r} and sweep.scheduler={s.scheduler!r} (the validation IQM comes "
+         "from the snapshots scored during training)"),
     ]
 
 

@@ -398,8 +398,8 @@ def env_episode_id(task: str, source: str, seed: int, policy_step: int | None = 
 
 
 def store_dir(cfg: Config, task: str) -> Path:
-    """Where a task's episodes live: ``<run_dir>/data/<task>/``."""
-    return Path(cfg.run_dir) / "data" / task
+    """Where a task's episodes live: ``<run_dir>/data/<task>/`` (``data.store_root``/<task> when set)."""
+    return cfg.store_root() / task
 
 
 def stored_ids(directory: str | Path) -> dict[str, Path]:

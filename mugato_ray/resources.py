@@ -21,6 +21,9 @@ cores a process may use):
 3. GPUs: with ``train.use_gpu`` every worker takes one GPU; asking for more workers than GPUs raises.
 4. ``train.num_workers = 0`` runs the loop in the driver, which reserves nothing.
 
+5. A sweep trial (``mugato_ray.sweep``) is planned by :func:`plan_trial` on ``1 / sweep.max_concurrent_trials``
+   of the cluster, less what its final evaluation's rollout actors reserve; the rules above split the rest.
+
 So training never holds all CPUs, and no data reservation needs a whole CPU (the read tasks reserve
 fractions too; see ``mugato_ray.data.task_dataset``), so a cluster whose nodes each have one CPU
 still schedules everything.
@@ -117,6 +120,65 @@ def plan_resources(cfg: Config, cluster_resources: Mapping[str, float]) -> Plan:
         eval_cpus=eval_cpus,
         online_cpus=online_cpus,
     )
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Resources of one sweep trial: its training run's plan and what it reserves through Ray Tune."""
+
+    plan: Plan
+    """Train workers, tokenize actors and the evaluator, planned on the trial's share less ``eval_cpus``."""
+    share_cpus: float
+    """The trial's share of the cluster: its CPUs over ``sweep.max_concurrent_trials``."""
+    eval_cpus: float
+    """The final evaluation's rollout actors: ``rollout.num_actors * rollout.actor_cpus``."""
+    eval_gpus: float
+    """Their GPUs: ``rollout.num_actors * rollout.actor_gpus``."""
+    n_tasks: int
+    """Task datasets of the trial's training (each reserves ``plan.data_cpus``)."""
+
+    @property
+    def tune_bundle(self) -> dict[str, float]:
+        """What the trial's Tune placement group holds for the actors the trial starts itself (the final
+        evaluation's and the snapshot evaluator): Ray schedules them inside the trial's group."""
+        cpus = math.floor((self.eval_cpus + self.plan.eval_cpus) * 1e4) / 1e4
+        return {"CPU": cpus} | ({"GPU": self.eval_gpus} if self.eval_gpus else {})
+
+    @property
+    def reserved_cpus(self) -> float:
+        """Everything the trial reserves at once: its Tune bundle, train workers and data reservations."""
+        data = max(1, self.n_tasks) * self.plan.data_cpus
+        return self.tune_bundle["CPU"] + self.plan.train_workers * self.plan.cpus_per_worker + data
+
+
+def plan_trial(cfg: Config, cluster_resources: Mapping[str, float], concurrent: int) -> TrialPlan:
+    """Rule 5: the resources of one of ``concurrent`` sweep trials running at once on ``cluster_resources``.
+
+    Each trial gets ``1 / concurrent`` of the CPUs and GPUs. Its final evaluation's rollout actors
+    (``rollout.num_actors * rollout.actor_cpus``) come off that share first, since Ray Tune holds them for the
+    trial's whole life; :func:`plan_resources` splits the rest between train workers, data and the snapshot
+    evaluator. A share that cannot hold them is a ValueError naming ``sweep.max_concurrent_trials`` and the
+    keys that do not fit. Pure function.
+    """
+    cpus, gpus = float(cluster_resources.get("CPU", 0.0)), float(cluster_resources.get("GPU", 0.0))
+    share_cpus, share_gpus = cpus / concurrent, gpus / concurrent
+    eval_cpus = cfg.rollout.num_actors * cfg.rollout.actor_cpus
+    eval_gpus = cfg.rollout.num_actors * cfg.rollout.actor_gpus
+    where = (f"sweep.max_concurrent_trials={concurrent} gives each trial {share_cpus:g} of the cluster's {cpus:g} "
+             f"CPUs ({share_gpus:g} of {gpus:g} GPUs)")
+    if eval_cpus >= share_cpus * DATA_SHARE or eval_gpus > share_gpus + 1e-9:
+        raise ValueError(
+            f"{where}; its evaluation's rollout.num_actors={cfg.rollout.num_actors} x rollout.actor_cpus="
+            f"{cfg.rollout.actor_cpus:g} (x rollout.actor_gpus={cfg.rollout.actor_gpus:g}) would take "
+            f"{eval_cpus:g} CPUs ({eval_gpus:g} GPUs), more than {DATA_SHARE:g} of the CPUs or all the GPUs: lower "
+            "sweep.max_concurrent_trials or rollout.num_actors"
+        )
+    try:
+        plan = plan_resources(cfg, {"CPU": share_cpus - eval_cpus, "GPU": share_gpus - eval_gpus})
+    except ValueError as e:
+        raise ValueError(f"{where}, {share_cpus - eval_cpus:g} CPUs after its evaluation's rollout actors; "
+                         f"training does not fit in them (lower sweep.max_concurrent_trials): {e}") from e
+    return TrialPlan(plan, share_cpus, eval_cpus, eval_gpus, len(cfg.tasks))
 
 
 def _online_share(cfg: Config, cpus: float, gpus: float) -> float:
