@@ -92,9 +92,9 @@ def test_plan_holds_cpus_back_for_the_evaluator_and_honours_torch_threads(tmp_pa
     assert plan.torch_threads == 2 and base.torch_threads == 1
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "suite.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "suite.yaml", "domains.yaml"])
 def test_laptop_configs_plan_on_two_cpus(tmp_path, name):
-    """The configs meant for a 2-core laptop fit it (the suite's 11 task datasets included)."""
+    """The configs meant for a 2-core laptop fit it (the suite's 18 task datasets included)."""
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / name, [f"run_dir={tmp_path}"])
     plan = plan_resources(cfg, {"CPU": 2.0})
     used = plan.train_workers * plan.cpus_per_worker + len(cfg.tasks) * plan.data_cpus + plan.eval_cpus
