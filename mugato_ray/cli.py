@@ -110,9 +110,9 @@ def init_ray(cfg: Config | None = None) -> None:
     """Join the cluster under ``ray job submit`` (RAY_ADDRESS set), else start a quiet local Ray.
 
     With RAY_ADDRESS set, ``ray.init()`` gets no resource arguments: the cluster owns them. A local Ray
-    gets this machine's usable CPUs and no dashboard, and a watcher that stops its processes if the job is
-    killed (``mugato_ray.reaper``). ``cfg`` is accepted so every job calls this the same
-    way; nothing in it changes how Ray starts today. Does nothing if Ray is already initialized.
+    gets this machine's usable CPUs, its dashboard (on 127.0.0.1) and a watcher that stops its processes if
+    the job is killed (``mugato_ray.reaper``). ``cfg`` is accepted so every job calls this the same way;
+    nothing in it changes how Ray starts today. Does nothing if Ray is already initialized.
     """
     import ray
 
@@ -125,7 +125,10 @@ def init_ray(cfg: Config | None = None) -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     # address="local": always a fresh local Ray, even when a `ray start` cluster runs on this machine
     # (plain ray.init() would join it, and with num_cpus set it would refuse to).
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING,
+    # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls: without it the
+    # cleaner cannot do its job and logs "Failed to query Ray Train Controller actor state" at every poll.
+    # It listens on 127.0.0.1 only (Ray's default dashboard host).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=True, logging_level=logging.WARNING,
              configure_logging=True)
     # Lazy: only a job that starts its own Ray needs the watcher of its processes.
     from mugato_ray.reaper import start_reaper
