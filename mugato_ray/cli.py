@@ -106,6 +106,19 @@ def check_store(cfg: Config, *, required: bool) -> list[str]:
     return []
 
 
+GCS_PORT_ENV = "RAY_GCS_SERVER_PORT"
+"""Read by ``ray.init`` when it starts a local head: the port its GCS listens on."""
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket  # lazy: only a job that starts its own Ray needs it
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 def init_ray(cfg: Config | None = None) -> None:
     """Join the cluster under ``ray job submit`` (RAY_ADDRESS set), else start a quiet local Ray.
 
@@ -128,8 +141,22 @@ def init_ray(cfg: Config | None = None) -> None:
     # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls: without it the
     # cleaner cannot do its job and logs "Failed to query Ray Train Controller actor state" at every poll.
     # It listens on 127.0.0.1 only (Ray's default dashboard host).
-    ray.init(address="local", num_cpus=cpus, include_dashboard=True, logging_level=logging.WARNING,
-             configure_logging=True)
+    # Ray's processes are told their own cluster's address (RAY_ADDRESS, through the job's runtime env; the GCS
+    # port is chosen first so that the address is known before Ray starts). Without it, code in Ray's workers
+    # that looks the cluster up (the State API the cleaner uses) takes the most recently started Ray on the
+    # machine: with two jobs on one machine the first job's cleaner saw its own controller "dead" in the other
+    # Ray and removed its training workers.
+    address = f"{ray.util.get_node_ip_address()}:{free_port()}"
+    saved = os.environ.get(GCS_PORT_ENV)
+    os.environ[GCS_PORT_ENV] = address.rsplit(":", 1)[1]
+    try:
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, logging_level=logging.WARNING,
+                 configure_logging=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        if saved is None:
+            os.environ.pop(GCS_PORT_ENV, None)
+        else:
+            os.environ[GCS_PORT_ENV] = saved
     # Lazy: only a job that starts its own Ray needs the watcher of its processes.
     from mugato_ray.reaper import start_reaper
 

@@ -268,3 +268,40 @@ def test_a_sigkilled_job_leaves_no_ray_process_behind(tmp_path):
     while running() and time.time() < deadline:
         time.sleep(0.5)
     assert running() == []
+
+
+def test_a_jobs_ray_processes_look_up_their_own_cluster_when_another_ray_runs(tmp_path):
+    """A job run while a `ray start` cluster runs on the machine (as README "On a cluster" has users do): Ray
+    Train's placement-group cleaner asks the State API whether its controller lives, from a Ray worker that
+    finds "the" cluster on its own, which is the one `ray start` last recorded, not its own. It saw its
+    controller missing there and removed the job's training workers. The recorded address is simulated in
+    the probe (the machine's own record is left alone); the other Ray is real."""
+    import subprocess
+    import sys
+
+    job = ("from mugato_ray.cli import init_ray; import ray, sys; init_ray()\n"
+           "@ray.remote\nclass Probe:\n"
+           "    def state(self, recorded):\n"
+           "        import ray._private.services as services\n"
+           "        from ray.util.state import get_actor\n"
+           "        services.find_bootstrap_address = lambda temp_dir: recorded  # what `ray start` records\n"
+           "        a = get_actor(ray.get_runtime_context().get_actor_id(), timeout=30)\n"
+           "        return a.state if a is not None else 'not found'\n"
+           "p = Probe.remote(); print('ready', flush=True)\n"
+           "print('state', ray.get(p.state.remote(sys.stdin.readline().strip())), flush=True)\n")
+    other = ("import ray, time; ray.init(address='local', num_cpus=1, include_dashboard=True); "
+             "print(ray.get_runtime_context().gcs_address, flush=True); time.sleep(120)")
+    first = subprocess.Popen([sys.executable, "-c", job], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    second = None
+    try:
+        assert first.stdout.readline().strip() == "ready"
+        second = subprocess.Popen([sys.executable, "-c", other], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+        first.stdin.write(second.stdout.readline())
+        first.stdin.flush()
+        assert first.stdout.readline().strip() == "state ALIVE"
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=60)
