@@ -181,13 +181,19 @@ def make_env(task: TaskInfo | str, render_mode: str | None = None) -> gym.Env:
     """The task's env: gym.make (with TimeLimit when the task sets max_episode_steps), then its wrappers.
 
     ``render_mode`` goes to gym.make; the wrappers keep the env's ``render``. MuJoCo renders off screen through
-    EGL unless ``MUJOCO_GL`` says otherwise: its default (GLFW) needs a display, which cluster nodes lack.
+    EGL unless ``MUJOCO_GL`` says otherwise: its default (GLFW) needs a display, which cluster nodes lack;
+    pygame (classic control) draws with SDL's dummy audio and video drivers unless ``SDL_*DRIVER`` say otherwise.
     """
     info = get_task(task)
     if not info.has_env:
         raise ValueError(f"task {info.name!r} is a dataset task ({info.dataset!r}); it has no environment")
     if render_mode is not None and info.domain == "mujoco":
         os.environ.setdefault("MUJOCO_GL", "egl")  # read when the env first renders
+    if render_mode == "rgb_array":
+        # Classic control draws with pygame, whose init opens an audio device and a display: without them it
+        # prints ALSA and XDG_RUNTIME_DIR errors on the console. Off-screen drawing needs neither.
+        os.environ.setdefault("SDL_AUDIODRIVER", "dummy")
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     module = _DOMAIN_MODULES.get(info.domain)
     if module is not None:
         importlib.import_module(module)  # registers the env ids (ale_py: "ALE/...", minigrid: "BabyAI-...")
