@@ -17,10 +17,14 @@ the rows, written by jobs/measure_references.py):
     InvertedPendulum-v5   PD on (x, theta, x', theta'), gains (1, 10, 1, 1)     1000.0    5.2
     BabyAI GoToRedBall / GoToLocal / PickupLoc / OpenDoor: BabyAIBot, 100% success over these seeds,
                           returns 0.924 / 0.931 / 0.913 / 0.988 (random 0.142 / 0.205 / 0.045 / 0.177)
+    ALE/Pong-v5           RAM controller (atari_experts.py), seeds 0..19        PONG_E    -20.5
+    ALE/Breakout-v5       RAM controller (atari_experts.py), seeds 0..19        BRK_E     1.25
 
 The BabyAI levels use minigrid's BabyAIBot, which plans on the env's full state (hence make_expert gets
-the env objects). Atari experts are RLlib PPO checkpoints trained with ``ppo.train_ppo_expert``
-(jobs/train_expert.py) at cluster scale and loaded by ``RLlibPolicy``.
+the env objects). The Atari experts (``"atari_ram:<game>"``, ``atari_experts.AtariRAMPolicy``) likewise read
+the emulator's RAM of the envs they act in: the paddle and ball positions, not the 84x84 frame the model
+sees; no GPU and no training. A task with no scripted expert can take an RLlib PPO checkpoint trained with
+``ppo.train_ppo_expert`` (jobs/train_expert.py) and loaded by ``RLlibPolicy`` (``"rllib:<dir>"``).
 
 The policies here only act; running them in envs (autoreset by seed, env-error handling, episode recording,
 measuring returns) is ``rollout.RolloutWorker``'s job, the one rollout loop of the project.
@@ -36,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from gymnasium import spaces
 
+from mugato_ray.atari_experts import RAM_CONTROLLERS, AtariRAMPolicy  # Atari: RAM-reading experts
 from mugato_ray.tasks import TaskInfo, get_task
 
 if TYPE_CHECKING:
@@ -252,19 +257,23 @@ class RLlibPolicy:
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-EXPERT_KINDS = ("babyai_bot", "scripted", "rllib", "none")
+EXPERT_KINDS = ("babyai_bot", "scripted", "atari_ram", "rllib", "none")
+_KINDS_WITH_ARG = ("scripted", "atari_ram", "rllib")
 
 
 def parse_expert(expert: str, where: str = "") -> tuple[str, str | None]:
-    """``"babyai_bot"`` | ``"scripted:<name>"`` | ``"rllib:<dir>"`` | ``"none"`` -> (kind, arg)."""
+    """``"babyai_bot"`` | ``"scripted:<name>"`` | ``"atari_ram:<game>"`` | ``"rllib:<dir>"`` | ``"none"`` ->
+    (kind, arg)."""
     kind, sep, arg = expert.partition(":")
-    if kind not in EXPERT_KINDS or bool(sep) != (kind in ("scripted", "rllib")) or (sep and not arg):
+    if kind not in EXPERT_KINDS or bool(sep) != (kind in _KINDS_WITH_ARG) or (sep and not arg):
         raise ValueError(
-            f"{where}: bad expert {expert!r}; expected 'babyai_bot', 'scripted:<name>', "
+            f"{where}: bad expert {expert!r}; expected 'babyai_bot', 'scripted:<name>', 'atari_ram:<game>', "
             "'rllib:<checkpoint dir>' or 'none'"
         )
     if kind == "scripted" and arg not in SCRIPTED:
         raise ValueError(f"{where}: unknown scripted expert {arg!r}; known: {sorted(SCRIPTED)}")
+    if kind == "atari_ram" and arg not in RAM_CONTROLLERS:
+        raise ValueError(f"{where}: unknown Atari RAM expert {arg!r}; known: {sorted(RAM_CONTROLLERS)}")
     return kind, (arg if sep else None)
 
 
@@ -276,6 +285,8 @@ def make_expert(task: TaskInfo | str, envs: Sequence[gym.Env]) -> Policy:
         return BabyAIBotPolicy(envs)
     if kind == "scripted":
         return ScriptedPolicy(SCRIPTED[arg])
+    if kind == "atari_ram":
+        return AtariRAMPolicy(envs, arg)
     if kind == "rllib":
         return RLlibPolicy(arg, len(envs))
     raise ValueError(
