@@ -17,8 +17,8 @@ the rows, written by jobs/measure_references.py):
     InvertedPendulum-v5   PD on (x, theta, x', theta'), gains (1, 10, 1, 1)     1000.0    5.2
     BabyAI GoToRedBall / GoToLocal / PickupLoc / OpenDoor: BabyAIBot, 100% success over these seeds,
                           returns 0.924 / 0.931 / 0.913 / 0.988 (random 0.142 / 0.205 / 0.045 / 0.177)
-    ALE/Pong-v5           RAM controller (atari_experts.py), seeds 0..19        PONG_E    -20.5
-    ALE/Breakout-v5       RAM controller (atari_experts.py), seeds 0..19        BRK_E     1.25
+    ALE/Pong-v5           RAM controller (atari_experts.py), seeds 0..19        16.7      -20.5
+    ALE/Breakout-v5       RAM controller (atari_experts.py), seeds 0..19        374.85    1.25
 
 The BabyAI levels use minigrid's BabyAIBot, which plans on the env's full state (hence make_expert gets
 the env objects). The Atari experts (``"atari_ram:<game>"``, ``atari_experts.AtariRAMPolicy``) likewise read
