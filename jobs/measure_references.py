@@ -21,8 +21,8 @@ from mugato_ray.rollout import PolicySpec, measure_returns
 HEADER = """\
 # Reference returns for GATO's normalized score (score - random) / (expert - random).
 # Measured with our own code (jobs/measure_references.py: rollout.measure_returns runs the task's expert and
-# a uniform RandomPolicy on seeds 0..episodes-1, 4 envs in lockstep). Atari: random only (expert: RLlib PPO, not
-# trained here). Edit by re-running the job, not by hand.
+# a uniform RandomPolicy on seeds 0..episodes-1, 4 envs in lockstep). Atari: the RAM-reading experts
+# (atari_experts.py), full v5 episodes of up to 27,000 steps. Edit by re-running the job, not by hand.
 """
 
 

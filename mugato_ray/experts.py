@@ -23,13 +23,17 @@ the rows, written by jobs/measure_references.py):
     BabyAI GoToDoor / PickupDist / PutNextLocal / GoToObj / UnlockLocal: BabyAIBot, 100% success,
                           returns 0.989 / 0.904 / 0.916 / 0.929 / 0.978
                           (random 0.467 / 0.088 / 0.008 / 0.135 / 0.006)
+    ALE/Pong-v5           RAM controller (atari_experts.py), seeds 0..19        16.7      -20.5
+    ALE/Breakout-v5       RAM controller (atari_experts.py), seeds 0..19        374.85    1.25
 
 Every expert episode of these seeds meets its task's success criterion (tasks.py); the two MuJoCo additions'
 random policies meet theirs in 0 and 2 of 100.
 
 The BabyAI levels use minigrid's BabyAIBot, which plans on the env's full state (hence make_expert gets
-the env objects). Atari experts are RLlib PPO checkpoints trained with ``ppo.train_ppo_expert``
-(jobs/train_expert.py) at cluster scale and loaded by ``RLlibPolicy``.
+the env objects). The Atari experts (``"atari_ram:<game>"``, ``atari_experts.AtariRAMPolicy``) likewise read
+the emulator's RAM of the envs they act in: the paddle and ball positions, not the 84x84 frame the model
+sees; no GPU and no training. A task with no scripted expert can take an RLlib PPO checkpoint trained with
+``ppo.train_ppo_expert`` (jobs/train_expert.py) and loaded by ``RLlibPolicy`` (``"rllib:<dir>"``).
 
 The policies here only act; running them in envs (autoreset by seed, env-error handling, episode recording,
 measuring returns) is ``rollout.RolloutWorker``'s job, the one rollout loop of the project.
@@ -45,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from gymnasium import spaces
 
+from mugato_ray.atari_experts import RAM_CONTROLLERS, AtariRAMPolicy  # Atari: RAM-reading experts
 from mugato_ray.tasks import TaskInfo, get_task
 
 if TYPE_CHECKING:
@@ -312,19 +317,23 @@ class RLlibPolicy:
 # Dispatch
 # ---------------------------------------------------------------------------------------------
 
-EXPERT_KINDS = ("babyai_bot", "scripted", "rllib", "none")
+EXPERT_KINDS = ("babyai_bot", "scripted", "atari_ram", "rllib", "none")
+_KINDS_WITH_ARG = ("scripted", "atari_ram", "rllib")
 
 
 def parse_expert(expert: str, where: str = "") -> tuple[str, str | None]:
-    """``"babyai_bot"`` | ``"scripted:<name>"`` | ``"rllib:<dir>"`` | ``"none"`` -> (kind, arg)."""
+    """``"babyai_bot"`` | ``"scripted:<name>"`` | ``"atari_ram:<game>"`` | ``"rllib:<dir>"`` | ``"none"`` ->
+    (kind, arg)."""
     kind, sep, arg = expert.partition(":")
-    if kind not in EXPERT_KINDS or bool(sep) != (kind in ("scripted", "rllib")) or (sep and not arg):
+    if kind not in EXPERT_KINDS or bool(sep) != (kind in _KINDS_WITH_ARG) or (sep and not arg):
         raise ValueError(
-            f"{where}: bad expert {expert!r}; expected 'babyai_bot', 'scripted:<name>', "
+            f"{where}: bad expert {expert!r}; expected 'babyai_bot', 'scripted:<name>', 'atari_ram:<game>', "
             "'rllib:<checkpoint dir>' or 'none'"
         )
     if kind == "scripted" and arg not in SCRIPTED:
         raise ValueError(f"{where}: unknown scripted expert {arg!r}; known: {sorted(SCRIPTED)}")
+    if kind == "atari_ram" and arg not in RAM_CONTROLLERS:
+        raise ValueError(f"{where}: unknown Atari RAM expert {arg!r}; known: {sorted(RAM_CONTROLLERS)}")
     return kind, (arg if sep else None)
 
 
@@ -336,6 +345,8 @@ def make_expert(task: TaskInfo | str, envs: Sequence[gym.Env]) -> Policy:
         return BabyAIBotPolicy(envs)
     if kind == "scripted":
         return ScriptedPolicy(SCRIPTED[arg])
+    if kind == "atari_ram":
+        return AtariRAMPolicy(envs, arg)
     if kind == "rllib":
         return RLlibPolicy(arg, len(envs))
     raise ValueError(

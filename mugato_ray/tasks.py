@@ -40,7 +40,8 @@ class TaskInfo:
     wrappers: tuple[str, ...] = ()
     """Names in envs.WRAPPERS, applied in order; "name:arg" passes an argument."""
     expert: str = "none"
-    """"babyai_bot" | "scripted:<name in experts.SCRIPTED>" | "rllib:<checkpoint dir>" | "none"."""
+    """"babyai_bot" | "scripted:<name in experts.SCRIPTED>" | "atari_ram:<name in atari_experts.RAM_CONTROLLERS>"
+    | "rllib:<checkpoint dir>" | "none"."""
     success: str | None = None
     """A criterion of envs.SUCCESS ("babyai", "terminated", "return_at_least:<x>", "info_at_least:<key>:<x>");
     None: the task defines none."""
@@ -68,14 +69,17 @@ def _babyai(level: str) -> TaskInfo:
 
 def _atari(game: str) -> TaskInfo:
     # ALE's native grayscale frame (no RGB->gray conversion in Python), area-resized to 84x84x1 by the
-    # wrapper: 36 patches of 16x16 per step after zero-padding to 96x96. Expert: an RLlib PPO checkpoint,
-    # trained at cluster scale with jobs/train_expert.py, then set with register_task(replace(...)).
+    # wrapper: 36 patches of 16x16 per step after zero-padding to 96x96. ALE v5 defaults otherwise (frameskip
+    # 4, sticky actions 0.25, 108,000 frames = 27,000 steps at most). Expert: a controller that reads the
+    # paddle and ball from the emulator's RAM (atari_experts.py; no GPU, no training) while episodes record
+    # the frame. A game without one would take an RLlib PPO checkpoint (jobs/train_expert.py).
     return TaskInfo(
         name=f"ALE/{game}-v5",
         domain="atari",
         env_id=f"ALE/{game}-v5",
         env_kwargs={"obs_type": "grayscale"},
         wrappers=("atari_gray84",),
+        expert=f"atari_ram:{game.lower()}",
     )
 
 

@@ -9,6 +9,7 @@ import pytest
 from gymnasium import spaces
 
 from mugato_ray import envs, experts, ppo, tasks
+from mugato_ray.atari_experts import AtariRAMPolicy
 from mugato_ray.config import Config, PPOConfig, load_config
 from mugato_ray.experts import RandomPolicy, make_expert
 from mugato_ray.rollout import PolicySpec, measure_returns
@@ -160,8 +161,10 @@ def test_make_expert_dispatch():
     assert isinstance(
         make_expert("BabyAI-GoToLocal-v0", [envs.make_env("BabyAI-GoToLocal-v0")]), experts.BabyAIBotPolicy
     )
-    with pytest.raises(ValueError, match="task 'ALE/Pong-v5' has no expert"):
-        make_expert("ALE/Pong-v5", [])
+    pong = envs.make_env("ALE/Pong-v5")
+    assert isinstance(make_expert("ALE/Pong-v5", [pong]), AtariRAMPolicy)
+    with pytest.raises(ValueError, match="task 'Pong-none' has no expert"):
+        make_expert(TaskInfo("Pong-none", "atari", "ALE/Pong-v5"), [])
     with pytest.raises(FileNotFoundError, match="not an RLlib"):
         make_expert(TaskInfo("CartPole-x", "classic", "CartPole-v1", expert="rllib:/nonexistent/dir"), [env])
 
