@@ -221,7 +221,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
 
     state = restore_on_worker(local_cfg, next(iter(specs.values())).vocab, rank)
-    streams = {t: TaskStream(ray.train.get_dataset_shard(t), task_batch_size(cfg, t), tcfg.seed * 7919 + rank, device)
+    streams = {t: TaskStream(ray.train.get_dataset_shard(dataset_name(t)), task_batch_size(cfg, t), tcfg.seed * 7919 + rank,
+                             device)
                for t in tasks}
     if state.step < tcfg.steps:  # tasks of weight 0 are never drawn: their datasets never start
         start_streams({t: streams[t] for t, w in zip(tasks, task_weights(cfg)) if w > 0})
@@ -262,6 +263,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     if metric_log is not None:
         metric_log.close()
     return history
+
+
+def dataset_name(task: str) -> str:
+    """The name Ray Train gives a task's dataset: Ray Data names its log files after it, so a task name with a
+    "/" (``ALE/Pong-v5``) would point them into a folder that does not exist and stop training."""
+    return task.replace("/", "_")
 
 
 def progress_line(metrics: dict[str, Any], total: int, steps_here: int, seconds: float, verbose: bool) -> str:
@@ -313,7 +320,7 @@ def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any, board:
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),  # mugato_ray.console
         ),
-        datasets=data.datasets,
+        datasets={dataset_name(t): ds for t, ds in data.datasets.items()},
     )
 
 

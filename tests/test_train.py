@@ -351,3 +351,13 @@ def test_ray_job_submit_trains_and_leaves_a_checkpoint(tmp_path):
         script.wait()
         _stop_process_group(script.pid)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_every_task_gets_a_dataset_name_ray_data_can_log_under():
+    """Ray Data names log files after the dataset: "ALE/Pong-v5" stopped training with FileNotFoundError."""
+    from mugato_ray import tasks
+    from mugato_ray.train import dataset_name
+
+    names = [dataset_name(t) for t in tasks.TASKS]
+    assert all("/" not in n for n in names) and len(set(names)) == len(names)
+    assert dataset_name("ALE/Pong-v5") == "ALE_Pong-v5" and dataset_name("CartPole-v1") == "CartPole-v1"
