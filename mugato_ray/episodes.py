@@ -461,14 +461,7 @@ def write_store_references(directory: str | Path, expert_return: float, random_r
     tmp = directory / f".{REFERENCES_FILE}.{uuid.uuid4().hex}.tmp"
     try:
         tmp.write_text(json.dumps(new, indent=2) + "\n")
-        try:
-            os.link(tmp, path)  # never clobbers a file that appeared meanwhile
-        except FileExistsError:
-            raise _exists(path) from None
-        except OSError:  # a filesystem without hard links: check, then rename
-            if path.exists():
-                raise _exists(path) from None
-            os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -476,6 +469,19 @@ def write_store_references(directory: str | Path, expert_return: float, random_r
 
 def _exists(path: Path) -> FileExistsError:
     return FileExistsError(f"{path} already exists; the episode store never overwrites a file")
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Give a complete temporary file its name ``path``: atomic and, unlike os.replace, never clobbering a file
+    that appeared meanwhile (FileExistsError naming it)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise _exists(path) from None
+    except OSError:  # a filesystem without hard links: check, then rename
+        if path.exists():
+            raise _exists(path) from None
+        os.replace(tmp, path)
 
 
 def write_episodes(directory, episodes, *, name: str | None = None, spec: Any = None,
@@ -540,14 +546,7 @@ def _write_table_atomically(table: pa.Table, directory: Path, name: str) -> Path
             pq.write_table(table, f)
             f.flush()
             os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)  # atomic and, unlike os.replace, never clobbers a file that appeared meanwhile
-        except FileExistsError:
-            raise _exists(path) from None
-        except OSError:  # a filesystem without hard links: check, then rename
-            if path.exists():
-                raise _exists(path) from None
-            os.replace(tmp, path)
+        _publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fd = os.open(directory, os.O_RDONLY)

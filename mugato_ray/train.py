@@ -221,9 +221,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     local_cfg = dataclasses.replace(cfg, run_dir=config["run_dir_abs"])
 
     state = restore_on_worker(local_cfg, next(iter(specs.values())).vocab, rank)
-    streams = {t: TaskStream(ray.train.get_dataset_shard(dataset_name(t)), task_batch_size(cfg, t), tcfg.seed * 7919 + rank,
-                             device)
-               for t in tasks}
+    streams = {t: TaskStream(task_shard(t), task_batch_size(cfg, t), tcfg.seed * 7919 + rank, device) for t in tasks}
     if state.step < tcfg.steps:  # tasks of weight 0 are never drawn: their datasets never start
         start_streams({t: streams[t] for t, w in zip(tasks, task_weights(cfg)) if w > 0})
     evaluator = config.get("evaluator")  # scores snapshots while training goes on (mugato_ray.train_eval)
@@ -269,6 +267,13 @@ def dataset_name(task: str) -> str:
     """The name Ray Train gives a task's dataset: Ray Data names its log files after it, so a task name with a
     "/" (``ALE/Pong-v5``) would point them into a folder that does not exist and stop training."""
     return task.replace("/", "_")
+
+
+def task_shard(task: str) -> Any:
+    """This Ray Train worker's shard of ``task``'s dataset."""
+    import ray.train  # lazy: as in train_loop_per_worker (the module is imported by processes without Ray Train)
+
+    return ray.train.get_dataset_shard(dataset_name(task))
 
 
 def progress_line(metrics: dict[str, Any], total: int, steps_here: int, seconds: float, verbose: bool) -> str:
