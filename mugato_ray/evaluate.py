@@ -602,11 +602,13 @@ def online_lines(online: dict) -> list[str]:
     """eval.md's "Online experience" section: what the online actors stored and training read, per task."""
     lines = ["", "## Online experience", "", f"{online['rounds']} rounds; failed episodes: {online['failed_episodes']}; "
              f"files removed by the retention bound: {online['deleted_files']}.", "",
-             "| task | online episodes stored | their mean return | weight steps | online rows read by training |",
-             "| --- | ---: | ---: | --- | ---: |"]
+             "| task | online episodes stored | still in the store | their mean return | weight steps "
+             "| online rows read by training |",
+             "| --- | ---: | ---: | ---: | --- | ---: |"]
     for task, n in online["episodes"].items():
         steps = online["weight_steps"].get(task, [])
-        lines.append(f"| {task} | {n} | {_fmt(online['mean_return'].get(task))} | "
+        kept = online.get("kept", {}).get(task, n)
+        lines.append(f"| {task} | {n} | {kept} | {_fmt(online['mean_return'].get(task))} | "
                      f"{', '.join(map(str, steps[:12]))}{' ...' if len(steps) > 12 else ''} | "
                      f"{online['online_rows_read'].get(task, 0)} |")
     lines += [f"- error: {e}" for e in online.get("errors", [])]

@@ -193,9 +193,10 @@ def env_tasks(tasks: Mapping[str, ResolvedTask]) -> list[str]:
     return [n for n, t in tasks.items() if t.info.has_env and (t.entry is None or t.entry.weight > 0)]
 
 
-def retain(folder: Path, keep: int) -> list[Path]:
+def retain(folder: Path, keep: int) -> list[tuple[Path, int]]:
     """Delete the oldest online files (by modification time, then name) of ``folder`` until at most ``keep``
-    online episodes remain; demonstrations are never touched. Returns the deleted files."""
+    online episodes remain; demonstrations are never touched. Returns the deleted files with their episode
+    counts."""
     files = [f for f in folder.glob("*.parquet") if is_online_file(f)] if folder.is_dir() else []
     files.sort(key=lambda f: (f.stat().st_mtime, f.name))
     counts = [pq.ParquetFile(f).metadata.num_rows for f in files]
@@ -204,7 +205,7 @@ def retain(folder: Path, keep: int) -> list[Path]:
         if total <= keep:
             break
         f.unlink(missing_ok=True)
-        deleted.append(f)
+        deleted.append((f, n))
         total -= n
     return deleted
 
@@ -220,6 +221,8 @@ class OnlineStats:
     """task -> returns of the episodes run (kept or not), in completion order."""
     steps: dict[str, list[int]] = field(default_factory=dict)
     """task -> the weights step of each round."""
+    evicted: dict[str, int] = field(default_factory=dict)
+    """task -> online episodes the retention bound removed again (``episodes - evicted`` are in the store)."""
     failed: int = 0
     deleted_files: int = 0
     errors: list[str] = field(default_factory=list)
@@ -306,7 +309,9 @@ class OnlineLoop:
         s.returns.setdefault(name, []).extend(o["return"] for o in r.rollout.outcomes)
         s.steps.setdefault(name, []).append(r.policy_step)
         s.failed += len(r.rollout.failed)
-        s.deleted_files += len(retain(store_dir(self.cfg, name), self.cfg.online.keep_episodes))
+        deleted = retain(store_dir(self.cfg, name), self.cfg.online.keep_episodes)
+        s.deleted_files += len(deleted)
+        s.evicted[name] = s.evicted.get(name, 0) + sum(n for _, n in deleted)
         mean = np.mean([o["return"] for o in r.rollout.outcomes]) if r.rollout.outcomes else float("nan")
         self.log(f"online {name}: round with the weights of step {r.policy_step}: {len(r.rollout.outcomes)} "
                  f"episodes, mean return {mean:.3g}, {len(r.rollout.returns)} stored "

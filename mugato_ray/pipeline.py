@@ -115,6 +115,7 @@ def online_summary(stats, history: list[dict]) -> dict:
     return {
         "rounds": stats.rounds,
         "episodes": stats.episodes,
+        "kept": {t: n - stats.evicted.get(t, 0) for t, n in stats.episodes.items()},
         "mean_return": {t: (sum(r) / len(r) if r else None) for t, r in stats.returns.items()},
         "weight_steps": {t: sorted(set(s)) for t, s in stats.steps.items()},
         "failed_episodes": stats.failed,

@@ -224,7 +224,7 @@ def test_retention_keeps_the_newest_online_episodes_and_every_demonstration(tmp_
     for k, f in enumerate(files):
         os.utime(f, (1000 + k, 1000 + k))
     deleted = retain(folder, keep=5)
-    assert deleted == files[:2] and demo.exists() and all(f.exists() for f in files[2:])
+    assert deleted == [(f, 2) for f in files[:2]] and demo.exists() and all(f.exists() for f in files[2:])
 
 
 # ------------------------------------------------------------------------------------------- config, resources
@@ -285,7 +285,10 @@ def test_online_run_feeds_training_before_it_ends(ray_local, tmp_path):
     seen = [m.get("online_rows/CartPole-v1", 0) for m in result.history]
     assert seen[-1] > 0 and any(v > 0 for v in seen[:-1])  # online rows reached training before the end
     summary = online_summary(result.online, result.history)
-    assert summary["episodes"]["CartPole-v1"] == len(stored)
+    # A fast machine runs more rounds than the retention bound keeps (seen: 424 stored, 400 kept).
+    produced = summary["episodes"]["CartPole-v1"]
+    assert summary["kept"]["CartPole-v1"] == len(stored) <= 400
+    assert produced == len(stored) or produced > 400
     json.dumps(summary)  # the report section is plain JSON
     row = next(line for line in online_lines(summary) if line.startswith("| CartPole-v1"))
-    assert f"| {len(stored)} |" in row and row.endswith(f"| {seen[-1]} |")
+    assert row.startswith(f"| CartPole-v1 | {produced} | {len(stored)} |") and row.endswith(f"| {seen[-1]} |")
