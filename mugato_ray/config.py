@@ -73,6 +73,11 @@ class ModelConfig:
     """Value-id embeddings (and so the tied head's logits) get a learned function of the bin centre."""
     continuous_target_sigma: float = 10.0
     """HL-Gauss: a continuous action's target is a Gaussian over value bins with this std in bins (0: one-hot)."""
+    rotary: bool = False
+    """Rotary position encoding (RoPE, Su et al. 2021) of each token's position within its timestep, applied to
+    queries and keys in attention on top of the learned encodings: attention scores then depend on the
+    relative offset of two tokens of a field (a text document, a mission), not only on learned absolute
+    positions. Keys are cached rotated, so cached acting stays exact."""
     pack: bool = True
     """Training packs the real tokens of a batch's rows into as few rows as they fit, attention kept within
     each source row (mugato_ray.packing): exact, and pads cost no compute."""

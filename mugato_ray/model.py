@@ -350,6 +350,20 @@ class KVCache:
         self.length = end
 
 
+def rotary(pos_BxL: torch.Tensor, head_dim: int, dtype: torch.dtype, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE angles for integer positions: ``cos, sin`` of shape (B, 1, L, head_dim // 2)."""
+    inv_freq = base ** (-torch.arange(0, head_dim // 2, device=pos_BxL.device, dtype=torch.float32) / (head_dim // 2))
+    angle = pos_BxL.to(torch.float32)[:, None, :, None] * inv_freq
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def rotate(x_BxHxLxd: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs ``(x[i], x[i + d/2])`` of queries or keys by their position's angles."""
+    cos, sin = cos_sin
+    x1, x2 = x_BxHxLxd.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, n_embd: int, n_head: int, dropout: float):
         super().__init__()
@@ -364,12 +378,16 @@ class Attention(nn.Module):
         cache: KVCache | None,
         layer: int,
         queries: int | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """(B, L, D) -> (B, Q, D): every token is a key, only the last Q = ``queries`` (default L) are queries."""
+        """(B, L, D) -> (B, Q, D): every token is a key, only the last Q = ``queries`` (default L) are queries.
+        ``rope``: the tokens' rotary angles (:func:`rotary`); keys enter the cache rotated."""
         B, L, D = x_BxLxD.shape
         q, k, v = (
             t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x_BxLxD).split(D, dim=2)
         )
+        if rope is not None:
+            q, k = rotate(q, rope), rotate(k, rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if queries is not None:
@@ -394,10 +412,11 @@ class Block(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int, queries: int | None = None
+        self, x: torch.Tensor, mask: torch.Tensor, cache: KVCache | None, layer: int, queries: int | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(B, L, D) -> (B, Q, D); ``queries``: only the last Q tokens get outputs (all give keys/values)."""
-        h = self.attn(self.ln1(x), mask, cache, layer, queries)
+        h = self.attn(self.ln1(x), mask, cache, layer, queries, rope)
         x = x + self.drop(h) if queries is None else x[:, x.shape[1] - queries :] + self.drop(h)
         return x + self.drop(self.mlp(self.ln2(x)))
 
@@ -474,7 +493,8 @@ class GatoModel(nn.Module):
         ``step_index_BxE``: each timestep's index in its window (None: add no step encoding; the
         policy then adds :meth:`step_embedding` itself, so that it can keep embedded histories whose
         steps move).
-        Returns ``x (B, E*S, D)``, ``valid (B, E*S)`` and ``ids (B, E*S)`` (pad at image positions),
+        Returns ``x (B, E*S, D)``, ``valid (B, E*S)``, ``ids (B, E*S)`` (pad at image positions) and
+        ``pos (B, E*S)``, each token's local position (what :meth:`trunk` rotates by with ``model.rotary``),
         with S = sum of T_f.
         """
         xs, valids, ids = [], [], []
@@ -508,13 +528,15 @@ class GatoModel(nn.Module):
             raise ValueError(
                 f"a timestep of {pos0 + S} tokens exceeds model.context={self.cfg.context} local positions"
             )
-        x = x + self.local_pos(torch.arange(pos0, pos0 + S, device=x.device))
+        local_S = torch.arange(pos0, pos0 + S, device=x.device)
+        x = x + self.local_pos(local_S)
         if step_index_BxE is not None:
             x = x + self.step_embedding(step_index_BxE)
         valid = torch.cat(valids, dim=2)
         if step_mask_BxE is not None:
             valid = valid & step_mask_BxE.bool()[:, :, None]
-        return self.drop(x.reshape(B, E * S, D)), valid.reshape(B, E * S), torch.cat(ids, dim=2).reshape(B, E * S)
+        return (self.drop(x.reshape(B, E * S, D)), valid.reshape(B, E * S), torch.cat(ids, dim=2).reshape(B, E * S),
+                local_S.repeat(E).expand(B, E * S))
 
     def step_embedding(self, step_index_BxE: torch.Tensor) -> torch.Tensor:
         """(B, E) step-in-window indices -> (B, E, 1, D), to add to every token of those steps."""
@@ -550,6 +572,7 @@ class GatoModel(nn.Module):
         cache: KVCache | None = None,
         outputs: int | None = None,
         source_row_BxL: torch.Tensor | None = None,
+        pos_BxL: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The block stack: hidden states (B, L, D) before the final LayerNorm.
 
@@ -559,9 +582,15 @@ class GatoModel(nn.Module):
         MLP for those alone, which is exact: the other tokens still give it their keys and values, the
         only thing a cache keeps (acting reads logits at the last position, or none after a prefill).
         ``source_row_BxL`` (packed rows, :mod:`mugato_ray.packing`): a token attends only to keys of
-        the same source row.
+        the same source row. ``pos_BxL``: the tokens' local positions (:meth:`embed`), required with
+        ``model.rotary``.
         """
         B, L, _ = x_BxLxD.shape
+        rope = None
+        if self.cfg.rotary:
+            if pos_BxL is None or pos_BxL.shape != (B, L):
+                raise ValueError(f"model.rotary: trunk needs the positions of its {B} x {L} tokens")
+            rope = rotary(pos_BxL, self.n_embd // self.n_head, x_BxLxD.dtype)
         dev = x_BxLxD.device
         start = 0 if cache is None else cache.length
         if cache is not None:
@@ -588,7 +617,7 @@ class GatoModel(nn.Module):
             )
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
-            x_BxLxD = block(x_BxLxD, mask_Bx1xLxK, cache, layer, outputs if layer == last else None)
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxK, cache, layer, outputs if layer == last else None, rope)
         if cache is not None:
             cache.length = start + L
         return x_BxLxD
@@ -610,18 +639,20 @@ class GatoModel(nn.Module):
         )
 
     def prefill(
-        self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, cache: KVCache, outputs: int | None = None
+        self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, cache: KVCache, outputs: int | None = None,
+        pos_BxL: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Empty ``cache`` and fill it with L tokens; returns their hidden states (B, L, D), or the last
         ``outputs`` of them (0: fill the cache only)."""
         cache.clear()
-        return self.trunk(x_BxLxD, valid_BxL, cache, outputs)
+        return self.trunk(x_BxLxD, valid_BxL, cache, outputs, pos_BxL=pos_BxL)
 
     def extend(
-        self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, cache: KVCache, outputs: int | None = None
+        self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, cache: KVCache, outputs: int | None = None,
+        pos_BxL: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Append L tokens to ``cache``; returns their hidden states (B, L, D), or the last ``outputs``."""
-        return self.trunk(x_BxLxD, valid_BxL, cache, outputs)
+        return self.trunk(x_BxLxD, valid_BxL, cache, outputs, pos_BxL=pos_BxL)
 
     # -- training -------------------------------------------------------------------------------
 
@@ -631,7 +662,7 @@ class GatoModel(nn.Module):
         """Loss on one task's batch of sequence rows (see the module docstring for the targets)."""
         self._check_batch(batch, layout)
         step_BxE = batch[STEP_MASK_KEY].bool()
-        x, _, _ = self.embed(batch, layout.fields, step_BxE, step_index_BxE=self.window_steps(step_BxE))
+        x, _, _, pos_BxL = self.embed(batch, layout.fields, step_BxE, step_index_BxE=self.window_steps(step_BxE))
         # The row contract (sequence.flatten_ids): ids, validity, and the loss positions (action-role
         # fields of real, non-prompt steps whose id is not pad).
         ids_BxL, valid_BxL, loss_BxL = flatten_ids(batch, layout, self.vocab.pad)
@@ -643,10 +674,11 @@ class GatoModel(nn.Module):
         b_idx, j_idx = (loss_BxL & (prev_BxL >= 0)).nonzero(as_tuple=True)
         packing = plan_packing(valid_BxL) if self.cfg.pack else None
         if packing is None:
-            hidden_ND = self.trunk(x, valid_BxL)[b_idx, prev_BxL[b_idx, j_idx]]
+            hidden_ND = self.trunk(x, valid_BxL, pos_BxL=pos_BxL)[b_idx, prev_BxL[b_idx, j_idx]]
             positions = B * L
         else:
-            hidden = self.trunk(packing.pack(x), packing.occupied_PxC, source_row_BxL=packing.row_PxC)
+            hidden = self.trunk(packing.pack(x), packing.occupied_PxC, source_row_BxL=packing.row_PxC,
+                                pos_BxL=packing.pack(pos_BxL[..., None])[..., 0])
             hidden_ND = packing.gather(hidden, b_idx, prev_BxL[b_idx, j_idx])
             positions = packing.rows * packing.capacity
         logits_NxV = self.logits(hidden_ND).float()
@@ -690,8 +722,9 @@ class GatoModel(nn.Module):
         """(B, L, V): at every position j the logits predicting the token after j (for tests and acting references)."""
         self._check_batch(batch, layout)
         step_BxE = batch[STEP_MASK_KEY].bool()
-        x, valid_BxL, _ = self.embed(batch, layout.fields, step_BxE, step_index_BxE=self.window_steps(step_BxE))
-        return self.logits(self.trunk(x, valid_BxL))
+        x, valid_BxL, _, pos_BxL = self.embed(batch, layout.fields, step_BxE,
+                                              step_index_BxE=self.window_steps(step_BxE))
+        return self.logits(self.trunk(x, valid_BxL, pos_BxL=pos_BxL))
 
 
 def count_flops_per_token(model: GatoModel, seq_len: int, logit_fraction: float = 1.0) -> float:

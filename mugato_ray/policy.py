@@ -108,7 +108,8 @@ class ModelPolicy:
         # The embedded last action token of every env's previous step, not yet in the cache.
         self.pending_NxD = self.model.tok_emb.weight.new_zeros((N, self.model.n_embd))
         self.pending_valid_N = torch.zeros(N, dtype=torch.bool, device=self.device)
-        self.current: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's pieces (reference path)
+        self.pending_pos_N = torch.full((N,), self.act_offset + self.act_field.tokens - 1, device=self.device)
+        self.current: list[Piece] = []  # this step's pieces (reference path)
 
     def _set_prompt(self, prompt: Mapping[str, np.ndarray]) -> None:
         lengths = set()
@@ -167,12 +168,12 @@ class ModelPolicy:
         # Histories keep embeddings without the step-in-window encoding (their steps move when the window
         # slides); every piece that enters the transformer gets it added: this step's index is n.
         self.step_NxD = self.model.step_embedding(torch.from_numpy(self.n).to(self.device)[:, None])[:, 0]
-        pre_x, pre_valid = self.model.embed(self._torch(cur, add_step=True), self.pre_fields)[:2]
-        pieces = [(pre_x + self.step_NxD, pre_valid)]
+        pre_x, pre_valid, _, pre_pos = self.model.embed(self._torch(cur, add_step=True), self.pre_fields)
+        pieces = [(pre_x + self.step_NxD, pre_valid, pre_pos)]
         if self.use_cache:
             self._refresh_cache()
             if self.pending_valid_N.any():
-                pieces.insert(0, (self.pending_NxD[:, None], self.pending_valid_N[:, None]))
+                pieces.insert(0, (self.pending_NxD[:, None], self.pending_valid_N[:, None], self.pending_pos_N[:, None]))
             pieces = [pack_valid(*(torch.cat(t, dim=1) for t in zip(*pieces)))]
             if self.cache.length + pieces[0][0].shape[1] + A - 1 > self.cache.capacity:
                 self.cache.compact()
@@ -240,24 +241,24 @@ class ModelPolicy:
         return [ids[i, : budget_N[i]] for i in range(N)]
 
     def _prompt_piece(self, observations: Mapping[str, np.ndarray | list[str]], prefixes: Sequence[Sequence[int]],
-                      length_N: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+                      length_N: np.ndarray) -> Piece:
         """Observations and separator (VQA) and the prompts' tokens in the action field, embedded and packed."""
         N, parts = self.num_envs, []
         if self.pre_fields:
-            pre_x, pre_valid = self.model.embed(self._torch(self._step_tokens(observations), add_step=True),
-                                                self.pre_fields)[:2]
-            parts.append((pre_x + self.step_NxD, pre_valid))
+            pre_x, pre_valid, _, pre_pos = self.model.embed(
+                self._torch(self._step_tokens(observations), add_step=True), self.pre_fields)
+            parts.append((pre_x + self.step_NxD, pre_valid, pre_pos))
         width = int(length_N.max()) if N else 0
         if width:
             prompt_NxW = np.full((N, width), self.vocab.pad, np.int64)
             for i, p in enumerate(prefixes):
                 prompt_NxW[i, : len(p)] = p
             tokens = {self.act_field.key: torch.from_numpy(prompt_NxW).to(self.device).view(N, 1, width, 1)}
-            x, valid = self.model.embed(tokens, [self.act_field], pos0=self.act_offset)[:2]
-            parts.append((x + self.step_NxD, valid))
+            x, valid, _, pos = self.model.embed(tokens, [self.act_field], pos0=self.act_offset)
+            parts.append((x + self.step_NxD, valid, pos))
         return pack_valid(*(torch.cat(t, dim=1) for t in zip(*parts)), keep_last=False, align=True)
 
-    def _embed_action_rows(self, ids_N: torch.Tensor, k_N: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_action_rows(self, ids_N: torch.Tensor, k_N: np.ndarray) -> Piece:
         """Action token ``k_N[i]`` of every env i as a (N, 1, D) piece, each at its own local position."""
         x = self.model.tok_emb.weight.new_empty((ids_N.shape[0], 1, self.model.n_embd))
         valid = torch.ones((ids_N.shape[0], 1), dtype=torch.bool, device=self.device)
@@ -265,7 +266,7 @@ class ModelPolicy:
             rows = torch.from_numpy(np.flatnonzero(k_N == k)).to(self.device)
             tokens = {self.act_field.key: ids_N[rows].view(-1, 1, 1, 1)}
             x[rows] = self.model.embed(tokens, [self.act_field], pos0=self.act_offset + int(k))[0] + self.step_NxD[rows]
-        return x, valid
+        return x, valid, torch.from_numpy(self.act_offset + k_N).to(self.device)[:, None]
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -288,13 +289,13 @@ class ModelPolicy:
             for k, v in tokens.items()
         }
 
-    def _embed_action(self, ids_N: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed_action(self, ids_N: torch.Tensor, k: int) -> Piece:
         """Action token k of every env as a (N, 1, D) piece at its local position."""
         tokens = {self.act_field.key: ids_N.view(-1, 1, 1, 1)}
-        x, valid = self.model.embed(tokens, [self.act_field], pos0=self.act_offset + k)[:2]
-        return x + self.step_NxD, valid
+        x, valid, _, pos = self.model.embed(tokens, [self.act_field], pos0=self.act_offset + k)
+        return x + self.step_NxD, valid, pos
 
-    def _window(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _window(self) -> Piece | None:
         """Every env's kept history embedded from its tokens: (N, E_max * step_tokens, D), padded steps invalid."""
         e_max = int(self.n.max())
         if e_max == 0:
@@ -302,9 +303,10 @@ class ModelPolicy:
         tokens = self._torch({k: v[:, :e_max] for k, v in self.hist.items()})
         step_mask = torch.from_numpy(np.arange(e_max)[None, :] < self.n[:, None]).to(self.device)
         steps = self.model.window_steps(step_mask)
-        return self.model.embed(tokens, self.layout.fields, step_mask, step_index_BxE=steps)[:2]
+        x, valid, _, pos = self.model.embed(tokens, self.layout.fields, step_mask, step_index_BxE=steps)
+        return x, valid, pos
 
-    def _embedded_window(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _embedded_window(self, rows: np.ndarray) -> Piece | None:
         """:meth:`_window` of envs ``rows`` from the embedded histories: (R, E_max * step_tokens, D), (R, ...)."""
         n = self.n[rows]
         e_max = int(n.max()) if n.size else 0
@@ -314,7 +316,8 @@ class ModelPolicy:
         step_mask = torch.from_numpy(np.arange(e_max)[None, :] < n[:, None]).to(self.device)
         x = self.emb_hist[rows_t, :e_max] + self.model.step_embedding(self.model.window_steps(step_mask))
         valid = self.emb_valid[rows_t, :e_max] & step_mask[:, :, None]
-        return x.reshape(rows.size, -1, x.shape[-1]), valid.reshape(rows.size, -1)
+        pos = torch.arange(self.layout.step_tokens, device=self.device).repeat(e_max).expand(rows.size, -1)
+        return x.reshape(rows.size, -1, x.shape[-1]), valid.reshape(rows.size, -1), pos
 
     def _make_room(self) -> None:
         """Envs whose next step would not fit the window drop their oldest episode steps (about half)."""
@@ -345,10 +348,10 @@ class ModelPolicy:
             self.cache.valid[rows_t] = False
             self.pending_valid_N[rows_t] = False  # the histories already hold the last action tokens
             window = self._embedded_window(rows)
-            x, valid = pack_valid(*window, keep_last=False) if window is not None else (None, None)
+            x, valid, pos = pack_valid(*window, keep_last=False) if window is not None else (None, None, None)
             if x is not None and x.shape[1]:
                 encoded = self.model.new_cache(rows.size, x.shape[1])
-                self.model.prefill(x, valid, encoded, outputs=0)  # keys/values only
+                self.model.prefill(x, valid, encoded, outputs=0, pos_BxL=pos)  # keys/values only
                 self.cache.place(rows_t, encoded)
             self.fresh[:] = False
         # Attention reads every entry up to length; a compaction costs about one read and write of the
@@ -356,17 +359,18 @@ class ModelPolicy:
         if self.cache.length and int(self.cache.valid.sum(dim=1).max()) <= (1 - RECLAIM_FRACTION) * self.cache.length:
             self.cache.compact()
 
-    def _next_logits(self, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Logits (N, V) after appending ``pieces`` (each (x (N, L, D), valid (N, L)))."""
-        x, valid = (torch.cat(t, dim=1) for t in zip(*pieces))
+    def _next_logits(self, pieces: list[Piece]) -> torch.Tensor:
+        """Logits (N, V) after appending ``pieces``."""
+        x, valid, pos = (torch.cat(t, dim=1) for t in zip(*pieces))
         if self.use_cache:
-            hidden = self.model.extend(x, valid, self.cache, outputs=1)
+            hidden = self.model.extend(x, valid, self.cache, outputs=1, pos_BxL=pos)
         else:
             # Reference: the whole window and the current step so far, recomputed from scratch.
-            self.current.append((x, valid))
+            self.current.append((x, valid, pos))
             window = self._window()
             parts = ([window] if window is not None else []) + self.current
-            hidden = self.model.trunk(*(torch.cat(t, dim=1) for t in zip(*parts)))
+            x, valid, pos = (torch.cat(t, dim=1) for t in zip(*parts))
+            hidden = self.model.trunk(x, valid, pos_BxL=pos)
         return self.model.logits(hidden[:, -1]).float()
 
     def _choose(self, logits_NxV: torch.Tensor, k: int) -> torch.Tensor:
@@ -378,6 +382,10 @@ class ModelPolicy:
         u = torch.stack([torch.rand(masked.shape[-1], generator=g) for g in self.generators]).to(self.device)
         gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
         return (masked / self.temperature + gumbel).argmax(dim=-1)
+
+
+Piece = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""Tokens on their way into the transformer: embeddings (N, L, D), validity (N, L), local positions (N, L)."""
 
 
 def acting_field(spec: SpaceSpec, layout: SequenceLayout) -> LayoutField:
@@ -409,9 +417,11 @@ def legal_mask(spec: SpaceSpec, act_field: LayoutField, task: str) -> np.ndarray
 
 
 def pack_valid(
-    x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, keep_last: bool = True, align: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop each row's invalid tokens and right-align the rest: (B, W, D), (B, W) with W the largest count.
+    x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, pos_BxL: torch.Tensor, keep_last: bool = True,
+    align: bool = False,
+) -> Piece:
+    """Drop each row's invalid tokens and right-align the rest: (B, W, D), (B, W), (B, W) with W the largest
+    count (``pos``: the tokens' local positions, moved with them).
 
     Exact for everything acting reads: an invalid token is masked as a key, and its own output is only
     read when it is the last token (kept with ``keep_last``: the logits come from there). Shorter rows
@@ -426,10 +436,10 @@ def pack_valid(
     W = int(count_B.max())
     if W == L and not (align and not bool(keep_BxL[:, -1].all())):
         # some row keeps every token and every row ends with a kept token: the unpacked rows are exact
-        return x_BxLxD, valid_BxL
+        return x_BxLxD, valid_BxL, pos_BxL
     # Kept positions first, in order; output slot j of row b takes kept token j - (W - count_b).
     order_BxL = torch.sort((~keep_BxL).to(torch.uint8), dim=1, stable=True).indices
     slot_BxW = torch.arange(W, device=x_BxLxD.device)[None, :] - (W - count_B)[:, None]
     src_BxW = order_BxL.gather(1, slot_BxW.clamp(min=0))
     valid_out = (slot_BxW >= 0) & valid_BxL.gather(1, src_BxW)
-    return x_BxLxD.gather(1, src_BxW[..., None].expand(B, W, D)), valid_out
+    return x_BxLxD.gather(1, src_BxW[..., None].expand(B, W, D)), valid_out, pos_BxL.gather(1, src_BxW)

@@ -407,13 +407,19 @@ def test_untrained_model_checkpoint_end_to_end(ray_local, tmp_path):
         evaluate(cfg, PolicySpec("model", str(tmp_path / "missing")), **QUIET)
 
 
-def test_batched_generation_matches_one_prompt_at_a_time(tmp_path):
-    """Cached, batched greedy decoding of prompts of different lengths = uncached decoding of each alone."""
+@pytest.mark.parametrize("rotary", [False, True])
+def test_batched_generation_matches_one_prompt_at_a_time(tmp_path, rotary):
+    """Cached, batched greedy decoding of prompts of different lengths = uncached decoding of each alone
+    (with rotary positions too: the batch right-aligns prompts, so only their local positions are right)."""
     from mugato_ray.datasets import generate_episodes, prompt_and_answer
 
-    cfg = make_cfg(tmp_path, ["text-arith"], model={"context": 96})
+    cfg = make_cfg(tmp_path, ["text-arith"], model={"context": 96, "rotary": rotary})
     torch.manual_seed(1)
     model = GatoModel(cfg.model, make_vocab(cfg.tokenizer)).eval()
+    if rotary:  # sharper attention than the 0.02-std init, so a wrong position would change the answers
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.qkv.weight.mul_(20.0)
     tok = make_text_tokenizer(cfg.tokenizer)
     episodes = generate_episodes("text-arith", 4, 500, cfg)
     prompts = [prompt_and_answer("text-arith", ep)[0] for ep in episodes]
@@ -432,10 +438,10 @@ def test_batched_generation_matches_one_prompt_at_a_time(tmp_path):
         new = []
         with torch.no_grad():
             for _ in range(min(6, cfg.model.context - len(ids))):  # the text field ends at the context
-                x, valid, _ = model.embed(
+                x, valid, _, pos = model.embed(
                     {field: torch.tensor(ids + new).view(1, 1, -1, 1)}, [act], step_index_BxE=torch.zeros((1, 1))
                 )
-                logits = model.logits(model.trunk(x, valid)[:, -1])[0].masked_fill(~legal, float("-inf"))
+                logits = model.logits(model.trunk(x, valid, pos_BxL=pos)[:, -1])[0].masked_fill(~legal, float("-inf"))
                 new.append(int(logits.argmax()))
         assert got == decode_text(np.asarray(new), tok, vocab)
 

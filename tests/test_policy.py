@@ -33,11 +33,11 @@ DICT_OBS = spaces.Dict(
 )
 
 
-def setup(obs_space, act_space, context, seed=0, sharpen=True):
+def setup(obs_space, act_space, context, seed=0, sharpen=True, rotary=False):
     spec = space_spec(obs_space, act_space, TOK_CFG, VOCAB)
     layout = make_layout("task", spec, context)
     torch.manual_seed(seed)
-    model = GatoModel(ModelConfig(preset="tiny", context=context), VOCAB, patch_size=TOK_CFG.patch_size)
+    model = GatoModel(ModelConfig(preset="tiny", context=context, rotary=rotary), VOCAB, patch_size=TOK_CFG.patch_size)
     if sharpen:  # sharper logits than the 0.02-std init, so greedy choices are far from ties
         with torch.no_grad():
             model.tok_emb.weight.mul_(20.0)
@@ -65,10 +65,10 @@ def take(obs, idx):
     return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in obs.items()}
 
 
-@pytest.mark.parametrize("prompted", [False, True])
-def test_cached_decoding_matches_uncached(prompted, monkeypatch):
+@pytest.mark.parametrize("prompted,rotary", [(False, False), (True, False), (True, True)])
+def test_cached_decoding_matches_uncached(prompted, rotary, monkeypatch):
     act_space = spaces.MultiDiscrete([3, 4])  # two action tokens: one cached token step per act
-    spec, layout, model = setup(DICT_OBS, act_space, context=64)
+    spec, layout, model = setup(DICT_OBS, act_space, context=64, rotary=rotary)
     assert layout.steps == 4  # 6 text + 4 patches + 2 + sep + 2 actions = 15 tokens per step
     N = 3
     prompt = None
@@ -131,7 +131,8 @@ def test_pack_valid_keeps_each_rows_valid_tokens_in_order_right_aligned():
     for keep_last in (True, False):
         valid_in = valid.clone()
         valid_in[0, 4] = False  # no row full: every row is packed
-        out_x, out_valid = pack_valid(x, valid_in, keep_last)
+        pos = torch.arange(L).expand(B, L)
+        out_x, out_valid, out_pos = pack_valid(x, valid_in, pos, keep_last)
         W = out_x.shape[1]
         for b in range(B):
             keep = valid_in[b].clone()
@@ -140,42 +141,67 @@ def test_pack_valid_keeps_each_rows_valid_tokens_in_order_right_aligned():
             assert n <= W and not out_valid[b, : W - n].any()  # left padding is invalid
             torch.testing.assert_close(out_x[b, W - n :], x[b, keep], rtol=0, atol=0)
             assert torch.equal(out_valid[b, W - n :], valid_in[b, keep])
+            assert torch.equal(out_pos[b, W - n :], pos[b, keep])  # positions move with their tokens
         kept_B = valid_in.sum(1) + (keep_last & ~valid_in[:, -1])
         assert W == int(kept_B.max())
-    full_x, full_valid = pack_valid(x, valid)  # row 0 keeps everything: returned as is
+    full_x, full_valid, _ = pack_valid(x, valid, torch.arange(L).expand(B, L))  # row 0 keeps everything: as is
     assert full_x is x and full_valid is valid
 
 
-def test_cache_compaction_and_placement_are_exact():
-    """Squeezing invalid entries out, or encoding rows elsewhere and placing them, changes no later output."""
-    _, _, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), context=64)
+@pytest.mark.parametrize("rotary", [False, True])
+def test_cache_compaction_and_placement_are_exact(rotary):
+    """Squeezing invalid entries out, or encoding rows elsewhere and placing them, changes no later output
+    (with rotary positions too: keys are cached rotated, so where they sit does not matter)."""
+    _, _, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), context=64, rotary=rotary)
     g = torch.Generator().manual_seed(0)
     B, L0, L1, D = 3, 20, 6, model.n_embd
     x = torch.randn(B, L0 + L1, D, generator=g)
     valid = torch.rand(B, L0 + L1, generator=g) > 0.4
     valid[:, L0:] = True
+    pos = torch.randint(0, 64, (B, L0 + L1), generator=g)
     with torch.no_grad():
-        want = model.trunk(x, valid)[:, L0:]  # the reference: no cache at all
+        want = model.trunk(x, valid, pos_BxL=pos)[:, L0:]  # the reference: no cache at all
         cache = model.new_cache(B, 48)
-        model.prefill(x[:, :L0], valid[:, :L0], cache, outputs=0)
+        model.prefill(x[:, :L0], valid[:, :L0], cache, outputs=0, pos_BxL=pos[:, :L0])
         cache.compact()
         assert cache.length == int(valid[:, :L0].sum(1).max()) < L0
-        torch.testing.assert_close(model.extend(x[:, L0:], valid[:, L0:], cache), want, rtol=0, atol=1e-5)
-        last2 = model.trunk(x, valid, model.new_cache(B, 32), outputs=2)  # the last block for 2 queries only
-        torch.testing.assert_close(last2, model.trunk(x, valid)[:, -2:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(model.extend(x[:, L0:], valid[:, L0:], cache, pos_BxL=pos[:, L0:]), want,
+                                   rtol=0, atol=1e-5)
+        last2 = model.trunk(x, valid, model.new_cache(B, 32), outputs=2, pos_BxL=pos)  # the last block, 2 queries
+        torch.testing.assert_close(last2, model.trunk(x, valid, pos_BxL=pos)[:, -2:], rtol=0, atol=1e-5)
 
         # Row 1 encoded alone, placed into a cache whose other rows hold their own (shorter) histories.
         cache = model.new_cache(B, 48)
-        model.prefill(x[:, 5:L0], valid[:, 5:L0], cache, outputs=0)
+        model.prefill(x[:, 5:L0], valid[:, 5:L0], cache, outputs=0, pos_BxL=pos[:, 5:L0])
         cache.valid[1] = False
         alone = model.new_cache(1, L0)
-        model.prefill(x[1:2, :L0], valid[1:2, :L0], alone, outputs=0)
+        model.prefill(x[1:2, :L0], valid[1:2, :L0], alone, outputs=0, pos_BxL=pos[1:2, :L0])
         cache.place(torch.tensor([1]), alone)
         assert cache.length == L0
-        got = model.extend(x[:, L0:], valid[:, L0:], cache)
+        got = model.extend(x[:, L0:], valid[:, L0:], cache, pos_BxL=pos[:, L0:])
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-5)
-    want_rest = model.trunk(x[:, 5:], valid[:, 5:])[:, -L1:]
+    want_rest = model.trunk(x[:, 5:], valid[:, 5:], pos_BxL=pos[:, 5:])[:, -L1:]
     torch.testing.assert_close(got[[0, 2]], want_rest[[0, 2]], rtol=0, atol=1e-5)
+
+
+def test_rotary_attention_sees_relative_positions_only():
+    """With model.rotary, shifting every position by the same amount changes no output; changing one token's
+    offset to the others does; and a rotary model asked to run without positions says so."""
+    _, _, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), context=64, rotary=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 12, model.n_embd, generator=g)
+    valid = torch.ones(2, 12, dtype=torch.bool)
+    pos = torch.arange(12).expand(2, 12)
+    with torch.no_grad():
+        for block in model.blocks:  # sharper attention than the 0.02-std init, so positions matter visibly
+            block.attn.qkv.weight.mul_(20.0)
+        out = model.trunk(x, valid, pos_BxL=pos)
+        torch.testing.assert_close(model.trunk(x, valid, pos_BxL=pos + 37), out, rtol=0, atol=1e-4)
+        moved = pos.clone()
+        moved[:, 3] = 9
+        assert (model.trunk(x, valid, pos_BxL=moved)[:, 3:] - out[:, 3:]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="model.rotary"):
+        model.trunk(x, valid)
 
 
 ACTION_SPACES = {
