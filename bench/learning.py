@@ -206,7 +206,7 @@ def main(argv: list[str]) -> None:
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 rows += train_model(run_cfg, seed, args.eval_every, args.eval_episodes, Path(tmp), print)
     with open(out / "learning.csv", "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=FIELDS)
+        w = csv.DictWriter(fh, fieldnames=FIELDS, extrasaction="ignore")  # score_policy reports more
         w.writeheader()
         w.writerows(rows)
     plot(rows, out / "learning.png")
