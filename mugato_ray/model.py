@@ -16,7 +16,12 @@ Embeddings (arXiv 2205.06175, section 2.2 and appendix C):
   projection on the residual path) and a linear map give D; learnable row and column encodings
   (``patch_position_bins`` bins of the normalized patch interval; a uniformly sampled bin while
   training, the rounded mean in eval) are added;
-- every token gets a learnable *local* position encoding: its position within its timestep.
+- every token gets a learnable *local* position encoding: its position within its timestep; with
+  ``model.rotary`` attention also rotates queries and keys by that local position (RoPE), so that two
+  tokens of one field see their relative offset directly (a text document's characters, a mission's
+  words). :meth:`embed` returns the local positions beside the embeddings; they travel with the tokens
+  through packing and acting, and keys enter the KV cache already rotated, so moving cache entries
+  (compaction, placement) keeps acting exact.
 
 Positions and acting past the context: a token knows where it is within its timestep (local
 position), where a patch is in its image (patch position), and which timestep of the *window* it
