@@ -356,16 +356,18 @@ class KVCache:
 
 
 def rotary(pos_BxL: torch.Tensor, head_dim: int, dtype: torch.dtype, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE angles for integer positions: ``cos, sin`` of shape (B, 1, L, head_dim // 2)."""
+    """RoPE angles for integer positions: ``cos, sin`` of shape (B, L, 1, 1, head_dim // 2), to broadcast
+    over the (query, key) and head dimensions of :func:`rotate`."""
     inv_freq = base ** (-torch.arange(0, head_dim // 2, device=pos_BxL.device, dtype=torch.float32) / (head_dim // 2))
-    angle = pos_BxL.to(torch.float32)[:, None, :, None] * inv_freq
+    angle = pos_BxL.to(torch.float32)[:, :, None, None, None] * inv_freq
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def rotate(x_BxHxLxd: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Rotate pairs ``(x[i], x[i + d/2])`` of queries or keys by their position's angles."""
+def rotate(x_BxLx2xHxd: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotate pairs ``(x[i], x[i + d/2])`` of the queries and keys together by their position's angles
+    (one pass over both: on a CPU the elementwise passes, not the FLOPs, are the cost)."""
     cos, sin = cos_sin
-    x1, x2 = x_BxHxLxd.chunk(2, dim=-1)
+    x1, x2 = x_BxLx2xHxd.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -388,11 +390,10 @@ class Attention(nn.Module):
         """(B, L, D) -> (B, Q, D): every token is a key, only the last Q = ``queries`` (default L) are queries.
         ``rope``: the tokens' rotary angles (:func:`rotary`); keys enter the cache rotated."""
         B, L, D = x_BxLxD.shape
-        q, k, v = (
-            t.view(B, L, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x_BxLxD).split(D, dim=2)
-        )
+        qkv = self.qkv(x_BxLxD).view(B, L, 3, self.n_head, D // self.n_head)
         if rope is not None:
-            q, k = rotate(q, rope), rotate(k, rope)
+            qkv = torch.cat((rotate(qkv[:, :, :2], rope), qkv[:, :, 2:]), dim=2)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, L, hd) views, as SDPA likes them
         if cache is not None:
             k, v = cache.update(layer, k, v)
         if queries is not None:
