@@ -683,8 +683,9 @@ class GatoModel(nn.Module):
             hidden_ND = self.trunk(x, valid_BxL, pos_BxL=pos_BxL)[b_idx, prev_BxL[b_idx, j_idx]]
             positions = B * L
         else:
+            packed_pos = packing.pack(pos_BxL[..., None])[..., 0] if self.cfg.rotary else None  # only RoPE reads it
             hidden = self.trunk(packing.pack(x), packing.occupied_PxC, source_row_BxL=packing.row_PxC,
-                                pos_BxL=packing.pack(pos_BxL[..., None])[..., 0])
+                                pos_BxL=packed_pos)
             hidden_ND = packing.gather(hidden, b_idx, prev_BxL[b_idx, j_idx])
             positions = packing.rows * packing.capacity
         logits_NxV = self.logits(hidden_ND).float()

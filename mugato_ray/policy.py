@@ -108,6 +108,7 @@ class ModelPolicy:
         # The embedded last action token of every env's previous step, not yet in the cache.
         self.pending_NxD = self.model.tok_emb.weight.new_zeros((N, self.model.n_embd))
         self.pending_valid_N = torch.zeros(N, dtype=torch.bool, device=self.device)
+        # Its local position: the action field's last, the same for every env (a constant, read by RoPE).
         self.pending_pos_N = torch.full((N,), self.act_offset + self.act_field.tokens - 1, device=self.device)
         self.current: list[Piece] = []  # this step's pieces (reference path)
 
