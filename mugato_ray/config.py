@@ -103,6 +103,12 @@ class TaskEntry:
     window: int | None = None
     """Timesteps in a training window and in the acting history (None: as many as model.context holds).
     A Markov task needs little history; a short window spends no compute on stale steps."""
+    temperature: float | None = None
+    """Sampling temperature of the model policy on this task (None: rollout.temperature), wherever a model
+    acts on it: evaluation, snapshot selection, online rollouts, collection. A greedy policy repeats its
+    action while the observation stays the same (BabyAI: walking into an object it did not see, until the
+    step limit); sampling leaves such loops. Continuous actions decode best greedily (bench/README.md,
+    "Learning")."""
 
 
 @dataclass
@@ -358,6 +364,14 @@ class Config:
         """The entry of task ``name`` in ``tasks`` (None when the config does not list it)."""
         return next((t for t in self.tasks if t.name == name), None)
 
+    def task_temperature(self, name: str, default: float | None = None) -> float:
+        """The sampling temperature a model acts with on task ``name``: its ``tasks[].temperature`` when set,
+        else ``default`` (the acting policy's own), else ``rollout.temperature``."""
+        entry = self.task(name)
+        if entry is not None and entry.temperature is not None:
+            return entry.temperature
+        return self.rollout.temperature if default is None else default
+
     def store_root(self) -> Path:
         """The folder of the task stores: ``data.store_root``, else ``<run_dir>/data``."""
         return Path(self.data.store_root) if self.data.store_root else Path(self.run_dir) / "data"
@@ -587,6 +601,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
             raise ConfigError(f"{where}: key 'tasks[{i}].batch_size' must be at least 1 (or null)")
         if t.window is not None and t.window < 1:
             raise ConfigError(f"{where}: key 'tasks[{i}].window' must be at least 1 (or null)")
+        if t.temperature is not None and not t.temperature >= 0:
+            raise ConfigError(f"{where}: key 'tasks[{i}].temperature' must be non-negative (or null)")
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: key 'tasks' lists a task twice: {names}")

@@ -177,6 +177,8 @@ def evaluate(cfg: Config, policy: PolicySpec, *, log: Callable[[str], None] = pr
         else:
             tasks[entry.name] = _evaluate_dataset_task(run_cfg, task, policy, log)
         tasks[entry.name]["reference_origin"] = reference_origin(task)
+        tasks[entry.name]["temperature"] = (run_cfg.task_temperature(entry.name, policy.temperature)
+                                            if policy.kind == "model" else None)
     scores = [t["normalized_score"] for t in tasks.values()]
     return {
         "checkpoint": policy_label(policy),
@@ -405,7 +407,7 @@ def score_dataset_chunk(cfg: Config, task: str, policy: PolicySpec, seeds: Seque
         tok = make_text_tokenizer(cfg.tokenizer)
         answers = generate_answers(task, cfg, episodes, [p for p, _ in pairs], tok, model=model, layout=layout,
                                    max_new=[len(tok.encode(a)) + 2 for _, a in pairs],
-                                   temperature=policy.temperature)
+                                   temperature=cfg.task_temperature(task, policy.temperature))
     out = []
     for ep, (prompt, expected), answer in zip(episodes, pairs, answers):
         ok = score_text_answer(task, prompt, answer, expected)
@@ -484,6 +486,7 @@ def markdown_report(report: dict) -> str:
         "",
         f"Seeds {report['seeds']['offset']}..{report['seeds']['offset'] + report['seeds']['episodes'] - 1} per task; "
         f"normalized score = (return - random) / (expert - random).",
+        *acting_lines(report),
         "",
         "| task | episodes | mean return | 95% CI | success | normalized | normalized 95% CI | expert | random "
         "| failed | mean length | env steps/s |",
@@ -514,6 +517,20 @@ def markdown_report(report: dict) -> str:
     if report.get("online"):
         lines += online_lines(report["online"])
     return "\n".join(lines) + "\n"
+
+
+def acting_lines(report: dict) -> list[str]:
+    """How the model chose its actions on each task: greedily, or sampled at a temperature (``tasks[].temperature``,
+    else ``rollout.temperature``)."""
+    temps = {name: t.get("temperature") for name, t in report["tasks"].items() if t.get("temperature") is not None}
+    if not temps:
+        return []
+    sampled = {name: x for name, x in temps.items() if x > 0}
+    if not sampled:
+        return ["", "The model acted greedily on every task."]
+    parts = [f"{md_text(name, 80)} at temperature {x:g}" for name, x in sampled.items()]
+    rest = " and greedily on the others" if len(sampled) < len(temps) else ""
+    return ["", f"The model's actions were sampled on {', '.join(parts)}{rest}."]
 
 
 def _count(n: int, noun: str) -> str:

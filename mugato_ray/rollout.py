@@ -164,8 +164,9 @@ def make_policy(spec: PolicySpec, task: ResolvedTask, envs: Sequence[gym.Env], c
     prompt = demonstration_prompt(task.name, space, layout, text_tokenizer, cfg) if spec.prompt else None
     # Modules hold no device: this actor places the model on a GPU only when Ray gave it one.
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return ModelPolicy(model, space, layout, text_tokenizer, len(envs), temperature=spec.temperature,
-                       device=device, prompt_tokens=prompt)
+    return ModelPolicy(model, space, layout, text_tokenizer, len(envs),
+                       temperature=cfg.task_temperature(task.name, spec.temperature), device=device,
+                       prompt_tokens=prompt)
 
 
 def demonstration_prompt(task: str, space: Any, layout: Any, text_tokenizer: Any, cfg: Config) -> dict:

@@ -52,6 +52,7 @@ def test_values_and_nested_sections(tmp_path):
         ({"tasks": [{"name": "CartPole-v1", "window": 0}]}, "tasks[0].window"),
         ({"tasks": [{"name": "CartPole-v1", "batch_size": 0}]}, "tasks[0].batch_size"),
         ({"tasks": [{"name": "CartPole-v1", "expert_noise": 1.5}]}, "tasks[0].expert_noise"),
+        ({"tasks": [{"name": "CartPole-v1", "temperature": -0.5}]}, "tasks[0].temperature"),
         ({"data": {"sources": ["expert", "demos"]}}, "data.sources"),
         ({"data": {"min_return_fraction": 2}}, "data.min_return_fraction"),
         ({"train": {"eval_every": -1}}, "train.eval_every"),

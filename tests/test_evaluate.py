@@ -392,6 +392,7 @@ def save_tiny_model(cfg, folder):
 def test_untrained_model_checkpoint_end_to_end(ray_local, tmp_path):
     names = ["BabyAI-GoToRedBall-v0", "text-arith", "vqa-minigrid-color"]
     cfg = make_cfg(tmp_path, names, episodes=3, eval={"prompt": True})
+    cfg.tasks[0].temperature = 0.5  # tasks[].temperature: this task's actions are sampled, the others greedy
     ckpt = tmp_path / "ckpt"
     path = save_tiny_model(cfg, ckpt)
     assert resolve_checkpoint(ckpt) == path.resolve()  # a checkpoint directory or the file itself
@@ -402,7 +403,10 @@ def test_untrained_model_checkpoint_end_to_end(ray_local, tmp_path):
     assert any(store_dir(cfg, names[0]).glob("expert-*.parquet"))  # prompting collected demonstrations first
     assert report["tasks"][names[0]]["prompted"] is True
     assert any(line.startswith(f"eval {names[0]}: 3/3 episodes") for line in lines)
+    assert [report["tasks"][n]["temperature"] for n in names] == [0.5, 0.0, 0.0]
     write_report(report, eval_dir(cfg))
+    assert ("The model's actions were sampled on BabyAI-GoToRedBall-v0 at temperature 0.5 and greedily on the "
+            "others.") in (eval_dir(cfg) / "eval.md").read_text()
     with pytest.raises(FileNotFoundError, match="model.pt"):
         evaluate(cfg, PolicySpec("model", str(tmp_path / "missing")), **QUIET)
 

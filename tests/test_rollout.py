@@ -168,6 +168,30 @@ def test_dead_actor_is_restarted_and_its_call_retried(ray_local, cfg, tmp_path):
     assert sorted(ep.seed for ep in read_episodes(store)) == list(range(6))
 
 
+def test_a_tasks_own_temperature_decides_how_the_model_acts(tmp_path):
+    """tasks[].temperature overrides the policy's temperature on that task: the worker's model samples at it,
+    and gives exactly the episodes a policy of that temperature gives; without it the model acts greedily."""
+    torch = pytest.importorskip("torch")
+    from mugato_ray.model import GatoModel, save_model
+    from mugato_ray.tokenizer import make_vocab
+
+    base = {"run_dir": str(tmp_path / "run"), "model": {"preset": "tiny", "context": 96},
+            "rollout": {"envs_per_actor": 2, "max_episode_steps": 16}}
+    cfg = config_from_dict({**base, "tasks": [{"name": "CartPole-v1", "temperature": 1.0}]})
+    plain = config_from_dict({**base, "tasks": [{"name": "CartPole-v1"}]})
+    torch.manual_seed(0)
+    ckpt = str(save_model(GatoModel(cfg.model, make_vocab(cfg.tokenizer)), tmp_path / "model.pt"))
+    seeds = [0, 1, 2, 3]
+    task_sampled = RolloutWorker("CartPole-v1", PolicySpec("model", ckpt), cfg)
+    assert task_sampled.policy.temperature == 1.0
+    policy_sampled = RolloutWorker("CartPole-v1", PolicySpec("model", ckpt, temperature=1.0), plain)
+    greedy = RolloutWorker("CartPole-v1", PolicySpec("model", ckpt), plain)
+    assert greedy.policy.temperature == 0.0
+    a, b, g = (w.sample(seeds).episodes for w in (task_sampled, policy_sampled, greedy))
+    assert all(same(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x.actions, y.actions) for x, y in zip(a, g))
+
+
 def test_model_policy_is_seed_determined_and_can_be_prompted(tmp_path):
     """A (untrained) checkpoint acts through the same worker: sampled episodes depend only on their seed."""
     torch = pytest.importorskip("torch")
