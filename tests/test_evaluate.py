@@ -26,6 +26,7 @@ from mugato_ray.evaluate import (
     generate_answers,
     md_text,
     resolve_checkpoint,
+    score_dataset_chunk,
     score_figure,
     video_dir,
     write_report,
@@ -409,6 +410,23 @@ def test_untrained_model_checkpoint_end_to_end(ray_local, tmp_path):
             "others.") in (eval_dir(cfg) / "eval.md").read_text()
     with pytest.raises(FileNotFoundError, match="model.pt"):
         evaluate(cfg, PolicySpec("model", str(tmp_path / "missing")), **QUIET)
+
+
+def test_a_tasks_temperature_reaches_its_text_answers(tmp_path):
+    """Dataset answering acts at the task's own temperature: the same answers as a policy of that temperature,
+    not the greedy ones."""
+    plain = make_cfg(tmp_path, ["text-arith"])
+    sampled = make_cfg(tmp_path, ["text-arith"])
+    sampled.tasks[0].temperature = 1.0
+    ckpt = str(save_tiny_model(plain, tmp_path))
+    seeds = [1000000, 1000001, 1000002, 1000003]
+
+    def answers(cfg, policy):
+        return [o["answer"] for o in score_dataset_chunk(cfg, "text-arith", policy, seeds)]
+
+    by_task = answers(sampled, PolicySpec("model", ckpt))
+    assert by_task == answers(plain, PolicySpec("model", ckpt, temperature=1.0))
+    assert by_task != answers(plain, PolicySpec("model", ckpt))
 
 
 @pytest.mark.parametrize("rotary", [False, True])
