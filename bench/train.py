@@ -1,7 +1,9 @@
 """Training benchmark: ratios measured in ONE run (absolute numbers on a shared machine are noisy).
 
 1. Ray Data pipeline: sequence rows/s of one task dataset (read -> tokenize/pad actors) with 2 actors
-   over 1, and with 1 actor over the same WindowSampler called in a bare loop in this process.
+   over 1, and with 1 actor over the same WindowSampler called in a bare loop in this process; and the
+   sampler's draws over one file of 200-step Pendulum episodes, tokenized once per call (what it does)
+   over decoded, checked and tokenized again for every draw (what it did).
 2. Training: real (non-pad) tokens/s through Ray Data + a 1-worker TorchTrainer over the same model, data and loop
    (mixture, accumulation, AdamW, clipping) in a bare torch loop in this process, same torch threads.
 3. Model FLOP/s of that training over the machine's fp32 matmul rate, measured in the same run.
@@ -12,6 +14,7 @@ Run: .venv/bin/python bench/train.py [--steps 10] [--preset small] [--context 25
 from __future__ import annotations
 
 import argparse  # noqa: E402
+import dataclasses
 import os
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
@@ -19,11 +22,12 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from mugato_ray.config import load_config  # noqa: E402
+from mugato_ray.config import TaskEntry, load_config  # noqa: E402
 from mugato_ray.data import (  # noqa: E402
     WINDOW_SEED_KEY,
     WindowSampler,
@@ -32,7 +36,7 @@ from mugato_ray.data import (  # noqa: E402
     task_dataset,
     task_layouts,
 )
-from mugato_ray.episodes import store_dir, write_episodes  # noqa: E402
+from mugato_ray.episodes import episode_to_row, store_dir, write_episodes  # noqa: E402
 from mugato_ray.learner import lr_at, make_optimizer, touch_all  # noqa: E402
 from mugato_ray.model import GatoModel, count_flops_per_token  # noqa: E402
 from mugato_ray.resources import plan_resources  # noqa: E402
@@ -109,6 +113,34 @@ def bench_pipeline(cfg, specs, args) -> None:
     print(f"  Ray Data, 1 actor  {one:7.0f} ({one_s:5.0f})   / bare = {one / bare:.2f} ({one_s / bare:.2f})")
     print(f"  Ray Data, 2 actors {two:7.0f} ({two_s:5.0f})   / 1 actor = {two / one:.2f} ({two_s / one_s:.2f})"
           "   (goal >= 1.7 with free CPUs)")
+
+
+def bench_sampler(cfg, specs, draws: int) -> None:
+    """Rows/s of WindowSampler's draws (episodes decoded, checked and tokenized once per call) over the
+    same draws each decoding, checking and tokenizing its windows again, on one batch of 32 Pendulum
+    episodes of 200 steps (a 1-step window: the Markov tasks' per-row cost is all overhead)."""
+    task = "Pendulum-v1"
+    c = dataclasses.replace(cfg, tasks=[TaskEntry(task, window=1)])
+    eps = synthetic_episodes(task, specs[task], 32, seed=7, length=(200, 200))
+    table = pa.Table.from_pylist([episode_to_row(e) for e in eps])
+    batch = {col: object_array(table.column(col).to_pylist()) for col in table.column_names}
+    batch[WINDOW_SEED_KEY] = np.full(len(eps), 0.5)
+    sampler = WindowSampler(task, specs[task], c, seed=0, windows=draws)
+    rates = {}
+    for name in ("shared", "per draw", "shared", "per draw"):  # interleaved: the machine's load drifts
+        t0 = time.perf_counter()
+        if name == "shared":
+            rows = sum(len(out[STEP_MASK_KEY]) for out in sampler(batch))
+        else:
+            rows = 0
+            for draw in range(draws):
+                sampler.builder.seed = draw
+                rows += len(sampler.builder(batch)[STEP_MASK_KEY])
+        rates.setdefault(name, []).append(rows / (time.perf_counter() - t0))
+    shared, per_draw = max(rates["shared"]), max(rates["per draw"])
+    print(f"sampler {task}: 32 episodes x 200 steps, {draws} draws of 1-step windows; rows/s")
+    print(f"  tokenized per draw   {per_draw:8.0f}")
+    print(f"  tokenized once       {shared:8.0f}   / per draw = {shared / per_draw:.1f}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +236,7 @@ def main() -> None:
             f"run_dir={run_dir}", f"tasks=[{names}]", f"model.preset={args.preset}",
             f"model.context={args.context}", f"data.batch_size={args.batch}", f"train.steps={args.steps}",
             "train.log_every=2", f"train.checkpoint_every={args.steps}", f"train.warmup_steps={max(1, args.steps // 5)}",
+            "data.one_block_mib=0",  # a block per file, so that two actors have blocks to share
         ])
         make_store(cfg, args.files, 16, (20, 60))
         specs, layouts = task_layouts(cfg)
@@ -211,6 +244,7 @@ def main() -> None:
         ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"torch={torch.__version__} ray={ray.__version__} cpus={os.cpu_count()}")
         bench_pipeline(cfg, specs, args)
+        bench_sampler(cfg, specs, 4 if args.quick else 64)
         bench_training(cfg, specs, layouts, args)
         ray.shutdown()
 

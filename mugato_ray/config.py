@@ -121,6 +121,10 @@ class DataConfig:
     """Size of the tokenize/pad actor pool per task dataset (0: from the cluster's free CPUs)."""
     tokenize_actor_cpus: float = 0.5
     """CPUs reserved by each tokenize actor."""
+    one_block_mib: float = 64.0
+    """A task's store of at most this many MiB on disk is read as one block: every tokenize-actor call sees
+    all its episodes, and one pass of windows lasts the whole run, so the trainer never waits for a pass to
+    restart (seconds each). Bigger stores: one block per file (0: one block per file always)."""
     prompt_prob: float = 0.25
     """Fraction of sequences that get a prompt (a demonstration from the same task), as in GATO."""
     prompt_end_fraction: float = 0.5
@@ -579,6 +583,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.rollout.actor_cpus > 0, "rollout.actor_cpus", "positive"),
         (cfg.rollout.actor_gpus >= 0, "rollout.actor_gpus", "non-negative"),
         (cfg.data.tokenize_actor_cpus > 0, "data.tokenize_actor_cpus", "positive"),
+        (cfg.data.one_block_mib >= 0, "data.one_block_mib", "non-negative"),
         (cfg.data.num_tokenize_actors >= 0, "data.num_tokenize_actors", "non-negative"),
         (cfg.rollout.temperature >= 0, "rollout.temperature", "non-negative"),
         (cfg.eval.episodes >= 1, "eval.episodes", "at least 1"),

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mugato_ray.episodes import Episode, is_online_file, store_dir, write_episodes
+from mugato_ray.episodes import Episode, episodes_from_batch, is_online_file, store_dir, write_episodes
 from mugato_ray.resolve import ResolvedTask, resolve_task, resolve_tasks
 from mugato_ray.sequence import STEP_MASK_KEY, LayoutField, SequenceBuilder, SequenceLayout
 from mugato_ray.store_check import StoreCheck, check_stores, parquet_files
@@ -60,9 +60,9 @@ ONLINE_KEY = "online"
 """Sequence rows of runs with online experience carry it: True for a window of an online episode (the
 training loop counts them, so the report shows online data reaching training)."""
 MAX_WINDOWS_PER_PASS = 16
-"""Cap on windows per episode in one pass. The windows of one batch of episodes leave the actor back to
-back, so a huge pass would feed long runs of the same episodes; past the cap the trainer iterates again
-(new epoch, new windows)."""
+"""Cap on windows per episode in one pass of a store read as several blocks. The windows of one block's
+episodes leave the actor back to back, so a huge pass would feed long runs of the same episodes; past
+the cap the trainer iterates again (new epoch, new windows). A store read as one block has no cap."""
 MIN_BATCHES_PER_PASS = 32
 """...but a pass always holds at least this many batches per rank: with few episodes and big batches (a
 Markov task with a 1-step window and 512 rows) 16 windows per episode were 3 batches, and the pass
@@ -118,17 +118,31 @@ def task_counts(cfg: Config, start: int, stop: int) -> np.ndarray:
     return counts
 
 
-def windows_per_pass(micro_batches: int, batch_size: int, world_size: int, episodes: int) -> int:
+def windows_per_pass(micro_batches: int, batch_size: int, world_size: int, episodes: int,
+                     one_block: bool = False) -> int:
     """Windows per episode in one pass so that every rank can draw ``micro_batches`` full batches.
 
     ``streaming_split(equal=True)`` gives each rank ``floor(rows / world)`` rows and batches drop the
-    remainder, hence one spare batch per rank. Capped at :data:`MAX_WINDOWS_PER_PASS`, or at the windows
-    that make :data:`MIN_BATCHES_PER_PASS` batches per rank if that is more.
+    remainder, hence one spare batch per rank. A store read as several blocks is capped at
+    :data:`MAX_WINDOWS_PER_PASS`, or at the windows that make :data:`MIN_BATCHES_PER_PASS` batches per
+    rank if that is more; one read as ``one_block`` (:func:`reads_as_one_block`) is not.
     """
     episodes = max(episodes, 1)
-    need = (micro_batches + 1) * batch_size * world_size
+    need = max(1, math.ceil((micro_batches + 1) * batch_size * world_size / episodes))
+    if one_block:
+        return int(need)
     cap = max(MAX_WINDOWS_PER_PASS, math.ceil(MIN_BATCHES_PER_PASS * batch_size * world_size / episodes))
-    return int(min(cap, max(1, math.ceil(need / episodes))))
+    return int(min(cap, need))
+
+
+def reads_as_one_block(cfg: Config, files: Sequence[Path]) -> bool:
+    """Whether a store of these files is read as one block (at most ``data.one_block_mib`` on disk).
+
+    Then every actor call sees all its episodes, so back-to-back windows cover the whole store and one
+    pass can last the whole run: each pass restart costs the trainer seconds (a new actor pool), and a
+    Markov task with few episodes and big batches restarted every 32 batches (bench/README.md, "Training").
+    """
+    return sum(Path(f).stat().st_size for f in files) <= cfg.data.one_block_mib * 2**20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,19 +180,20 @@ class EpisodeFilter:
         return bool(self.repeats or self.bad_rows)
 
     def mask(self, sources: Sequence[str], returns: Sequence[float], ids: Sequence[str] | None = None,
-             path: str | None = None) -> np.ndarray:
+             path: str | Sequence[str] | None = None) -> np.ndarray:
         """(N,) bool: which of N episodes (their ``source``, ``return`` and ``episode_id`` columns, from the file
-        ``path``) training reads."""
+        ``path``, or each from its own file of a sequence of N paths) training reads."""
         src = np.asarray(sources, dtype=object)
         keep = np.isin(src, self.sources)
         if self.min_return is not None:
             low = np.asarray(returns, np.float64) < self.min_return
             keep &= ~(low & np.isin(src, RETURN_FILTERED_SOURCES))
         if ids is not None:
-            real = os.path.realpath(path) if path is not None else None
+            paths = [path] * len(ids) if path is None or isinstance(path, str) else [str(p) for p in path]
+            real = {p: os.path.realpath(p) for p in set(paths) if p is not None}
             seen: set[str] = set()
-            for j, i in enumerate(ids):
-                if i in seen or (real is not None and ((real, i) in self.repeats or (real, i) in self.bad_rows)):
+            for j, (i, p) in enumerate(zip(ids, paths)):
+                if i in seen or (p is not None and ((real[p], i) in self.repeats or (real[p], i) in self.bad_rows)):
                     keep[j] = False
                 seen.add(i)
         return keep
@@ -243,10 +258,9 @@ class WindowSampler:
         self.filter = episode_filter or EpisodeFilter.from_config(cfg, task)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        paths = batch.get(PATH_KEY)
-        # One block is one file (task_dataset), so the batch's rows share its path.
-        path = str(paths[0]) if paths is not None and len(paths) else None
-        keep = self.filter.mask(batch["source"], batch["return"], batch["episode_id"], path)
+        paths = batch.get(PATH_KEY)  # each row's file (a block is one file, or a whole small store)
+        path = str(paths[0]) if paths is not None and len(paths) else None  # an online store's block: one file
+        keep = self.filter.mask(batch["source"], batch["return"], batch["episode_id"], paths)
         rows = {k: v[keep] for k, v in batch.items() if k not in (WINDOW_SEED_KEY, PATH_KEY, REPEAT_KEY)}
         seeds = batch.get(WINDOW_SEED_KEY)
         # float in [0, 1) -> 53 bits, the whole entropy of the value.
@@ -258,9 +272,12 @@ class WindowSampler:
             exact = self.windows * float(repeat[0])
             draws = int(exact) + int(rng.random() < exact - int(exact))  # stochastic rounding: the mean is exact
         online = repeat is not None and path is not None and is_online_file(path)
+        # The draws share the decoded, checked and tokenized episodes; only the windows differ.
+        episodes, tokens = episodes_from_batch(rows), {}
+        self.builder.check(episodes)
         for draw in range(draws):
             self.builder.seed = int(np.random.SeedSequence([self.seed, draw, epoch_key]).generate_state(1)[0])
-            out = self.builder(rows)
+            out = self.builder.build(episodes, checked=True, tokens=tokens)
             if repeat is not None:
                 out[ONLINE_KEY] = np.full(len(out[STEP_MASK_KEY]), online)
             yield out
@@ -288,7 +305,8 @@ def task_dataset(
     ``store_dir`` is the task's store directory or its list of Parquet files. ``actors`` /
     ``actor_cpus`` default to ``data.num_tokenize_actors`` (at least 1) / ``data.tokenize_actor_cpus``.
     Each file is one block, read and tokenized inside an actor (Ray fuses the read into the actor
-    pool), so one actor call sees a whole file of episodes. With ``online.enabled`` and a directory, the
+    pool), so one actor call sees a whole file of episodes; a store of at most ``data.one_block_mib`` is
+    one block (:func:`reads_as_one_block`), so a call sees all of it. With ``online.enabled`` and a directory, the
     store is listed again at every pass (``store_source.StoreDatasource``; ``exclude``: files left out),
     so the episodes online actors add reach training, and rows carry ``ONLINE_KEY``.
     """
@@ -312,9 +330,11 @@ def task_dataset(
     ctx = ray.data.DataContext.get_current()
     use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
     try:
-        # One block per file (Ray Data would split files into many tiny blocks): an actor call then
-        # sees a whole file of episodes, the donors of its prompts, and pays its overheads once.
-        ds = ray.data.read_parquet(paths, num_cpus=actor_cpus, override_num_blocks=len(paths),
+        # One block per file (Ray Data would split files into many tiny blocks), or one for a small store:
+        # an actor call then sees a whole file of episodes, the donors of its prompts, and pays its
+        # overheads once.
+        blocks = 1 if reads_as_one_block(cfg, files) else len(paths)
+        ds = ray.data.read_parquet(paths, num_cpus=actor_cpus, override_num_blocks=blocks,
                                    include_paths=bool(episode_filter and episode_filter.by_file))
     finally:
         ctx.use_datasource_v2 = use_v2
@@ -395,8 +415,9 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
                 f"(by source: {by_source}) passes the data filter: data.sources={list(episode_filter.sources)}, "
                 f"data.min_return_fraction={cfg.data.min_return_fraction} (return >= {episode_filter.min_return})"
             )
+        one_block = not cfg.online.enabled and reads_as_one_block(cfg, files)  # as task_dataset reads it
         windows[entry.name] = windows_per_pass(int(counts[i]), task_batch_size(cfg, entry.name), world_size,
-                                              episodes[entry.name])
+                                              episodes[entry.name], one_block)
         datasets[entry.name] = task_dataset(
             entry.name,
             store_dir(cfg, entry.name) if cfg.online.enabled else files,

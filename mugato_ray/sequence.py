@@ -312,10 +312,8 @@ class SequenceBuilder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self.build(episodes_from_batch(batch))
 
-    def build(self, episodes: list[Episode]) -> dict[str, np.ndarray]:
-        """One training sequence per episode (see the class docstring), stacked: key -> (N, ...)."""
-        if not episodes:
-            return empty_batch(self.layout)
+    def check(self, episodes: Sequence[Episode]) -> None:
+        """Raise unless every episode belongs to this task and matches its spec."""
         for i, ep in enumerate(episodes):
             if ep.task != self.task:
                 raise ValueError(
@@ -323,7 +321,31 @@ class SequenceBuilder:
                     f"SequenceBuilder serves task '{self.task}' (one dataset per task)"
                 )
             ep.validate(self.spec)
+
+    def build(self, episodes: list[Episode], *, checked: bool = False,
+              tokens: dict[int, dict[str, np.ndarray]] | None = None) -> dict[str, np.ndarray]:
+        """One training sequence per episode (see the class docstring), stacked: key -> (N, ...).
+
+        Several draws over the same episodes (``data.WindowSampler``) pay the checks and the tokenizing
+        once: ``checked`` skips :meth:`check`, and ``tokens`` (a dict kept by the caller, episode index
+        -> its whole episode tokenized) is filled on first use and sliced after. Tasks with image fields
+        ignore ``tokens``: a window tokenizes only its own steps, so image episodes stay cheap.
+        """
+        if not episodes:
+            return empty_batch(self.layout)
+        if not checked:
+            self.check(episodes)
         rng, n, layout = self._rng(episodes), len(episodes), self.layout
+        if tokens is not None and any(f.is_image for f in layout.fields):
+            tokens = None
+
+        def steps_of(i: int, lo: int, hi: int) -> dict[str, np.ndarray]:
+            if tokens is None:
+                return tokenize_episode(episodes[i], self.spec, self.text_tokenizer, steps=slice(lo, hi), layout=layout)
+            if i not in tokens:
+                tokens[i] = tokenize_episode(episodes[i], self.spec, self.text_tokenizer, layout=layout)
+            return {k: v[lo:hi] for k, v in tokens[i].items()}
+
         max_prompt = layout.steps // 2
         prompted_N = (rng.random(n) < self.prompt_prob) & (n > 1) & (max_prompt >= 1)
         # A shift in [1, n) never lands on the episode itself.
@@ -332,13 +354,12 @@ class SequenceBuilder:
         for i, ep in enumerate(episodes):
             prompt = None
             if prompted_N[i]:
-                donor = episodes[other_N[i]]
-                lo, hi = _prompt_range(donor.length, rng, max_prompt, self.prompt_end_fraction)
-                prompt = tokenize_episode(donor, self.spec, self.text_tokenizer, steps=slice(lo, hi), layout=layout)
+                donor = int(other_N[i])
+                lo, hi = _prompt_range(episodes[donor].length, rng, max_prompt, self.prompt_end_fraction)
+                prompt = steps_of(donor, lo, hi)
             n_prompt = len(prompt[layout.fields[0].key]) if prompt is not None else 0
             lo, hi = _window(ep.length, layout.steps - n_prompt, rng)
-            window = tokenize_episode(ep, self.spec, self.text_tokenizer, steps=slice(lo, hi), layout=layout)
-            rows.append(_assemble(layout, prompt, window))
+            rows.append(_assemble(layout, prompt, steps_of(i, lo, hi)))
         return collate(rows)
 
 

@@ -60,6 +60,7 @@ def test_values_and_nested_sections(tmp_path):
         ({"rollout": {"actor_gpus": -0.5}}, "rollout.actor_gpus"),
         ({"rollout": {"actor_cpus": 0}}, "rollout.actor_cpus"),
         ({"data": {"tokenize_actor_cpus": 0}}, "data.tokenize_actor_cpus"),
+        ({"data": {"one_block_mib": -1}}, "data.one_block_mib"),
     ],
 )
 def test_bad_keys_and_types_name_key_and_file(tmp_path, data, key):

@@ -31,8 +31,9 @@ from mugato_ray.data import (
     write_synthetic_store,
 )
 from mugato_ray.episodes import read_episodes
-from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY
+from mugato_ray.sequence import PROMPT_MASK_KEY, STEP_MASK_KEY, tokenize_episode
 from mugato_ray.store_check import store_files
+from mugato_ray.tokenizer import make_text_tokenizer
 
 TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
 EPISODES = 6
@@ -99,8 +100,9 @@ def test_rows_have_the_fixed_layout_shapes(local_ray, store):
                 assert (row["sep"][real] == specs[task].vocab.separator).all()
 
 
-def test_training_reads_an_id_once_even_if_a_copy_got_in_by_hand(local_ray, tmp_path):
-    cfg = make_cfg(tmp_path / "run", ["Pendulum-v1"])
+@pytest.mark.parametrize("one_block_mib", [64, 0])  # the whole store in one block, or a block per file
+def test_training_reads_an_id_once_even_if_a_copy_got_in_by_hand(local_ray, tmp_path, one_block_mib):
+    cfg = make_cfg(tmp_path / "run", ["Pendulum-v1"], f"data.one_block_mib={one_block_mib}")
     write_synthetic_store(cfg, EPISODES, files=FILES, length=(20, 60))
     specs, _ = task_layouts(cfg)
     files = store_files(cfg, "Pendulum-v1")
@@ -112,9 +114,15 @@ def test_training_reads_an_id_once_even_if_a_copy_got_in_by_hand(local_ray, tmp_
     assert count_kept(files, f)[0] == EPISODES
     rows = task_dataset("Pendulum-v1", files, specs["Pendulum-v1"], cfg, windows=1, episode_filter=f).take_all()
     assert len(rows) == EPISODES  # one window per distinct episode, none from the copy
-    unfiltered = EpisodeFilter(f.sources, f.min_return)
-    assert len(task_dataset("Pendulum-v1", files, specs["Pendulum-v1"], cfg, windows=1,
-                            episode_filter=unfiltered).take_all()) == EPISODES + EPISODES // FILES
+    if not one_block_mib:  # a block per file: without the repeats the copy's episodes come through
+        unfiltered = EpisodeFilter(f.sources, f.min_return)
+        assert len(task_dataset("Pendulum-v1", files, specs["Pendulum-v1"], cfg, windows=1,
+                                episode_filter=unfiltered).take_all()) == EPISODES + EPISODES // FILES
+    # In one block each row is judged by its own file: an id is kept from its original file and left out
+    # from the copy (one path for the whole batch would keep or drop both).
+    a, b = sorted(i for _, i in f.repeats)
+    keep = f.mask(["expert"] * 2, [0.0] * 2, [a, b], [str(files[0]), str(copy)])
+    assert keep.tolist() == [True, False]
     eps = read_episodes(files[0])
     assert [e.episode_id for e in f.apply(eps + eps)] == [e.episode_id for e in eps]  # a list: first copy only
 
@@ -151,6 +159,7 @@ def test_bad_store_files_are_named_before_training_or_skipped_when_asked(local_r
 def test_two_actors_give_the_same_rows_as_one(local_ray, store):
     """The windows depend on the seed, the batch and the epoch only, not on which actor ran them."""
     cfg, specs, _ = store
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, one_block_mib=0))  # a block per file
     task = "BabyAI-GoToRedBall-v0"
     digests = [
         Counter(row_digest(r) for r in task_dataset(task, store_files(cfg, task), specs[task], cfg,
@@ -159,6 +168,26 @@ def test_two_actors_give_the_same_rows_as_one(local_ray, store):
     ]
     assert sum(digests[0].values()) == 3 * EPISODES
     assert digests[0] == digests[1]
+
+
+def test_a_small_store_is_one_block_so_every_draw_covers_all_its_episodes(local_ray, store):
+    """Below data.one_block_mib the actor gets the whole store at once: each draw it yields holds one
+    window of every episode, not of one file's episodes (so one long pass does not dwell on one file)."""
+    cfg, specs, _ = store
+    task = "Pendulum-v1"
+    files = store_files(cfg, task)
+    assert len(files) == FILES > 1
+    # Which episode a row's first own (non-prompt) step comes from: its observation tokens are unique.
+    owner = {}
+    for f in files:
+        for ep in read_episodes(f):
+            obs = tokenize_episode(ep, specs[task], make_text_tokenizer(cfg.tokenizer))["obs/observation"]
+            owner |= {obs[t].tobytes(): ep.episode_id for t in range(ep.length)}
+    for mib, distinct in ((64, EPISODES), (0, EPISODES // FILES)):
+        c = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, one_block_mib=mib))
+        rows = task_dataset(task, files, specs[task], c, windows=3).take_all()  # a block's rows stay in order
+        first = [r["obs/observation"][np.argmin(r[PROMPT_MASK_KEY])].tobytes() for r in rows[:EPISODES]]
+        assert len({owner[x] for x in first}) == distinct, mib
 
 
 def test_each_pass_draws_new_windows(local_ray, store):
@@ -235,6 +264,9 @@ def test_windows_per_pass_covers_every_rank():
     # Big batches of few episodes: the cap grows so that a pass still holds 32 batches per rank.
     assert windows_per_pass(10**6, 512, 1, 100) == math.ceil(32 * 512 / 100)
     assert windows_per_pass(10**6, 32, 8, 10) == 32 * 32 * 8 // 10 + 1
+    # A store read as one block has no cap: one pass lasts the run.
+    assert windows_per_pass(10**6, 512, 1, 100, one_block=True) == math.ceil((10**6 + 1) * 512 / 100)
+    assert windows_per_pass(10, 4, 2, 11, one_block=True) == 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -405,3 +405,24 @@ def test_a_context_smaller_than_one_step_is_a_clear_error():
     spec, _ = _grid_task(cfg)  # 8 text + 2 patches + 1 discrete + sep + action = 13 tokens
     with pytest.raises(ValueError, match=r"task 'grid'.*step_tokens=13.*model.context=12"):
         make_layout("grid", spec, 12)
+
+
+@pytest.mark.parametrize("name", sorted(AGENT_TASKS))
+def test_draws_that_share_tokenized_episodes_equal_draws_that_tokenize_their_windows(name):
+    """WindowSampler tokenizes a call's episodes once and slices the windows (``tokens``): the rows must be
+    exactly those of tokenizing each window, prompts included, for every draw."""
+    cfg = make_cfg(context=256, prompt_prob=0.5)
+    spec, episode = AGENT_TASKS[name](cfg)
+    episodes = [episode(i, L) for i, L in enumerate([2, 30, 9, 60, 17])]
+    cached, plain = SequenceBuilder(name, spec, cfg), SequenceBuilder(name, spec, cfg)
+    tokens: dict = {}
+    for seed in range(6):
+        cached.seed = plain.seed = seed
+        a = cached.build(episodes, checked=True, tokens=tokens)
+        b = plain.build(episodes)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), (name, seed, k)
+    has_image = any(f.is_image for f in cached.layout.fields)
+    # Image episodes are tokenized per window (whole image episodes would be big); the rest once each.
+    assert sorted(tokens) == ([] if has_image else list(range(len(episodes))))
