@@ -34,7 +34,7 @@ from mugato_ray.baseline import BaselinePolicy, train_baseline
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter, save_layouts, step_tasks, task_batch_size, task_layouts
 from mugato_ray.episodes import read_episodes, store_dir
-from mugato_ray.evaluate import eval_seeds
+from mugato_ray.evaluate import check_seeds_disjoint, eval_seeds
 from mugato_ray.learner import lr_at, make_optimizer
 from mugato_ray.model import GatoModel, save_model
 from mugato_ray.rollout import PolicySpec
@@ -46,8 +46,11 @@ FIELDS = ["learner", "seed", "task", "step", "wall_s", "mean_return", "normalize
 
 
 def evaluate_policy(cfg, task: str, policy, episodes: int) -> dict:
-    """Mean return, normalized score and success rate of ``policy`` on the first ``episodes`` evaluation seeds."""
-    return score_policy(cfg, task, policy, eval_seeds(cfg)[:episodes])
+    """Mean return, normalized score and success rate of ``policy`` on the first ``episodes`` evaluation seeds
+    (``eval.seed_offset + i``, whatever ``eval.episodes`` the config sets: ``--eval-episodes`` decides)."""
+    eval_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=episodes))
+    check_seeds_disjoint(eval_cfg)
+    return score_policy(eval_cfg, task, policy, eval_seeds(eval_cfg))
 
 
 def train_model(cfg, seed: int, eval_every: int, eval_episodes: int, out: Path, log) -> list[dict]:
