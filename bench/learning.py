@@ -45,11 +45,15 @@ from mugato_ray.train_eval import score_policy
 FIELDS = ["learner", "seed", "task", "step", "wall_s", "mean_return", "normalized", "success_rate"]
 
 
+def with_eval_episodes(cfg, episodes: int):
+    """``cfg`` evaluating ``episodes`` held-out seeds (``eval.seed_offset + i``): ``--eval-episodes`` decides,
+    whatever ``eval.episodes`` the config sets."""
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=episodes))
+
+
 def evaluate_policy(cfg, task: str, policy, episodes: int) -> dict:
-    """Mean return, normalized score and success rate of ``policy`` on the first ``episodes`` evaluation seeds
-    (``eval.seed_offset + i``, whatever ``eval.episodes`` the config sets: ``--eval-episodes`` decides)."""
-    eval_cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=episodes))
-    check_seeds_disjoint(eval_cfg)
+    """Mean return, normalized score and success rate of ``policy`` on the first ``episodes`` evaluation seeds."""
+    eval_cfg = with_eval_episodes(cfg, episodes)
     return score_policy(eval_cfg, task, policy, eval_seeds(eval_cfg))
 
 
@@ -197,6 +201,10 @@ def main(argv: list[str]) -> None:
         if unknown:
             sys.exit(f"--tasks: {sorted(unknown)} are not tasks of {args.config}")
         cfg = dataclasses.replace(cfg, tasks=[t for t in cfg.tasks if t.name in args.tasks])
+    try:  # before any training: more evaluation seeds must not reach the collection seeds
+        check_seeds_disjoint(with_eval_episodes(cfg, args.eval_episodes))
+    except ValueError as e:
+        sys.exit(f"--eval-episodes {args.eval_episodes}: {e}")
     out = Path(args.out or Path(cfg.run_dir) / "learning")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
