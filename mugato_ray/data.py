@@ -397,8 +397,12 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
     ``resolved``: the run's tasks (default: ``resolve_tasks(cfg)``)."""
     import ray.data
 
+    from mugato_ray import ray_data_idle
+
     # One progress bar per operator and task floods the console; training prints its own progress lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    ray_data_idle.install(context)  # idle executors must not spin on the CPUs training needs
     resolved = resolved if resolved is not None else resolve_tasks(cfg)
     specs, layouts = task_layouts(cfg, resolved)
     counts = task_counts(cfg, 0, cfg.train.steps)
