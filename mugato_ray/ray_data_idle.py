@@ -1,18 +1,20 @@
-"""A pause for Ray Data's scheduling loop when it has nothing running, so idle task datasets leave the CPUs
-to training.
+"""A pause for Ray Data's scheduling loop when a step of it changed nothing, so idle task datasets leave
+the CPUs to training.
 
 Why this exists: each task dataset runs its own streaming executor (in its ``SplitCoordinator`` actor).
-The executor's loop blocks in ``ray.wait`` (up to 0.1 s) on its running tasks, but with none running it
-does not wait at all: an executor whose output buffer is full, waiting for the trainer to read, loops
-as fast as it can. Measured here with the learning suite (11 task datasets, 2 cores): the five image
-datasets (four BabyAI levels and VQA) filled their buffers first and spun at 20-45% of a core each, and the
-other datasets' first batches and the trainer then crawled (18 steps in 9 minutes instead of ~300; a
-run of the same config an hour earlier had not hit it).
+The executor's loop blocks in ``ray.wait`` (up to 0.1 s) on its tasks, but only until one of them has
+output ready; an executor whose output is backpressured (its buffer full, waiting for the trainer to read)
+leaves that output unread, so ``ray.wait`` returns at once, every time, and the loop spins. Measured here
+with the learning suite (11 task datasets, 2 cores): the five image datasets (four BabyAI levels and VQA)
+filled their buffers first and spun at 20-45% of a core each, and the other datasets' first batches and
+the trainer then crawled (18 steps in 9 minutes instead of ~300; a run of the same config an hour earlier
+had not hit it).
 
 :class:`IdleLoopPause` is an ``ExecutionCallback`` (Ray Data's extension point for the loop, registered
-through ``DataContext.custom_execution_callback_classes``): after a loop step in which no operator has a
-task in flight it sleeps :data:`IDLE_PAUSE_S`. A busy executor is untouched; an idle one wakes 50 times a
-second, so a block the trainer asks for waits at most that long.
+through ``DataContext.custom_execution_callback_classes``): after a loop step that changed none of what
+Ray Data's own no-progress guard watches (each operator's outputs taken, queued input and output blocks)
+nor the tasks in flight, it sleeps :data:`IDLE_PAUSE_S`. An executor making progress is untouched; a
+stalled one wakes 50 times a second, so a block the trainer asks for waits at most that long.
 """
 
 from __future__ import annotations
@@ -23,27 +25,36 @@ from typing import Any
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 IDLE_PAUSE_S = 0.02
-"""Sleep after a scheduling-loop step with no task in flight."""
+"""Sleep after a scheduling-loop step that changed nothing."""
 
 
-def has_active_tasks(executor: Any) -> bool:
-    """Whether any operator of ``executor``'s topology has a task in flight (True when it cannot tell, so
-    that an executor of another shape is never slowed)."""
+def progress_state(executor: Any) -> tuple | None:
+    """What a loop step can change, per operator: outputs taken, queued input and output blocks, tasks in
+    flight. None when ``executor`` is of a shape this does not know (then it is never slowed)."""
     topology = getattr(executor, "_topology", None)
     if not topology:
-        return True
+        return None
     try:
-        return any(op.num_active_tasks() > 0 for op in topology)
+        return tuple(
+            (op.metrics.num_outputs_taken, state.total_enqueued_input_blocks(),
+             state.total_enqueued_output_blocks(), op.num_active_tasks())
+            for op, state in topology.items()
+        )
     except AttributeError:
-        return True
+        return None
 
 
 class IdleLoopPause(ExecutionCallback):
-    """Sleeps :data:`IDLE_PAUSE_S` after an executor loop step in which nothing was running."""
+    """Sleeps :data:`IDLE_PAUSE_S` after an executor loop step that changed nothing."""
+
+    def __init__(self) -> None:
+        self._last: tuple | None = None
 
     def on_execution_step(self, executor: Any) -> None:
-        if not has_active_tasks(executor):
+        state = progress_state(executor)
+        if state is not None and state == self._last:
             time.sleep(IDLE_PAUSE_S)
+        self._last = state
 
 
 def install(context: Any) -> None:

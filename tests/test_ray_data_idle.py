@@ -1,5 +1,5 @@
-"""The pause for idle Ray Data executors: it sleeps exactly when nothing is in flight, and every dataset
-the pipeline builds carries it to its executor."""
+"""The pause for stalled Ray Data executors: it sleeps exactly after a loop step that changed nothing, and
+every dataset the pipeline builds carries it to its executor."""
 
 from __future__ import annotations
 
@@ -8,21 +8,28 @@ from types import SimpleNamespace
 import pytest
 
 from mugato_ray import ray_data_idle
-from mugato_ray.ray_data_idle import IDLE_PAUSE_S, IdleLoopPause, has_active_tasks
+from mugato_ray.ray_data_idle import IDLE_PAUSE_S, IdleLoopPause, progress_state
 
 
 class _Op:
-    """An operator with ``n`` tasks in flight (the executor's topology maps operators to their states)."""
+    """An operator and its state in one: outputs taken, queued blocks, tasks in flight."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, taken: int = 0, queued: int = 0, active: int = 1):
+        self.metrics = SimpleNamespace(num_outputs_taken=taken)
+        self.queued, self.active = queued, active
+
+    def total_enqueued_input_blocks(self) -> int:
+        return self.queued
+
+    def total_enqueued_output_blocks(self) -> int:
+        return 0
 
     def num_active_tasks(self) -> int:
-        return self.n
+        return self.active
 
 
-def _executor(*active: int) -> SimpleNamespace:
-    return SimpleNamespace(_topology={_Op(n): None for n in active})
+def _executor(*ops: _Op) -> SimpleNamespace:
+    return SimpleNamespace(_topology={op: op for op in ops})
 
 
 @pytest.fixture
@@ -32,20 +39,28 @@ def sleeps(monkeypatch):
     return calls
 
 
-def test_an_executor_with_nothing_in_flight_pauses(sleeps):
-    IdleLoopPause().on_execution_step(_executor(0, 0, 0))
-    assert sleeps == [IDLE_PAUSE_S]
-
-
-def test_an_executor_with_a_task_in_flight_does_not_pause(sleeps):
-    IdleLoopPause().on_execution_step(_executor(0, 2, 0))
+def test_a_step_that_changed_nothing_pauses_and_progress_does_not(sleeps):
+    op, other = _Op(), _Op()
+    executor, pause = _executor(op, other), IdleLoopPause()
+    pause.on_execution_step(executor)  # the first step: nothing to compare with
     assert sleeps == []
+    pause.on_execution_step(executor)  # stalled (e.g. a ready output it may not read): pause
+    assert sleeps == [IDLE_PAUSE_S]
+    for change in (lambda: setattr(op.metrics, "num_outputs_taken", 1), lambda: setattr(other, "queued", 3),
+                   lambda: setattr(op, "active", 0)):
+        change()
+        pause.on_execution_step(executor)  # each kind of progress: no pause
+        assert sleeps == [IDLE_PAUSE_S]
+    pause.on_execution_step(executor)
+    assert sleeps == [IDLE_PAUSE_S] * 2
 
 
 def test_an_executor_it_cannot_read_is_never_slowed(sleeps):
-    IdleLoopPause().on_execution_step(SimpleNamespace())  # no topology
-    IdleLoopPause().on_execution_step(SimpleNamespace(_topology={object(): None}))  # ops of another shape
-    assert sleeps == [] and has_active_tasks(SimpleNamespace())
+    pause = IdleLoopPause()
+    for _ in range(3):
+        pause.on_execution_step(SimpleNamespace())  # no topology
+        pause.on_execution_step(SimpleNamespace(_topology={object(): None}))  # operators of another shape
+    assert sleeps == [] and progress_state(SimpleNamespace()) is None
 
 
 def test_install_registers_the_pause_once():
