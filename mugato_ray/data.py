@@ -397,7 +397,7 @@ def build_datasets(cfg: Config, plan: Plan | None = None, world_size: int = 1,
     ``resolved``: the run's tasks (default: ``resolve_tasks(cfg)``)."""
     import ray.data
 
-    from mugato_ray import ray_data_idle
+    from mugato_ray import ray_data_idle  # lazy: it imports Ray Data internals, needed only here
 
     # One progress bar per operator and task floods the console; training prints its own progress lines.
     context = ray.data.DataContext.get_current()
