@@ -32,10 +32,10 @@ import torch
 
 from mugato_ray.baseline import BaselinePolicy, train_baseline
 from mugato_ray.config import load_config
-from mugato_ray.data import EpisodeFilter, save_layouts, step_tasks, task_batch_size, task_layouts
+from mugato_ray.data import EpisodeFilter, save_layouts, task_batch_size, task_layouts
 from mugato_ray.episodes import read_episodes, store_dir
 from mugato_ray.evaluate import check_seeds_disjoint, eval_seeds
-from mugato_ray.learner import lr_at, make_optimizer
+from mugato_ray.learner import Learner, make_optimizer
 from mugato_ray.model import GatoModel, save_model
 from mugato_ray.rollout import PolicySpec
 from mugato_ray.sequence import SequenceBuilder
@@ -67,25 +67,20 @@ def train_model(cfg, seed: int, eval_every: int, eval_episodes: int, out: Path, 
     builders = {t: SequenceBuilder(t, specs[t], cfg, seed=seed * 1000 + i) for i, t in enumerate(tasks)}
     model = GatoModel(cfg.model, next(iter(specs.values())).vocab, patch_size=cfg.tokenizer.patch_size,
                       mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
-    opt = make_optimizer(model, cfg.train)
+    learner = Learner(model, make_optimizer(model, cfg.train), cfg, layouts)
     rng = np.random.default_rng(seed)
     rows, wall = [], 0.0
     ckpt = out / f"model-seed{seed}" / "model.pt"
+
+    def next_batch(task: str) -> dict[str, torch.Tensor]:
+        eps = episodes[task]
+        batch = builders[task].build([eps[i] for i in rng.integers(0, len(eps), size=task_batch_size(cfg, task))])
+        return {key: torch.from_numpy(v) for key, v in batch.items()}
+
     for step in range(cfg.train.steps):
         t0 = time.perf_counter()
         model.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.train)
-        opt.zero_grad(set_to_none=True)
-        picks = step_tasks(cfg, step)
-        for k in picks:
-            task = tasks[k]
-            eps = episodes[task]
-            batch = builders[task].build([eps[i] for i in rng.integers(0, len(eps), size=task_batch_size(cfg, task))])
-            out_k = model({key: torch.from_numpy(v) for key, v in batch.items()}, layouts[task])
-            (out_k.loss / len(picks)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
+        learner.step(step, next_batch)
         wall += time.perf_counter() - t0
         done = step + 1
         if done % eval_every == 0 or done == cfg.train.steps:

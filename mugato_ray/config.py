@@ -171,6 +171,10 @@ class TrainConfig:
     """Global gradient-norm clip."""
     grad_accum: int = 0
     """Micro-batches per optimizer step (0: one per task, so every step mixes all tasks)."""
+    grad_balance: Literal["none", "norm"] = "none"
+    """How the micro-batches' gradients are combined: none (their sum, each loss weighted 1/M), norm (each
+    micro-batch's gradient scaled to the mean of their norms, so no task's gradient dominates the shared
+    weights; see mugato_ray.learner)."""
     num_workers: int = 1
     """Ray Train workers (0: run the loop in the driver)."""
     cpus_per_worker: float = 0.0

@@ -4,7 +4,8 @@
   ``M`` micro-batches whose tasks come from the weighted mixture (``data.step_tasks``: the same tasks in
   the same order on every rank), each micro-batch's loss being its task's mean over loss tokens weighted
   ``1/M``; under DDP only the last micro-batch's backward synchronizes (``no_sync`` on the others); then
-  global gradient-norm clipping and the optimizer step. bf16 autocast on GPU only.
+  global gradient-norm clipping and the optimizer step. bf16 autocast on GPU only. With
+  ``train.grad_balance: norm``, :class:`GradBalance` gives every micro-batch's gradient the same norm.
 - AdamW (weight decay on matrices and embeddings, i.e. tensors with >= 2 dims; none on norms and
   biases), linear warmup then cosine decay to ``lr * min_lr_ratio`` (:func:`lr_at`, a pure function of
   the step, so a resumed run needs no scheduler state).
@@ -190,18 +191,71 @@ class Learner:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        balance = GradBalance(self.raw_model) if tcfg.grad_balance == "norm" else None
         micro = []
         for i, k in enumerate(step_tasks(self.cfg, step_index)):
             task = self.tasks[k]
             batch = next_batch(task)
-            sync = not self.ddp or i == m - 1
+            # Balanced gradients are all-reduced once, after they are combined (GradBalance.finish).
+            sync = not self.ddp or (i == m - 1 and balance is None)
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.amp:
                 out = self.model(batch, self.layouts[task])
                 (out.loss / m + touch_all(self.raw_model)).backward()
+            if balance is not None:
+                balance.take()
             micro.append(MicroStats(int(k), out.loss.detach(), out.num_tokens, out.num_positions))
+        if balance is not None:
+            balance.finish(all_reduce=self.ddp)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tcfg.grad_clip)
         self.optimizer.step()
         return StepStats(step_index, lr, grad_norm, micro)
+
+
+class GradBalance:
+    """``train.grad_balance: norm``: each micro-batch's gradient counts by its direction, not its size.
+
+    With a plain sum, the task whose loss has the largest gradient sets the direction of the shared
+    weights' update, and through AdamW's second moments the size of every task's steps on them. Here each
+    micro-batch's gradient ``g_i`` is taken out of ``.grad`` after its backward and the step's gradient is
+    ``mean_i(|g_i|) * sum_i g_i / |g_i|``: the same overall scale as the sum of equal-norm gradients, with
+    every micro-batch contributing equally (a task's share is then its share of micro-batches, i.e. its
+    weight). Costs one extra copy of the gradients. Under DDP the micro-batches run without
+    synchronization and the combined gradient is averaged over ranks once (:meth:`finish`).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.sum: list[torch.Tensor] | None = None
+        self.norms: list[torch.Tensor] = []
+
+    def take(self) -> None:
+        """Move the last backward's gradient, normalized, into the running sum."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.norms.append(norm)
+        scaled = list(torch._foreach_div(grads, norm.clamp_min(1e-12)))
+        if self.sum is None:
+            self.sum = scaled
+        else:
+            torch._foreach_add_(self.sum, scaled)
+        for p in self.params:
+            p.grad = None
+
+    def finish(self, all_reduce: bool = False) -> None:
+        """Put ``mean norm * sum of unit gradients`` into ``.grad`` (averaged over ranks if ``all_reduce``)."""
+        if self.sum is None:
+            return
+        torch._foreach_mul_(self.sum, torch.stack(self.norms).mean())
+        if all_reduce:
+            import torch.distributed as dist  # lazy: only DDP runs reach here
+
+            flat = torch._utils._flatten_dense_tensors(self.sum)
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for g, f in zip(self.sum, torch._utils._unflatten_dense_tensors(flat, self.sum)):
+                g.copy_(f)
+        for p, g in zip(self.params, self.sum):
+            p.grad = g
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ def test_values_and_nested_sections(tmp_path):
         ({"data": {"sources": ["expert", "demos"]}}, "data.sources"),
         ({"data": {"min_return_fraction": 2}}, "data.min_return_fraction"),
         ({"train": {"eval_every": -1}}, "train.eval_every"),
+        ({"train": {"grad_balance": "pcgrad"}}, "train.grad_balance"),
         ({"model": {"continuous_target_sigma": -1}}, "model.continuous_target_sigma"),
         ({"rollout": {"actor_gpus": -0.5}}, "rollout.actor_gpus"),
         ({"rollout": {"actor_cpus": 0}}, "rollout.actor_cpus"),

@@ -126,3 +126,73 @@ def test_restore_round_trips_a_checkpoint_and_seeds_the_attempt(tmp_path):
     fresh = restore(cfg, VOCAB, None, rank=1)
     assert fresh.step == 0 and fresh.checkpoint is None and not fresh.optimizer.state_dict()["state"]
     assert torch.initial_seed() == attempt_seed(cfg.train.seed, 1, 0)
+
+
+def test_balanced_gradients_count_each_micro_batch_by_its_direction(tmp_path):
+    """``train.grad_balance: norm``: the step's gradient is mean(|g_i|) * sum(g_i / |g_i|) over the
+    micro-batches' gradients g_i, however different their sizes."""
+    a = make_batch(LAYOUT, [1, 1, 1], seed=3)
+    b = make_batch(LAYOUT, [1], seed=4)  # a different batch: another gradient, of another norm
+
+    def grads(*overrides, batches):
+        cfg = make_cfg(tmp_path, "train.grad_clip=1.0e9", *overrides)
+        learner = fresh_learner(cfg, seed=5)
+        it = iter(batches)
+        learner.step(0, lambda task: next(it))
+        return {n: p.grad.clone() for n, p in learner.raw_model.named_parameters()}
+
+    def norm(g):
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in g.values()]))
+
+    ga, gb = grads("train.grad_accum=1", batches=[a]), grads("train.grad_accum=1", batches=[b])
+    na, nb = norm(ga), norm(gb)
+    assert not math.isclose(float(na), float(nb), rel_tol=0.05)  # else balancing would change nothing
+    plain = grads("train.grad_accum=2", batches=[a, b])
+    balanced = grads("train.grad_accum=2", "train.grad_balance=norm", batches=[a, b])
+    for name in ga:
+        # Each micro-batch's loss is weighted 1/2 either way; normalizing cancels that, the mean norm not.
+        want = (na + nb) / 4 * (ga[name] / na + gb[name] / nb)
+        torch.testing.assert_close(balanced[name], want, rtol=1e-4, atol=1e-8, msg=name)
+        torch.testing.assert_close(plain[name], (ga[name] + gb[name]) / 2, rtol=1e-4, atol=1e-8, msg=name)
+    assert not all(torch.allclose(balanced[n], plain[n], rtol=1e-3) for n in ga)
+
+
+def _balanced_ddp_rank(rank: int, world: int, run_dir: str, port: int) -> None:
+    """One rank of the DDP test below: its own two micro-batches, gradients saved after the step."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        cfg = make_cfg(run_dir, "train.grad_clip=1.0e9", "train.grad_accum=2", "train.grad_balance=norm")
+        torch.manual_seed(5)
+        state = restore(cfg, VOCAB, None, rank=rank, prepare=torch.nn.parallel.DistributedDataParallel)
+        learner = Learner(state.model, state.optimizer, cfg, {TASK: LAYOUT})
+        it = iter([make_batch(LAYOUT, [1, 1, 1], seed=10 + rank), make_batch(LAYOUT, [1], seed=20 + rank)])
+        learner.step(0, lambda task: next(it))
+        grads = {n: p.grad for n, p in learner.raw_model.named_parameters()}
+        torch.save(grads, Path(run_dir) / f"grads-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_balanced_gradients_under_ddp_are_the_mean_of_each_ranks_balanced_gradient(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_balanced_ddp_rank, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    got = [torch.load(tmp_path / f"grads-{r}.pt") for r in range(2)]
+    want = []
+    for rank in range(2):  # each rank's balanced gradient, computed alone
+        cfg = make_cfg(tmp_path, "train.grad_clip=1.0e9", "train.grad_accum=2", "train.grad_balance=norm")
+        learner = fresh_learner(cfg, seed=5)
+        it = iter([make_batch(LAYOUT, [1, 1, 1], seed=10 + rank), make_batch(LAYOUT, [1], seed=20 + rank)])
+        learner.step(0, lambda task, it=it: next(it))
+        want.append({n: p.grad.clone() for n, p in learner.raw_model.named_parameters()})
+    for name in want[0]:
+        mean = (want[0][name] + want[1][name]) / 2
+        for rank in range(2):
+            torch.testing.assert_close(got[rank][name], mean, rtol=1e-4, atol=1e-7, msg=f"rank {rank}: {name}")
