@@ -231,7 +231,7 @@ class GradBalance:
     def take(self) -> None:
         """Move the last backward's gradient, normalized, into the running sum."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        norm = torch.nn.utils.get_total_norm(grads)  # the global L2 norm, as clip_grad_norm_ computes it
         self.norms.append(norm)
         scaled = list(torch._foreach_div(grads, norm.clamp_min(1e-12)))
         if self.sum is None:
@@ -243,8 +243,7 @@ class GradBalance:
 
     def finish(self, all_reduce: bool = False) -> None:
         """Put ``mean norm * sum of unit gradients`` into ``.grad`` (averaged over ranks if ``all_reduce``)."""
-        if self.sum is None:
-            return
+        assert self.sum is not None, "GradBalance.finish before any take()"  # a step has M >= 1 micro-batches
         torch._foreach_mul_(self.sum, torch.stack(self.norms).mean())
         if all_reduce:
             import torch.distributed as dist  # lazy: only DDP runs reach here
