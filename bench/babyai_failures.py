@@ -1,0 +1,113 @@
+"""How a policy fails on BabyAI levels: was a target in view at the start, what did it pick up first.
+
+    python bench/babyai_failures.py --config <run>/config.yaml --checkpoint <run>/snapshots/step_N/model.pt
+        [--tasks BabyAI-PickupLoc-v0 ...] [--episodes 64] [--seed-offset 3100000] [--expert] [key=value ...]
+
+Runs one episode per seed of each BabyAI task of the config (the model at each task's temperature, as
+the evaluation job acts, or the task's bot with ``--expert``), then replays every episode's actions in a
+fresh env with the same seed (minigrid is deterministic given the seed and the actions) and records:
+
+- ``in_view``: whether an object the mission names is in the agent's first view (``agent_sees``);
+- ``first_pickup``: "target", "wrong" or "none", the first object the agent picked up;
+- ``dropped``: whether it ever dropped what it carried.
+
+Prints per task: success with a target in the first view and without, and how the failures began.
+The seeds (``eval.seed_offset`` up, moved by ``--seed-offset``) must not be collection seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections import Counter
+
+import numpy as np
+
+from mugato_ray import envs
+from mugato_ray.config import load_config
+from mugato_ray.evaluate import check_seeds_disjoint, eval_seeds
+from mugato_ray.rollout import PolicySpec, RolloutWorker
+from mugato_ray.tasks import get_task
+
+PICKUP, DROP = 3, 4
+"""minigrid's action ids (Actions.pickup, Actions.drop)."""
+
+
+def replay(env, seed: int, actions) -> dict:
+    """Replay ``actions`` from ``env.reset(seed=seed)``: the target's visibility at the start, the first pickup, drops."""
+    env.reset(seed=seed)
+    u = env.unwrapped
+    targets = u.instrs.desc.obj_set
+    out = {"in_view": any(u.agent_sees(*o.cur_pos) for o in targets), "first_pickup": "none", "dropped": False}
+    for a in np.ravel(actions):
+        carried_before = u.carrying
+        env.step(int(a))
+        out["dropped"] |= int(a) == DROP and carried_before is not None and u.carrying is None
+        if out["first_pickup"] == "none" and carried_before is None and u.carrying is not None:
+            out["first_pickup"] = "target" if any(u.carrying is o for o in targets) else "wrong"
+    return out
+
+
+def analyse(cfg, task: str, policy: PolicySpec, seeds: list[int]) -> list[dict]:
+    """One row per seed: success, length and :func:`replay`'s fields."""
+    # To the task's own step limit, as the evaluation measures (rollout.measure_returns).
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
+    worker = RolloutWorker(task, policy, cfg, min(len(seeds), cfg.rollout.envs_per_actor))
+    try:
+        result = worker.sample(seeds, source="policy")
+    finally:
+        worker.close()
+    if result.failed:
+        raise RuntimeError(f"{task}: {len(result.failed)} episode(s) lost to env errors: {result.failed}")
+    env = envs.make_env(get_task(task), None)
+    try:
+        return [{"seed": e.seed, "success": bool(e.success), "length": e.length, **replay(env, e.seed, e.actions)}
+                for e in sorted(result.episodes, key=lambda e: e.seed)]
+    finally:
+        env.close()
+
+
+def summary(rows: list[dict]) -> str:
+    def rate(sel):
+        return f"{sum(r['success'] for r in sel)}/{len(sel)}" if sel else "-"
+    failed = [r for r in rows if not r["success"]]
+    starts = Counter(r["first_pickup"] for r in failed)
+    wrong = [r for r in rows if r["first_pickup"] == "wrong"]
+    return (f"success {rate(rows)}; target in first view {rate([r for r in rows if r['in_view']])}, "
+            f"not in view {rate([r for r in rows if not r['in_view']])}; failures' first pickup: "
+            f"wrong {starts['wrong']}, none {starts['none']}, target {starts['target']}; "
+            f"wrong pickups later dropped: {sum(r['dropped'] for r in wrong)}/{len(wrong)}")
+
+
+def main(argv: list[str]) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--checkpoint", help="model.pt to act with (not with --expert)")
+    ap.add_argument("--expert", action="store_true", help="act with each task's expert (the bot) instead")
+    ap.add_argument("--tasks", nargs="*", help="BabyAI tasks of the config (default: all of them)")
+    ap.add_argument("--episodes", type=int, default=64)
+    ap.add_argument("--seed-offset", type=int, default=None, help="first seed (default: eval.seed_offset)")
+    args, overrides = ap.parse_known_args(argv)
+    if args.expert == bool(args.checkpoint):
+        sys.exit("give exactly one of --checkpoint and --expert")
+    cfg = load_config(args.config, overrides)
+    babyai = [t.name for t in cfg.tasks if get_task(t.name).domain == "babyai"]
+    tasks = args.tasks or babyai
+    if unknown := sorted(set(tasks) - set(babyai)):
+        sys.exit(f"--tasks: {unknown} are not BabyAI tasks of {args.config}")
+    offset = cfg.eval.seed_offset if args.seed_offset is None else args.seed_offset
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=args.episodes, seed_offset=offset))
+    try:
+        check_seeds_disjoint(cfg)
+    except ValueError as e:
+        sys.exit(f"--episodes/--seed-offset: {e}")
+    for task in tasks:
+        temperature = cfg.task_temperature(task)
+        policy = PolicySpec("expert") if args.expert else PolicySpec("model", args.checkpoint, temperature=temperature)
+        rows = analyse(cfg, task, policy, eval_seeds(cfg))
+        print(f"{task} ({'expert' if args.expert else f'model, temperature {temperature}'}): {summary(rows)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,67 @@
+"""bench/babyai_failures.py: the replay that classifies how a BabyAI episode began and whether it recovered."""
+
+from __future__ import annotations
+
+import runpy
+from pathlib import Path
+
+import pytest
+
+from mugato_ray import envs
+from mugato_ray.config import config_from_dict
+from mugato_ray.rollout import PolicySpec
+from mugato_ray.tasks import get_task
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "babyai_failures.py"
+TASK = "BabyAI-PickupLoc-v0"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return runpy.run_path(str(BENCH), run_name="bench")
+
+
+@pytest.fixture(scope="module")
+def env():
+    e = envs.make_env(get_task(TASK), None)
+    yield e
+    e.close()
+
+
+def walk_to_a_wrong_object(env) -> tuple[int, list[int]]:
+    """A seed and the forward moves after which the agent faces a pickable object the mission does not name."""
+    forward = 2
+    for seed in range(500):
+        env.reset(seed=seed)
+        u = env.unwrapped
+        for k in range(1, 4):  # the object k cells ahead, nothing in between
+            cells = [u.grid.get(*(u.agent_pos + j * u.dir_vec)) for j in range(1, k + 1)]
+            obj = cells[-1]
+            if any(c is not None for c in cells[:-1]):
+                break
+            if obj is not None:
+                if obj.can_pickup() and not any(obj is o for o in u.instrs.desc.obj_set):
+                    return seed, [forward] * (k - 1)
+                break
+    raise AssertionError("no seed of 500 starts with a wrong object straight ahead")
+
+
+def test_a_wrong_pickup_is_classified_and_a_real_drop_is_seen(bench, env):
+    seed, walk = walk_to_a_wrong_object(env)
+    picked = bench["replay"](env, seed, [*walk, bench["PICKUP"]])
+    assert picked["first_pickup"] == "wrong" and not picked["dropped"]
+    # Dropping puts it back on the (now empty) cell in front: a real drop.
+    assert bench["replay"](env, seed, [*walk, bench["PICKUP"], bench["DROP"]])["dropped"]
+    # A drop with nothing carried is not one.
+    assert not bench["replay"](env, seed, [*walk, bench["DROP"]])["dropped"]
+    # Turning around only: nothing picked up.
+    assert bench["replay"](env, seed, [0, 0, 0, 0])["first_pickup"] == "none"
+
+
+def test_the_bots_episodes_replay_to_target_pickups(bench):
+    cfg = config_from_dict({"tasks": [{"name": TASK, "episodes": 1}], "rollout": {"envs_per_actor": 2}})
+    rows = bench["analyse"](cfg, TASK, PolicySpec("expert"), [10_000, 10_001, 10_002])
+    assert [r["seed"] for r in rows] == [10_000, 10_001, 10_002]
+    assert all(r["success"] and r["first_pickup"] == "target" and not r["dropped"] for r in rows)
+    text = bench["summary"](rows)
+    assert text.startswith("success 3/3;") and "wrong 0" in text
