@@ -23,6 +23,7 @@ import sys
 from collections import Counter
 
 import numpy as np
+from minigrid.core.actions import Actions
 
 from mugato_ray import envs
 from mugato_ray.config import load_config
@@ -30,8 +31,7 @@ from mugato_ray.evaluate import check_seeds_disjoint, eval_seeds
 from mugato_ray.rollout import PolicySpec, RolloutWorker
 from mugato_ray.tasks import get_task
 
-PICKUP, DROP = 3, 4
-"""minigrid's action ids (Actions.pickup, Actions.drop)."""
+PICKUP, DROP = int(Actions.pickup), int(Actions.drop)
 
 
 def replay(env, seed: int, actions) -> dict:
@@ -50,7 +50,7 @@ def replay(env, seed: int, actions) -> dict:
 
 
 def analyse(cfg, task: str, policy: PolicySpec, seeds: list[int]) -> list[dict]:
-    """One row per seed: success, length and :func:`replay`'s fields."""
+    """One row per seed: success and :func:`replay`'s fields."""
     # To the task's own step limit, as the evaluation measures (rollout.measure_returns).
     cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_episode_steps=None))
     worker = RolloutWorker(task, policy, cfg, min(len(seeds), cfg.rollout.envs_per_actor))
@@ -62,7 +62,7 @@ def analyse(cfg, task: str, policy: PolicySpec, seeds: list[int]) -> list[dict]:
         raise RuntimeError(f"{task}: {len(result.failed)} episode(s) lost to env errors: {result.failed}")
     env = envs.make_env(get_task(task), None)
     try:
-        return [{"seed": e.seed, "success": bool(e.success), "length": e.length, **replay(env, e.seed, e.actions)}
+        return [{"seed": e.seed, "success": bool(e.success), **replay(env, e.seed, e.actions)}
                 for e in sorted(result.episodes, key=lambda e: e.seed)]
     finally:
         env.close()
@@ -91,6 +91,8 @@ def main(argv: list[str]) -> None:
     args, overrides = ap.parse_known_args(argv)
     if args.expert == bool(args.checkpoint):
         sys.exit("give exactly one of --checkpoint and --expert")
+    if args.episodes < 1:
+        sys.exit(f"--episodes must be at least 1, got {args.episodes}")
     cfg = load_config(args.config, overrides)
     babyai = [t.name for t in cfg.tasks if get_task(t.name).domain == "babyai"]
     tasks = args.tasks or babyai

@@ -6,6 +6,7 @@ import runpy
 from pathlib import Path
 
 import pytest
+from minigrid.core.actions import Actions
 
 from mugato_ray import envs
 from mugato_ray.config import config_from_dict
@@ -30,7 +31,6 @@ def env():
 
 def walk_to_a_wrong_object(env) -> tuple[int, list[int]]:
     """A seed and the forward moves after which the agent faces a pickable object the mission does not name."""
-    forward = 2
     for seed in range(500):
         env.reset(seed=seed)
         u = env.unwrapped
@@ -41,7 +41,7 @@ def walk_to_a_wrong_object(env) -> tuple[int, list[int]]:
                 break
             if obj is not None:
                 if obj.can_pickup() and not any(obj is o for o in u.instrs.desc.obj_set):
-                    return seed, [forward] * (k - 1)
+                    return seed, [int(Actions.forward)] * (k - 1)
                 break
     raise AssertionError("no seed of 500 starts with a wrong object straight ahead")
 
@@ -55,7 +55,7 @@ def test_a_wrong_pickup_is_classified_and_a_real_drop_is_seen(bench, env):
     # A drop with nothing carried is not one.
     assert not bench["replay"](env, seed, [*walk, bench["DROP"]])["dropped"]
     # Turning around only: nothing picked up.
-    assert bench["replay"](env, seed, [0, 0, 0, 0])["first_pickup"] == "none"
+    assert bench["replay"](env, seed, [int(Actions.left)] * 4)["first_pickup"] == "none"
 
 
 def test_the_bots_episodes_replay_to_target_pickups(bench):
