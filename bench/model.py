@@ -52,9 +52,10 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048) -> floa
     return 2 * n**3 / timed(lambda: a @ b, device, repeats=7, warmup=2)
 
 
-def training_step(device, vocab, T: int, B: int, rotary: bool = False):
-    """The model, and one optimizer step of the ``small`` preset on a synthetic (B, T) text batch."""
-    model = GatoModel(ModelConfig(preset="small", context=T, rotary=rotary), vocab).to(device)
+def training_step(device, vocab, T: int, B: int, **options):
+    """The model, and one optimizer step of the ``small`` preset on a synthetic (B, T) text batch.
+    ``options``: ModelConfig switches, e.g. ``rotary=True``."""
+    model = GatoModel(ModelConfig(preset="small", context=T, **options), vocab).to(device)
     layout = SequenceLayout("text", (LayoutField("act/text", "action", Modality.TEXT, T, 1),), 1)
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -85,14 +86,16 @@ def bench_training(device, vocab, args) -> None:
     peak = matmul_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
     print(f"train small  params={model.num_params() / 1e6:.2f}M  B={B} T={T}  {tokens_per_s:,.0f} tokens/s")
     print(f"  model {flops / 1e9:.1f} GFLOP/s over matmul {peak / 1e9:.1f} GFLOP/s  ->  ratio {flops / peak:.2f}")
-    # model.rotary's price: the same step with rotary positions, interleaved with the plain one (best of 3).
-    rotary_step = training_step(device, vocab, T, B, rotary=True)[1]
-    plain, rot = [], []
-    for _ in range(3):
-        plain.append(timed(step, device, repeats=args.repeats, warmup=1))
-        rot.append(timed(rotary_step, device, repeats=args.repeats, warmup=1))
-    print(f"  model.rotary: step time {min(rot) * 1e3:.0f} ms over {min(plain) * 1e3:.0f} ms  ->  ratio "
-          f"{min(rot) / min(plain):.2f}")
+    # The price of each optional model switch: the same step with it on, interleaved with the plain one
+    # (best of 3 each).
+    for option in ("rotary", "token_shift"):
+        option_step = training_step(device, vocab, T, B, **{option: True})[1]
+        plain, on = [], []
+        for _ in range(3):
+            plain.append(timed(step, device, repeats=args.repeats, warmup=1))
+            on.append(timed(option_step, device, repeats=args.repeats, warmup=1))
+        print(f"  model.{option}: step time {min(on) * 1e3:.0f} ms over {min(plain) * 1e3:.0f} ms  ->  ratio "
+              f"{min(on) / min(plain):.2f}")
 
 
 def bench_cached_decoding(device, vocab, args) -> None:

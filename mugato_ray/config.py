@@ -78,6 +78,12 @@ class ModelConfig:
     queries and keys in attention on top of the learned encodings: attention scores then depend on the
     relative offset of two tokens of a field (a text document, a mission), not only on learned absolute
     positions. Keys are cached rotated, so cached acting stays exact."""
+    token_shift: bool = False
+    """Each token's input also gets a learned linear map (D x D) of the input embedding of the previous valid
+    token of its timestep (none for a timestep's first token), before the first block. A copy or induction
+    circuit then needs one attention layer instead of two: attention can match a token and read the one
+    before it. Text-arith (a copy task in reverse) gives exact answers after fewer steps with it
+    (bench/README.md, "text-arith"). Cached acting keeps each row's last token, so it stays exact."""
     pack: bool = True
     """Training packs the real tokens of a batch's rows into as few rows as they fit, attention kept within
     each source row (mugato_ray.packing): exact, and pads cost no compute."""

@@ -21,7 +21,11 @@ Embeddings (arXiv 2205.06175, section 2.2 and appendix C):
   tokens of one field see their relative offset directly (a text document's characters, a mission's
   words). :meth:`embed` returns the local positions beside the embeddings; they travel with the tokens
   through packing and acting, and keys enter the KV cache already rotated, so moving cache entries
-  (compaction, placement) keeps acting exact.
+  (compaction, placement) keeps acting exact;
+- with ``model.token_shift`` a token's input also gets a learned linear map of the previous valid token
+  of its timestep (:func:`previous_in_step`), so one attention layer can match a token and read its
+  predecessor (the first half of an induction circuit comes for free). The KV cache keeps each row's
+  last valid token for the next call, so cached acting stays exact.
 
 Positions and acting past the context: a token knows where it is within its timestep (local
 position), where a patch is in its image (patch position), and which timestep of the *window* it
@@ -299,6 +303,10 @@ class KVCache:
     v: list[torch.Tensor]
     valid: torch.Tensor
     length: int = 0
+    prev_x: torch.Tensor | None = None
+    """``model.token_shift``: each row's last valid input embedding (B, D) so far, for the next token."""
+    prev_pos: torch.Tensor | None = None
+    """``model.token_shift``: that token's local position (B,), -1 when the row has none."""
 
     @property
     def capacity(self) -> int:
@@ -307,6 +315,8 @@ class KVCache:
     def clear(self) -> None:
         self.valid.zero_()
         self.length = 0
+        if self.prev_pos is not None:
+            self.prev_pos.fill_(-1)
 
     def update(self, layer: int, k_BxHxLxd: torch.Tensor, v_BxHxLxd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new keys/values at ``[length, length + L)``; return all keys/values so far."""
@@ -353,6 +363,8 @@ class KVCache:
             dst[rows_R, :, end - W : end] = s[:, :, :W]
         self.valid[rows_R, end - W : end] = src.valid[:, :W]
         self.length = end
+        if self.prev_pos is not None:
+            self.prev_x[rows_R], self.prev_pos[rows_R] = src.prev_x, src.prev_pos
 
 
 def rotary(pos_BxL: torch.Tensor, head_dim: int, dtype: torch.dtype, base: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +381,45 @@ def rotate(x_BxLx2xHxd: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
     cos, sin = cos_sin
     x1, x2 = x_BxLx2xHxd.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def previous_in_step(
+    x_BxLxD: torch.Tensor,
+    valid_BxL: torch.Tensor,
+    pos_BxL: torch.Tensor,
+    prev_x_BxD: torch.Tensor | None = None,
+    prev_pos_B: torch.Tensor | None = None,
+    source_row_BxL: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each token's previous valid token of the same timestep: its input embedding (B, L, D), zero where
+    there is none. Returns that and each row's last valid token after these L (embedding (B, D), local
+    position (B,), -1 for none), which a KV cache keeps for the next call.
+
+    A timestep's local positions start at 0 and grow, so the previous valid token belongs to the same
+    timestep exactly when its local position is lower (and, in packed rows, its source row is the same).
+    Invalid tokens are skipped, as attention skips them: the answer does not depend on where pads sit.
+    ``prev_x_BxD, prev_pos_B``: the row's last valid token before these L (a cache's), or none.
+    """
+    B, L, D = x_BxLxD.shape
+    if prev_x_BxD is None:
+        prev_x_BxD = x_BxLxD.new_zeros((B, D))
+        prev_pos_B = torch.full((B,), -1, dtype=pos_BxL.dtype, device=pos_BxL.device)
+    x_all = torch.cat((prev_x_BxD[:, None].to(x_BxLxD.dtype), x_BxLxD), dim=1)
+    pos_all = torch.cat((prev_pos_B[:, None].to(pos_BxL.dtype), pos_BxL), dim=1)
+    # Index 0 (the carried token) counts as valid; its position -1 marks "none".
+    valid_all = F.pad(valid_BxL, (1, 0), value=True)
+    last_BxL1 = torch.where(valid_all, torch.arange(L + 1, device=x_BxLxD.device), 0).cummax(dim=1).values
+    src_BxL = last_BxL1[:, :-1]  # token t sits at index t + 1 of the "all" tensors: the last valid before it
+    rows_Bx1 = torch.arange(B, device=x_BxLxD.device)[:, None]
+    prev_pos_BxL = pos_all[rows_Bx1, src_BxL]
+    same_BxL = (prev_pos_BxL >= 0) & (prev_pos_BxL < pos_BxL)
+    if source_row_BxL is not None:
+        row_all = F.pad(source_row_BxL, (1, 0), value=-1)
+        same_BxL &= row_all[rows_Bx1, src_BxL] == source_row_BxL
+    prev_BxLxD = x_all[rows_Bx1, src_BxL] * same_BxL[..., None].to(x_BxLxD.dtype)
+    end_B = last_BxL1[:, -1]
+    rows_B = rows_Bx1[:, 0]
+    return prev_BxLxD, x_all[rows_B, end_B], pos_all[rows_B, end_B]
 
 
 class Attention(nn.Module):
@@ -445,6 +496,8 @@ class GatoModel(nn.Module):
         self.patch_row = nn.Embedding(cfg.patch_position_bins, n_embd)
         self.patch_col = nn.Embedding(cfg.patch_position_bins, n_embd)
         self.drop = nn.Dropout(cfg.dropout)
+        # model.token_shift: the previous token's embedding, mapped; no bias, so "no previous token" adds 0.
+        self.shift = nn.Linear(n_embd, n_embd, bias=False) if cfg.token_shift else None
         self.blocks = nn.ModuleList(Block(n_embd, n_head, d_ff, cfg.dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(n_embd)
         # The output head is tied to the token table (see the module docstring): logits() reads it.
@@ -589,13 +642,15 @@ class GatoModel(nn.Module):
         only thing a cache keeps (acting reads logits at the last position, or none after a prefill).
         ``source_row_BxL`` (packed rows, :mod:`mugato_ray.packing`): a token attends only to keys of
         the same source row. ``pos_BxL``: the tokens' local positions (:meth:`embed`), required with
-        ``model.rotary``.
+        ``model.rotary`` or ``model.token_shift``.
         """
         B, L, _ = x_BxLxD.shape
         rope = None
-        if self.cfg.rotary:
+        if self.cfg.rotary or self.cfg.token_shift:
             if pos_BxL is None or pos_BxL.shape != (B, L):
-                raise ValueError(f"model.rotary: trunk needs the positions of its {B} x {L} tokens")
+                option = "model.rotary" if self.cfg.rotary else "model.token_shift"
+                raise ValueError(f"{option}: trunk needs the positions of its {B} x {L} tokens")
+        if self.cfg.rotary:
             rope = rotary(pos_BxL, self.n_embd // self.n_head, x_BxLxD.dtype)
         dev = x_BxLxD.device
         start = 0 if cache is None else cache.length
@@ -621,12 +676,25 @@ class GatoModel(nn.Module):
             mask_Bx1xLxK = torch.zeros(mask_Bx1xLxK.shape, dtype=cache.k[0].dtype, device=dev).masked_fill_(
                 ~mask_Bx1xLxK, float("-inf")
             )
+        if self.shift is not None:
+            x_BxLxD = self._add_previous(x_BxLxD, valid_BxL, pos_BxL, cache, source_row_BxL)
         last = len(self.blocks) - 1
         for layer, block in enumerate(self.blocks):
             x_BxLxD = block(x_BxLxD, mask_Bx1xLxK, cache, layer, outputs if layer == last else None, rope)
         if cache is not None:
             cache.length = start + L
         return x_BxLxD
+
+    def _add_previous(self, x_BxLxD: torch.Tensor, valid_BxL: torch.Tensor, pos_BxL: torch.Tensor,
+                      cache: KVCache | None, source_row_BxL: torch.Tensor | None) -> torch.Tensor:
+        """``model.token_shift``: add the mapped previous token of each token's timestep; a cache carries each
+        row's last token from call to call."""
+        if cache is None:
+            prev_BxLxD = previous_in_step(x_BxLxD, valid_BxL, pos_BxL, source_row_BxL=source_row_BxL)[0]
+        else:
+            prev_BxLxD, cache.prev_x, cache.prev_pos = previous_in_step(
+                x_BxLxD, valid_BxL, pos_BxL, cache.prev_x, cache.prev_pos)
+        return x_BxLxD + self.shift(prev_BxLxD)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., D) -> next-token logits (..., V)."""
@@ -638,10 +706,13 @@ class GatoModel(nn.Module):
         hd = self.n_embd // self.n_head
         shape = (batch_size, self.n_head, capacity, hd)
         n = len(self.blocks)
+        shift = self.cfg.token_shift
         return KVCache(
             k=[p.new_zeros(shape) for _ in range(n)],
             v=[p.new_zeros(shape) for _ in range(n)],
             valid=torch.zeros((batch_size, capacity), dtype=torch.bool, device=p.device),
+            prev_x=p.new_zeros((batch_size, self.n_embd)) if shift else None,
+            prev_pos=torch.full((batch_size,), -1, dtype=torch.long, device=p.device) if shift else None,
         )
 
     def prefill(
@@ -683,7 +754,8 @@ class GatoModel(nn.Module):
             hidden_ND = self.trunk(x, valid_BxL, pos_BxL=pos_BxL)[b_idx, prev_BxL[b_idx, j_idx]]
             positions = B * L
         else:
-            packed_pos = packing.pack(pos_BxL[..., None])[..., 0] if self.cfg.rotary else None  # only RoPE reads it
+            # Only RoPE and the token shift read positions.
+            packed_pos = packing.pack(pos_BxL[..., None])[..., 0] if self.cfg.rotary or self.cfg.token_shift else None
             hidden = self.trunk(packing.pack(x), packing.occupied_PxC, source_row_BxL=packing.row_PxC,
                                 pos_BxL=packed_pos)
             hidden_ND = packing.gather(hidden, b_idx, prev_BxL[b_idx, j_idx])
@@ -742,6 +814,7 @@ def count_flops_per_token(model: GatoModel, seq_len: int, logit_fraction: float 
     L x L score and value products, as masked SDPA computes them (PaLM's convention).
     """
     blocks = sum(p.numel() for p in model.blocks.parameters())
+    blocks += model.shift.weight.numel() if model.shift is not None else 0
     head = model.tok_emb.weight.numel() * logit_fraction
     return 6.0 * (blocks + head) + 12.0 * len(model.blocks) * model.n_embd * seq_len
 

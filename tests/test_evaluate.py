@@ -429,15 +429,19 @@ def test_a_tasks_temperature_reaches_its_text_answers(tmp_path):
     assert by_task != answers(plain, PolicySpec("model", ckpt))
 
 
-@pytest.mark.parametrize("rotary", [False, True])
-def test_batched_generation_matches_one_prompt_at_a_time(tmp_path, rotary):
+@pytest.mark.parametrize("rotary,token_shift", [(False, False), (True, False), (False, True)])
+def test_batched_generation_matches_one_prompt_at_a_time(tmp_path, rotary, token_shift):
     """Cached, batched greedy decoding of prompts of different lengths = uncached decoding of each alone
-    (with rotary positions too: the batch right-aligns prompts, so only their local positions are right)."""
+    (with rotary positions too: the batch right-aligns prompts, so only their local positions are right;
+    with the token shift, a prompt's first token follows pads and must see none of them)."""
     from mugato_ray.datasets import generate_episodes, prompt_and_answer
 
-    cfg = make_cfg(tmp_path, ["text-arith"], model={"context": 96, "rotary": rotary})
+    cfg = make_cfg(tmp_path, ["text-arith"], model={"context": 96, "rotary": rotary, "token_shift": token_shift})
     torch.manual_seed(1)
     model = GatoModel(cfg.model, make_vocab(cfg.tokenizer)).eval()
+    if token_shift:  # a previous token as loud as the token itself, so a wrong previous token shows
+        with torch.no_grad():
+            model.shift.weight.mul_(20.0)
     if rotary:  # sharper attention than the 0.02-std init, so a wrong position would change the answers
         with torch.no_grad():
             for block in model.blocks:

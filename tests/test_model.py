@@ -18,6 +18,7 @@ from mugato_ray.model import (
     load_model,
     normalize_patches,
     patch_position_ids,
+    previous_in_step,
     resolve_sizes,
     save_model,
     value_features,
@@ -128,10 +129,11 @@ def test_resolve_sizes_presets_and_overrides():
         resolve_sizes(ModelConfig(preset="tiny", n_head=5))
 
 
-def test_causality():
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_causality(token_shift):
     """d output[t] / d embedding[s] is exactly zero for every s > t (ids and image patches)."""
     layout = agent_layout(steps=2)
-    model = tiny_model().eval()
+    model = tiny_model(token_shift=token_shift).eval()
     batch = make_batch(layout, [2, 2], seed=1)
     outs = []
 
@@ -153,9 +155,13 @@ def test_causality():
         h.remove()
 
 
-def test_padding_invariance():
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_padding_invariance(token_shift):
     layout = agent_layout(steps=3)
-    model = tiny_model().eval()
+    model = tiny_model(token_shift=token_shift).eval()
+    if token_shift:  # a previous token as loud as the token itself, so a pad taken for one shows
+        with torch.no_grad():
+            model.shift.weight.mul_(20.0)
     a = make_batch(layout, [2], seed=2)
     b = make_batch(layout, [3], seed=3)
     L2 = 2 * layout.step_tokens
@@ -331,9 +337,38 @@ def test_overfit_mixed_batch():
     assert float(err.mean()) < 3.0 and float(err.max()) <= 10, err
 
 
-def test_save_load_identical(tmp_path):
+def test_previous_in_step_skips_pads_stops_at_timesteps_and_carries_over_calls():
+    """model.token_shift's input: the previous valid token of the same timestep, or zero."""
+    x = torch.arange(1.0, 9.0)[None, :, None].expand(2, 8, 3).clone()  # token t's embedding is t + 1
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]] * 2)  # two timesteps of four tokens
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 2] = False  # a pad inside the first timestep of row 1
+    valid[1, 4] = False  # the second timestep of row 1 starts with a pad
+    prev, last_x, last_pos = previous_in_step(x, valid, pos)
+    assert prev[0, :, 0].tolist() == [0, 1, 2, 3, 0, 5, 6, 7]
+    assert prev[1, :, 0].tolist() == [0, 1, 2, 2, 0, 0, 6, 7]  # the pad skipped; nothing across the timestep
+    assert last_x[:, 0].tolist() == [8, 8] and last_pos.tolist() == [3, 3]
+
+    # Split into two calls, the second carrying the first's last token: the same answer.
+    first = previous_in_step(x[:, :3], valid[:, :3], pos[:, :3])
+    rest = previous_in_step(x[:, 3:], valid[:, 3:], pos[:, 3:], first[1], first[2])
+    torch.testing.assert_close(torch.cat([first[0], rest[0]], dim=1), prev)
+    assert first[1][:, 0].tolist() == [3, 2] and first[2].tolist() == [2, 1]  # row 1's last valid is token 1
+    # A call of only invalid tokens keeps the carried token.
+    none = previous_in_step(x[:, :2], torch.zeros(2, 2, dtype=torch.bool), pos[:, 2:4], first[1], first[2])
+    torch.testing.assert_close(none[1], first[1])
+
+    # Packed rows: the previous token of another source row is not a predecessor, whatever its position.
+    rows = torch.tensor([[0, 0, 1, 1, 1, 2, 2, 2]] * 2)
+    packed_pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7]] * 2)
+    prev = previous_in_step(x, torch.ones(2, 8, dtype=torch.bool), packed_pos, source_row_BxL=rows)[0]
+    assert prev[0, :, 0].tolist() == [0, 1, 0, 3, 4, 0, 6, 7]
+
+
+@pytest.mark.parametrize("token_shift", [False, True])
+def test_save_load_identical(tmp_path, token_shift):
     layout = agent_layout(steps=2)
-    model = tiny_model(seed=3).eval()
+    model = tiny_model(seed=3, token_shift=token_shift).eval()
     batch = make_batch(layout, [2, 1], seed=10)
     path = save_model(model, tmp_path / "ckpt" / "model.pt")
     assert not [p for p in path.parent.iterdir() if p.name != "model.pt"]  # no temp file left behind

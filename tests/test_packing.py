@@ -62,18 +62,24 @@ def test_no_plan_when_packing_saves_no_row():
     assert plan_packing(five_of_eight) is None
 
 
-@pytest.mark.parametrize("layout_name,rotary", [("agent", False), ("text", False), ("agent", True), ("text", True)])
-def test_packed_forward_equals_unpacked_and_computes_fewer_positions(layout_name, rotary):
+@pytest.mark.parametrize("layout_name,rotary,token_shift", [
+    ("agent", False, False), ("text", False, False), ("agent", True, False), ("text", True, False),
+    ("agent", False, True), ("text", False, True)])
+def test_packed_forward_equals_unpacked_and_computes_fewer_positions(layout_name, rotary, token_shift):
     """The model trains on packed rows (fails if packing is bypassed) with the unpacked loss and gradients
-    (with rotary positions too: each token keeps its own local position in the packed row)."""
+    (with rotary positions too: each token keeps its own local position in the packed row; with the token
+    shift, a row's first token does not see the previous row's last one)."""
     if layout_name == "agent":
         layout = agent_layout(steps=4)
         batch = make_batch(layout, [1, 2, 1, 1, 4, 1, 2, 1], seed=3, prompt_steps=1)
     else:
         layout = text_layout(tokens=24)
         batch = make_batch(layout, [1] * 8, seed=3)
-    packed_model = tiny_model(rotary=rotary).eval()  # eval: patch positions are deterministic, no dropout
-    plain_model = tiny_model(pack=False, rotary=rotary).eval()
+    packed_model = tiny_model(rotary=rotary, token_shift=token_shift).eval()  # eval: no sampled patch positions
+    plain_model = tiny_model(pack=False, rotary=rotary, token_shift=token_shift).eval()
+    if token_shift:  # a previous token as loud as the token itself, so a wrong previous token shows
+        with torch.no_grad():
+            packed_model.shift.weight.mul_(20.0)
     if rotary:  # sharper attention than the 0.02-std init, so a token packed at a wrong position shows
         with torch.no_grad():
             for block in packed_model.blocks:

@@ -33,14 +33,18 @@ DICT_OBS = spaces.Dict(
 )
 
 
-def setup(obs_space, act_space, context, seed=0, sharpen=True, rotary=False):
+def setup(obs_space, act_space, context, seed=0, sharpen=True, rotary=False, token_shift=False):
     spec = space_spec(obs_space, act_space, TOK_CFG, VOCAB)
     layout = make_layout("task", spec, context)
     torch.manual_seed(seed)
-    model = GatoModel(ModelConfig(preset="tiny", context=context, rotary=rotary), VOCAB, patch_size=TOK_CFG.patch_size)
+    model = GatoModel(ModelConfig(preset="tiny", context=context, rotary=rotary, token_shift=token_shift), VOCAB,
+                      patch_size=TOK_CFG.patch_size)
     if sharpen:  # sharper logits than the 0.02-std init, so greedy choices are far from ties
         with torch.no_grad():
             model.tok_emb.weight.mul_(20.0)
+    if token_shift:  # a previous token as loud as the token itself, so a wrong previous token shows
+        with torch.no_grad():
+            model.shift.weight.mul_(20.0)
     return spec, layout, model
 
 
@@ -65,10 +69,12 @@ def take(obs, idx):
     return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in obs.items()}
 
 
-@pytest.mark.parametrize("prompted,rotary", [(False, False), (True, False), (True, True)])
-def test_cached_decoding_matches_uncached(prompted, rotary, monkeypatch):
+@pytest.mark.parametrize("prompted,rotary,token_shift",
+                         [(False, False, False), (True, False, False), (True, True, False), (False, False, True),
+                          (True, True, True)])
+def test_cached_decoding_matches_uncached(prompted, rotary, token_shift, monkeypatch):
     act_space = spaces.MultiDiscrete([3, 4])  # two action tokens: one cached token step per act
-    spec, layout, model = setup(DICT_OBS, act_space, context=64, rotary=rotary)
+    spec, layout, model = setup(DICT_OBS, act_space, context=64, rotary=rotary, token_shift=token_shift)
     assert layout.steps == 4  # 6 text + 4 patches + 2 + sep + 2 actions = 15 tokens per step
     N = 3
     prompt = None
@@ -148,17 +154,20 @@ def test_pack_valid_keeps_each_rows_valid_tokens_in_order_right_aligned():
     assert full_x is x and full_valid is valid
 
 
-@pytest.mark.parametrize("rotary", [False, True])
-def test_cache_compaction_and_placement_are_exact(rotary):
+@pytest.mark.parametrize("rotary,token_shift", [(False, False), (True, False), (False, True)])
+def test_cache_compaction_and_placement_are_exact(rotary, token_shift):
     """Squeezing invalid entries out, or encoding rows elsewhere and placing them, changes no later output
-    (with rotary positions too: keys are cached rotated, so where they sit does not matter)."""
-    _, _, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), context=64, rotary=rotary)
+    (with rotary positions too: keys are cached rotated, so where they sit does not matter; with the token
+    shift, a placed row brings its last token along)."""
+    _, _, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), context=64, rotary=rotary,
+                        token_shift=token_shift)
     g = torch.Generator().manual_seed(0)
     B, L0, L1, D = 3, 20, 6, model.n_embd
     x = torch.randn(B, L0 + L1, D, generator=g)
     valid = torch.rand(B, L0 + L1, generator=g) > 0.4
     valid[:, L0:] = True
     pos = torch.randint(0, 64, (B, L0 + L1), generator=g)
+    pos[:, L0] = 63  # the first extended token follows the cached ones within a timestep (token shift)
     with torch.no_grad():
         want = model.trunk(x, valid, pos_BxL=pos)[:, L0:]  # the reference: no cache at all
         cache = model.new_cache(B, 48)
@@ -170,9 +179,17 @@ def test_cache_compaction_and_placement_are_exact(rotary):
         last2 = model.trunk(x, valid, model.new_cache(B, 32), outputs=2, pos_BxL=pos)  # the last block, 2 queries
         torch.testing.assert_close(last2, model.trunk(x, valid, pos_BxL=pos)[:, -2:], rtol=0, atol=1e-5)
 
-        # Row 1 encoded alone, placed into a cache whose other rows hold their own (shorter) histories.
+        # A prefill starts over: nothing of what the cache held carries into it (its first token sits at the
+        # highest position, so a stale last token would count as its predecessor).
+        torch.testing.assert_close(model.prefill(x[:, L0:], valid[:, L0:], cache, pos_BxL=pos[:, L0:]),
+                                   model.trunk(x[:, L0:], valid[:, L0:], pos_BxL=pos[:, L0:]), rtol=0, atol=1e-5)
+
+        # Row 1 encoded alone, placed into a cache whose other rows hold their own (shorter) histories and
+        # whose row 1 held another history (invalidated below).
         cache = model.new_cache(B, 48)
-        model.prefill(x[:, 5:L0], valid[:, 5:L0], cache, outputs=0, pos_BxL=pos[:, 5:L0])
+        other = x.clone()
+        other[1] = torch.randn(L0 + L1, D, generator=g)
+        model.prefill(other[:, 5:L0], valid[:, 5:L0], cache, outputs=0, pos_BxL=pos[:, 5:L0])
         cache.valid[1] = False
         alone = model.new_cache(1, L0)
         model.prefill(x[1:2, :L0], valid[1:2, :L0], alone, outputs=0, pos_BxL=pos[1:2, :L0])
