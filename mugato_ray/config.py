@@ -181,6 +181,11 @@ class TrainConfig:
     """How the micro-batches' gradients are combined: none (their sum, each loss weighted 1/M), norm (each
     micro-batch's gradient scaled to the mean of their norms, so no task's gradient dominates the shared
     weights; see mugato_ray.learner)."""
+    task_moments: bool = False
+    """Keep AdamW's moments per task: each task's gradient is normalized by its own running size and the step
+    is the sum of the tasks' Adam directions, so each task steps at lr as it would alone, however small its
+    gradient beside the others' (mugato_ray.task_moments). Each task's gradient is clipped to grad_clip on
+    its own. Costs two moments per parameter per task."""
     num_workers: int = 1
     """Ray Train workers (0: run the loop in the driver)."""
     cpus_per_worker: float = 0.0
@@ -588,6 +593,8 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.max_failures >= -1, "train.max_failures", "at least -1 (-1: retry without limit)"),
         (cfg.train.torch_threads >= 0, "train.torch_threads", "non-negative"),
         (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),
+        (not (cfg.train.task_moments and cfg.train.grad_balance != "none"), "train.task_moments",
+         "false when train.grad_balance is set (per-task moments already give each task its own scale)"),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),
         (cfg.rollout.envs_per_actor >= 1, "rollout.envs_per_actor", "at least 1"),
         (cfg.rollout.actor_cpus > 0, "rollout.actor_cpus", "positive"),

@@ -5,7 +5,9 @@
   the same order on every rank), each micro-batch's loss being its task's mean over loss tokens weighted
   ``1/M``; under DDP only the last micro-batch's backward synchronizes (``no_sync`` on the others); then
   global gradient-norm clipping and the optimizer step. bf16 autocast on GPU only. With
-  ``train.grad_balance: norm``, :class:`GradBalance` gives every micro-batch's gradient the same norm.
+  ``train.grad_balance: norm``, :class:`GradBalance` gives every micro-batch's gradient the same norm;
+  with ``train.task_moments``, each task's gradient is kept apart, clipped on its own and stepped with its
+  own AdamW moments (:mod:`mugato_ray.task_moments`).
 - AdamW (weight decay on matrices and embeddings, i.e. tensors with >= 2 dims; none on norms and
   biases), linear warmup then cosine decay to ``lr * min_lr_ratio`` (:func:`lr_at`, a pure function of
   the step, so a resumed run needs no scheduler state).
@@ -36,6 +38,7 @@ from mugato_ray.config import Config, TrainConfig
 from mugato_ray.data import micro_batches_per_step, step_tasks
 from mugato_ray.model import GatoModel, load_model
 from mugato_ray.sequence import SequenceLayout
+from mugato_ray.task_moments import TaskAdamW, TaskGradients, check_optimizer_state
 from mugato_ray.tokenizer import VocabLayout
 
 CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
@@ -54,14 +57,17 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, num_tasks: int = 1) -> torch.optim.Optimizer:
     """AdamW; weight decay on tensors with >= 2 dims (matmul weights, conv kernels, embedding tables, as
-    nanoGPT and GATO's "matrices"), none on norms and biases."""
+    nanoGPT and GATO's "matrices"), none on norms and biases. With ``train.task_moments``, the same groups
+    in a :class:`~mugato_ray.task_moments.TaskAdamW` with moments for ``num_tasks`` tasks."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
+    if tcfg.task_moments:
+        return TaskAdamW(groups, num_tasks, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay)
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
 
 
@@ -94,7 +100,7 @@ class LoopState:
     """The first optimizer step to run (the checkpoint's step, or 0)."""
     model: torch.nn.Module
     """The model as prepared for training (a DDP wrapper when training runs on several ranks)."""
-    optimizer: torch.optim.AdamW
+    optimizer: torch.optim.Optimizer
     """:func:`make_optimizer` over the unwrapped model, with the checkpoint's state loaded."""
     checkpoint: Path | None = None
     """The checkpoint directory it was restored from (None: a fresh start)."""
@@ -130,8 +136,10 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
         torch.set_rng_state(state["torch_rng"])
     if prepare is not None:
         model = prepare(model)
-    optimizer = make_optimizer(unwrap(model), cfg.train)
+    optimizer = make_optimizer(unwrap(model), cfg.train, len(cfg.tasks))
     if state is not None:
+        check_optimizer_state(state["optimizer"], len(cfg.tasks) if cfg.train.task_moments else None,
+                              f"checkpoint {directory}")
         optimizer.load_state_dict(state["optimizer"])
     return LoopState(step=start, model=model, optimizer=optimizer,
                      checkpoint=Path(directory) if directory is not None else None)
@@ -192,23 +200,40 @@ class Learner:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         balance = GradBalance(self.raw_model) if tcfg.grad_balance == "norm" else None
+        per_task = TaskGradients([p for p in self.raw_model.parameters() if p.requires_grad]) \
+            if isinstance(self.optimizer, TaskAdamW) else None
         micro = []
         for i, k in enumerate(step_tasks(self.cfg, step_index)):
             task = self.tasks[k]
             batch = next_batch(task)
-            # Balanced gradients are all-reduced once, after they are combined (GradBalance.finish).
-            sync = not self.ddp or (i == m - 1 and balance is None)
+            # Balanced or per-task gradients are all-reduced once, after the last micro-batch.
+            sync = not self.ddp or (i == m - 1 and balance is None and per_task is None)
             with (contextlib.nullcontext() if sync else self.model.no_sync()), self.amp:
                 out = self.model(batch, self.layouts[task])
                 (out.loss / m + touch_all(self.raw_model)).backward()
             if balance is not None:
                 balance.take()
+            if per_task is not None:
+                per_task.take(int(k))
             micro.append(MicroStats(int(k), out.loss.detach(), out.num_tokens, out.num_positions))
+        if per_task is not None:
+            return StepStats(step_index, lr, self._step_per_task(per_task), micro)
         if balance is not None:
             balance.finish(all_reduce=self.ddp)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tcfg.grad_clip)
         self.optimizer.step()
         return StepStats(step_index, lr, grad_norm, micro)
+
+    def _step_per_task(self, gradients: TaskGradients) -> torch.Tensor:
+        """``train.task_moments``: average over ranks, clip each task's gradient, step each task's moments;
+        returns the norm of the tasks' summed gradient before clipping (the logged ``grad_norm``)."""
+        if self.ddp:
+            gradients.all_reduce()
+        grad_norm = gradients.total_norm()
+        gradients.clip(self.cfg.train.grad_clip)
+        assert isinstance(self.optimizer, TaskAdamW)
+        self.optimizer.step_tasks(gradients)
+        return grad_norm
 
 
 class GradBalance:
