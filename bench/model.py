@@ -98,6 +98,38 @@ def bench_training(device, vocab, args) -> None:
               f"{min(on) / min(plain):.2f}")
 
 
+def bench_task_moments(device, vocab, args, tasks: int = 4) -> None:
+    """The price of ``train.task_moments``: one optimizer step of ``tasks`` micro-batches (one per task, as
+    the demo's steps) through ``learner.Learner``, with per-task moments against one AdamW, interleaved,
+    best of 3 each."""
+    from mugato_ray.config import Config, TaskEntry, TrainConfig  # lazy: only this benchmark needs them
+    from mugato_ray.learner import Learner, make_optimizer
+
+    T, B = 256, args.batch
+    layout = SequenceLayout("text", (LayoutField("act/text", "action", Modality.TEXT, T, 1),), 1)
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "act/text": torch.randint(0, vocab.text_size, (B, 1, T, 1), generator=g, dtype=torch.int32).to(device),
+        "step_mask": torch.ones((B, 1), dtype=torch.bool, device=device),
+        "prompt_mask": torch.zeros((B, 1), dtype=torch.bool, device=device),
+    }
+    names = [f"text-{i}" for i in range(tasks)]
+    steps = {}
+    for moments in (False, True):
+        cfg = Config(train=TrainConfig(task_moments=moments, steps=10**6),
+                     tasks=[TaskEntry(name="text-arith") for _ in names])
+        model = GatoModel(ModelConfig(preset="small", context=T), vocab).to(device)
+        learner = Learner(model, make_optimizer(model, cfg.train, tasks), cfg, dict.fromkeys(names, layout), device)
+        learner.tasks = names  # the mixture's task names, each with the same synthetic batch
+        steps[moments] = lambda learner=learner: learner.step(0, lambda task: batch)
+    plain, per_task = [], []
+    for _ in range(3):
+        plain.append(timed(steps[False], device, repeats=args.repeats, warmup=1))
+        per_task.append(timed(steps[True], device, repeats=args.repeats, warmup=1))
+    print(f"  train.task_moments ({tasks} tasks, {tasks} micro-batches of {B} x {T}): step time "
+          f"{min(per_task) * 1e3:.0f} ms over {min(plain) * 1e3:.0f} ms  ->  ratio {min(per_task) / min(plain):.2f}")
+
+
 def bench_cached_decoding(device, vocab, args) -> None:
     """Decode tokens after a ~1000-token prefix: append one token to a KV cache vs re-run the whole sequence."""
     L, new = 1024, args.decode_tokens
@@ -233,6 +265,7 @@ def main() -> None:
     vocab = make_vocab(TokenizerConfig(), ByteTokenizer())
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} vocab={vocab.size}")
     bench_training(device, vocab, args)
+    bench_task_moments(device, vocab, args)
     bench_cached_decoding(device, vocab, args)
     bench_batched_acting(device, vocab, args)
 

@@ -112,32 +112,38 @@ class TaskAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_tasks(self, gradients: TaskGradients) -> None:
-        """One step from each present task's summed gradient, weighted ``T * n_k / M`` (module docstring)."""
+        """One step from each present task's summed gradient, weighted ``T * n_k / M`` (module docstring).
+
+        Vectorized over each group's parameters (``torch._foreach_*``, as AdamW's foreach path), one pass
+        per present task."""
         index = {id(p): i for i, p in enumerate(gradients.params)}
         weights = {k: share * self.num_tasks for k, share in gradients.shares().items()}
+        if bad := [k for k in weights if not 0 <= k < self.num_tasks]:
+            raise ValueError(f"{KEY}: task index {bad[0]} outside the optimizer's {self.num_tasks} tasks")
         for group in self.param_groups:
+            params = [p for p in group["params"] if id(p) in index]
+            if not params:
+                continue
             b1, b2 = group["betas"]
-            lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                i = index.get(id(p))
-                if i is None:
-                    continue
-                state = self._state(p)
-                direction = torch.zeros_like(p)
-                for k, weight in weights.items():
-                    if not 0 <= k < self.num_tasks:
-                        raise ValueError(f"{KEY}: task index {k} outside the optimizer's {self.num_tasks} tasks")
-                    g = gradients.sums[k][i]
+            states = [self._state(p) for p in params]
+            directions = [torch.zeros_like(p) for p in params]
+            for k, weight in weights.items():
+                grads = [gradients.sums[k][index[id(p)]] for p in params]
+                for state in states:
                     state["step"][k] += 1
-                    t = float(state["step"][k])
-                    m, v = state["exp_avg"][k], state["exp_avg_sq"][k]
-                    m.lerp_(g, 1 - b1)
-                    v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                    denom = (v / (1 - b2**t)).sqrt_().add_(eps)
-                    direction.addcdiv_(m, denom, value=weight / (1 - b1**t))
-                if wd:
-                    p.mul_(1 - lr * wd)
-                p.add_(direction, alpha=-lr)
+                counts = [float(state["step"][k]) for state in states]
+                m = [state["exp_avg"][k] for state in states]
+                v = [state["exp_avg_sq"][k] for state in states]
+                torch._foreach_lerp_(m, grads, 1 - b1)
+                torch._foreach_mul_(v, b2)
+                torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+                denom = torch._foreach_div(v, [1 - b2**t for t in counts])
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, group["eps"])
+                torch._foreach_addcdiv_(directions, m, denom, [weight / (1 - b1**t) for t in counts])
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+            torch._foreach_add_(params, directions, alpha=-group["lr"])
 
 
 def check_optimizer_state(state: Mapping[str, Any], num_tasks: int | None, where: str) -> None:
