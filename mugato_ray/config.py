@@ -567,6 +567,9 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str], where: str) -> 
     return config_from_dict(data, where)
 
 
+_NO_BALANCE = "false when train.grad_balance is set (per-task moments already give each task its own scale)"
+
+
 def validate(cfg: Config, where: str = "<config>") -> None:
     """Range checks that types alone cannot express."""
     checks = [
@@ -593,8 +596,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.max_failures >= -1, "train.max_failures", "at least -1 (-1: retry without limit)"),
         (cfg.train.torch_threads >= 0, "train.torch_threads", "non-negative"),
         (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),
-        (not (cfg.train.task_moments and cfg.train.grad_balance != "none"), "train.task_moments",
-         "false when train.grad_balance is set (per-task moments already give each task its own scale)"),
+        (cfg.train.grad_balance == "none" or not cfg.train.task_moments, "train.task_moments", _NO_BALANCE),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),
         (cfg.rollout.envs_per_actor >= 1, "rollout.envs_per_actor", "at least 1"),
         (cfg.rollout.actor_cpus > 0, "rollout.actor_cpus", "positive"),
