@@ -52,10 +52,8 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048) -> floa
     return 2 * n**3 / timed(lambda: a @ b, device, repeats=7, warmup=2)
 
 
-def training_step(device, vocab, T: int, B: int, **options):
-    """The model, and one optimizer step of the ``small`` preset on a synthetic (B, T) text batch.
-    ``options``: ModelConfig switches, e.g. ``rotary=True``."""
-    model = GatoModel(ModelConfig(preset="small", context=T, **options), vocab).to(device)
+def text_batch(device, vocab, T: int, B: int) -> tuple[SequenceLayout, dict[str, torch.Tensor]]:
+    """A one-field text layout and a synthetic (B, T) batch of random text tokens in it, fixed by seed 0."""
     layout = SequenceLayout("text", (LayoutField("act/text", "action", Modality.TEXT, T, 1),), 1)
     g = torch.Generator().manual_seed(0)
     batch = {
@@ -63,6 +61,14 @@ def training_step(device, vocab, T: int, B: int, **options):
         "step_mask": torch.ones((B, 1), dtype=torch.bool, device=device),
         "prompt_mask": torch.zeros((B, 1), dtype=torch.bool, device=device),
     }
+    return layout, batch
+
+
+def training_step(device, vocab, T: int, B: int, **options):
+    """The model, and one optimizer step of the ``small`` preset on a synthetic (B, T) text batch.
+    ``options``: ModelConfig switches, e.g. ``rotary=True``."""
+    model = GatoModel(ModelConfig(preset="small", context=T, **options), vocab).to(device)
+    layout, batch = text_batch(device, vocab, T, B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
@@ -106,13 +112,7 @@ def bench_task_moments(device, vocab, args, tasks: int = 4) -> None:
     from mugato_ray.learner import Learner, make_optimizer
 
     T, B = 256, args.batch
-    layout = SequenceLayout("text", (LayoutField("act/text", "action", Modality.TEXT, T, 1),), 1)
-    g = torch.Generator().manual_seed(0)
-    batch = {
-        "act/text": torch.randint(0, vocab.text_size, (B, 1, T, 1), generator=g, dtype=torch.int32).to(device),
-        "step_mask": torch.ones((B, 1), dtype=torch.bool, device=device),
-        "prompt_mask": torch.zeros((B, 1), dtype=torch.bool, device=device),
-    }
+    layout, batch = text_batch(device, vocab, T, B)
     names = [f"text-{i}" for i in range(tasks)]
     steps = {}
     for moments in (False, True):

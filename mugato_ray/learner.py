@@ -38,7 +38,7 @@ from mugato_ray.config import Config, TrainConfig
 from mugato_ray.data import micro_batches_per_step, step_tasks
 from mugato_ray.model import GatoModel, load_model
 from mugato_ray.sequence import SequenceLayout
-from mugato_ray.task_moments import TaskAdamW, TaskGradients, check_optimizer_state
+from mugato_ray.task_moments import TaskAdamW, TaskGradients, all_reduce_mean, check_optimizer_state, take_grads
 from mugato_ray.tokenizer import VocabLayout
 
 CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
@@ -255,7 +255,7 @@ class GradBalance:
 
     def take(self) -> None:
         """Move the last backward's gradient, normalized, into the running sum."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = take_grads(self.params)
         norm = torch.nn.utils.get_total_norm(grads)  # the global L2 norm, as clip_grad_norm_ computes it
         self.norms.append(norm)
         scaled = list(torch._foreach_div(grads, norm.clamp_min(1e-12)))
@@ -263,21 +263,13 @@ class GradBalance:
             self.sum = scaled
         else:
             torch._foreach_add_(self.sum, scaled)
-        for p in self.params:
-            p.grad = None
 
     def finish(self, all_reduce: bool = False) -> None:
         """Put ``mean norm * sum of unit gradients`` into ``.grad`` (averaged over ranks if ``all_reduce``)."""
         assert self.sum is not None, "GradBalance.finish before any take()"  # a step has M >= 1 micro-batches
         torch._foreach_mul_(self.sum, torch.stack(self.norms).mean())
         if all_reduce:
-            import torch.distributed as dist  # lazy: only DDP runs reach here
-
-            flat = torch._utils._flatten_dense_tensors(self.sum)
-            dist.all_reduce(flat)
-            flat /= dist.get_world_size()
-            for g, f in zip(self.sum, torch._utils._unflatten_dense_tensors(flat, self.sum)):
-                g.copy_(f)
+            all_reduce_mean(self.sum)
         for p, g in zip(self.params, self.sum):
             p.grad = g
 

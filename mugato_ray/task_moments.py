@@ -36,6 +36,25 @@ import torch
 KEY = "train.task_moments"
 
 
+def take_grads(params: Sequence[torch.nn.Parameter]) -> list[torch.Tensor]:
+    """The parameters' gradients (zeros where a parameter has none), taken out of ``.grad``."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def all_reduce_mean(tensors: Sequence[torch.Tensor]) -> None:
+    """Average ``tensors`` over the ranks in place, in one all-reduce of their concatenation."""
+    import torch.distributed as dist  # lazy: only DDP runs reach here
+
+    flat = torch._utils._flatten_dense_tensors(tensors)
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for t, f in zip(tensors, torch._utils._unflatten_dense_tensors(flat, tensors)):
+        t.copy_(f)
+
+
 class TaskGradients:
     """Per-task gradient sums of one optimizer step, taken out of ``.grad`` after each backward."""
 
@@ -46,14 +65,12 @@ class TaskGradients:
 
     def take(self, task: int) -> None:
         """Move the last backward's gradient into ``task``'s sum."""
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        grads = take_grads(self.params)
         if task in self.sums:
             torch._foreach_add_(self.sums[task], grads)
         else:
             self.sums[task] = grads
         self.counts[task] = self.counts.get(task, 0) + 1
-        for p in self.params:
-            p.grad = None
 
     def shares(self) -> dict[int, float]:
         """Each task's share of the step's micro-batches (they sum to 1)."""
@@ -62,15 +79,7 @@ class TaskGradients:
 
     def all_reduce(self) -> None:
         """Average every task's sum over the ranks (every rank ran the same tasks: ``data.step_tasks``)."""
-        import torch.distributed as dist  # lazy: only DDP runs reach here
-
-        tasks = sorted(self.sums)
-        flat_list = [g for k in tasks for g in self.sums[k]]
-        flat = torch._utils._flatten_dense_tensors(flat_list)
-        dist.all_reduce(flat)
-        flat /= dist.get_world_size()
-        for g, f in zip(flat_list, torch._utils._unflatten_dense_tensors(flat, flat_list)):
-            g.copy_(f)
+        all_reduce_mean([g for k in sorted(self.sums) for g in self.sums[k]])
 
     def total_norm(self) -> torch.Tensor:
         """The L2 norm of the tasks' summed gradient (what a plain step would clip), for the logs."""

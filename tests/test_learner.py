@@ -157,6 +157,18 @@ def test_balanced_gradients_count_each_micro_batch_by_its_direction(tmp_path):
     assert not all(torch.allclose(balanced[n], plain[n], rtol=1e-3) for n in ga)
 
 
+def spawn_ranks(fn, run_dir, world: int = 2) -> None:
+    """Run ``fn(rank, world, run_dir, port)`` in ``world`` processes that meet on a free local port."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(fn, args=(world, str(run_dir), port), nprocs=world, join=True)
+
+
 def _balanced_ddp_rank(rank: int, world: int, run_dir: str, port: int) -> None:
     """One rank of the DDP test below: its own two micro-batches, gradients saved after the step."""
     import torch.distributed as dist
@@ -176,14 +188,7 @@ def _balanced_ddp_rank(rank: int, world: int, run_dir: str, port: int) -> None:
 
 
 def test_balanced_gradients_under_ddp_are_the_mean_of_each_ranks_balanced_gradient(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_balanced_ddp_rank, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    spawn_ranks(_balanced_ddp_rank, tmp_path)
     got = [torch.load(tmp_path / f"grads-{r}.pt") for r in range(2)]
     want = []
     for rank in range(2):  # each rank's balanced gradient, computed alone

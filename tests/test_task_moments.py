@@ -13,6 +13,7 @@ from mugato_ray.config import ConfigError, load_config
 from mugato_ray.data import step_tasks, task_layouts
 from mugato_ray.learner import Learner, restore
 from mugato_ray.task_moments import TaskAdamW, TaskGradients
+from tests.test_learner import spawn_ranks
 from tests.test_model import VOCAB, make_batch, text_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,14 +229,7 @@ def _rank_batches(rank: int) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def test_under_ddp_each_tasks_gradient_is_averaged_over_ranks(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_rank, args=(2, str(tmp_path), port), nprocs=2, join=True)
+    spawn_ranks(_ddp_rank, tmp_path)
     got = [torch.load(tmp_path / f"params-{r}.pt") for r in range(2)]
     # The same step in one process, from each task's gradient averaged over the two ranks' batches.
     cfg = make_cfg(tmp_path, "train.task_moments=true")
