@@ -70,7 +70,8 @@ def train_model(cfg, seed: int, eval_every: int, eval_episodes: int, out: Path, 
     builders = {t: SequenceBuilder(t, specs[t], cfg, seed=seed * 1000 + i) for i, t in enumerate(tasks)}
     model = GatoModel(cfg.model, next(iter(specs.values())).vocab, patch_size=cfg.tokenizer.patch_size,
                       mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
-    learner = Learner(model, make_optimizer(model, cfg.train, len(cfg.tasks)), cfg, layouts)
+    optimizer = make_optimizer(model, cfg.train, len(cfg.tasks), [t.lr_scale for t in cfg.tasks])
+    learner = Learner(model, optimizer, cfg, layouts)
     rng = np.random.default_rng(seed)
     rows, wall = [], 0.0
     ckpt = out / f"model-seed{seed}" / "model.pt"

@@ -97,6 +97,10 @@ class TaskEntry:
     """A task name from the registry (mugato_ray.tasks)."""
     weight: float = 1.0
     """Relative sampling weight in the training mixture."""
+    lr_scale: float = 1.0
+    """This task's learning rate as a multiple of train.lr, with train.task_moments (each task then steps in its
+    own Adam geometry, so its rate is its own; without per-task moments the tasks share one step and this must
+    stay 1). A task that learns fast and early can step smaller, so it disturbs the weights it shares less."""
     episodes: int = 10
     """Episodes to collect for the store."""
     expert_noise: float = 0.0
@@ -614,9 +618,19 @@ def validate(cfg: Config, where: str = "<config>") -> None:
     for ok, key, expected in checks:
         if not ok:
             raise ConfigError(f"{where}: key '{key}' must be {expected}")
+    _validate_tasks(cfg, where)
+
+
+def _validate_tasks(cfg: Config, where: str) -> None:
+    """Checks of each ``tasks[]`` entry, and that no task is listed twice."""
     for i, t in enumerate(cfg.tasks):
         if t.weight < 0:
             raise ConfigError(f"{where}: key 'tasks[{i}].weight' must be non-negative")
+        if not t.lr_scale > 0:
+            raise ConfigError(f"{where}: key 'tasks[{i}].lr_scale' must be positive")
+        if t.lr_scale != 1.0 and not cfg.train.task_moments:
+            raise ConfigError(f"{where}: key 'tasks[{i}].lr_scale' must be 1 unless train.task_moments is true "
+                              "(a per-task rate needs per-task moments)")
         if t.episodes < 1:
             raise ConfigError(f"{where}: key 'tasks[{i}].episodes' must be at least 1")
         if not 0.0 <= t.expert_noise <= 1.0:

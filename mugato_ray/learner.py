@@ -57,17 +57,20 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, num_tasks: int = 1) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, num_tasks: int = 1,
+                   lr_scales: Sequence[float] | None = None) -> torch.optim.Optimizer:
     """AdamW; weight decay on tensors with >= 2 dims (matmul weights, conv kernels, embedding tables, as
     nanoGPT and GATO's "matrices"), none on norms and biases. With ``train.task_moments``, the same groups
-    in a :class:`~mugato_ray.task_moments.TaskAdamW` with moments for ``num_tasks`` tasks."""
+    in a :class:`~mugato_ray.task_moments.TaskAdamW` with moments for ``num_tasks`` tasks, each stepping at
+    its ``lr_scales`` multiple of the rate (``tasks[].lr_scale``; None: all 1)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": tcfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     if tcfg.task_moments:
-        return TaskAdamW(groups, num_tasks, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay)
+        return TaskAdamW(groups, num_tasks, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), weight_decay=tcfg.weight_decay,
+                         lr_scales=lr_scales)
     return torch.optim.AdamW(groups, lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
 
 
@@ -136,7 +139,7 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
         torch.set_rng_state(state["torch_rng"])
     if prepare is not None:
         model = prepare(model)
-    optimizer = make_optimizer(unwrap(model), cfg.train, len(cfg.tasks))
+    optimizer = make_optimizer(unwrap(model), cfg.train, len(cfg.tasks), [t.lr_scale for t in cfg.tasks])
     if state is not None:
         check_optimizer_state(state["optimizer"], len(cfg.tasks) if cfg.train.task_moments else None,
                               f"checkpoint {directory}")

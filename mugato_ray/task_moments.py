@@ -9,14 +9,17 @@ tasks' Adam directions, each weighted by its share of the step's micro-batches a
 
     m_k <- b1 m_k + (1 - b1) g_k          v_k <- b2 v_k + (1 - b2) g_k^2       (each task's own count t_k)
     p   <- p (1 - lr wd) - lr * sum_k w_k * (m_k / (1 - b1^t_k)) / (sqrt(v_k / (1 - b2^t_k)) + eps)
-    w_k =  T * n_k / M     (n_k of the step's M micro-batches are task k's; T tasks in the config)
+    w_k =  s_k * T * n_k / M     (n_k of the step's M micro-batches are task k's; T tasks in the config;
+                                  s_k the task's tasks[].lr_scale, 1 by default)
 
 So with equally weighted tasks ``w_k = 1``: every task steps at ``lr`` in its own Adam geometry, as it
 would alone, and ``lr`` keeps its meaning when tasks are added (on the weights the tasks share, the step
 is the sum of their directions). One task is exactly AdamW. A task absent from a step (weighted
 mixtures, ``train.grad_accum``) leaves its moments as they are. Each task's gradient is clipped to
 ``train.grad_clip`` on its own before it enters its moments, so one task's spike does not shrink the
-others' steps. Memory: two moments per parameter per task (a plain AdamW keeps two per parameter).
+others' steps. ``tasks[].lr_scale`` sets a task's own rate (``s_k lr``): a task that learns early and fast can
+step smaller, so it disturbs the weights it shares with the others less. Memory: two moments per parameter
+per task (a plain AdamW keeps two per parameter).
 
 - :class:`TaskGradients` takes each micro-batch's gradient out of ``.grad`` after its backward and sums
   it into its task's buffer; under DDP the buffers are averaged over ranks once, in one all-reduce.
@@ -101,12 +104,17 @@ class TaskAdamW(torch.optim.Optimizer):
     """AdamW with per-task moments (module docstring); step it with :meth:`step_tasks`."""
 
     def __init__(self, params: Iterable[Any], num_tasks: int, lr: float, betas: tuple[float, float],
-                 weight_decay: float, eps: float = 1e-8):
+                 weight_decay: float, eps: float = 1e-8, lr_scales: Sequence[float] | None = None):
         if num_tasks < 1:
             raise ValueError(f"{KEY}: needs at least one task, got {num_tasks}")
+        scales = [1.0] * num_tasks if lr_scales is None else [float(s) for s in lr_scales]
+        if len(scales) != num_tasks or not all(s > 0 for s in scales):
+            raise ValueError(f"{KEY}: lr_scales must be {num_tasks} positive numbers, got {scales}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                                   "num_tasks": num_tasks})
         self.num_tasks = num_tasks
+        # Not in the param groups: a resumed run takes its rates from its config, not from the checkpoint.
+        self.lr_scales = scales
 
     def step(self, closure: Any = None) -> None:  # noqa: ARG002 - torch's signature
         raise RuntimeError(f"{KEY}: TaskAdamW steps with step_tasks(gradients), which carries each task's gradient")
@@ -121,14 +129,15 @@ class TaskAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step_tasks(self, gradients: TaskGradients) -> None:
-        """One step from each present task's summed gradient, weighted ``T * n_k / M`` (module docstring).
+        """One step from each present task's summed gradient, weighted ``s_k * T * n_k / M`` (module docstring).
 
         Vectorized over each group's parameters (``torch._foreach_*``, as AdamW's foreach path), one pass
         per present task."""
         index = {id(p): i for i, p in enumerate(gradients.params)}
-        weights = {k: share * self.num_tasks for k, share in gradients.shares().items()}
-        if bad := [k for k in weights if not 0 <= k < self.num_tasks]:
+        shares = gradients.shares()
+        if bad := [k for k in shares if not 0 <= k < self.num_tasks]:
             raise ValueError(f"{KEY}: task index {bad[0]} outside the optimizer's {self.num_tasks} tasks")
+        weights = {k: self.lr_scales[k] * share * self.num_tasks for k, share in shares.items()}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in index]
             if not params:

@@ -151,6 +151,39 @@ def test_an_absent_task_keeps_its_moments_and_a_task_index_outside_is_refused():
         opt.step_tasks(bad)
 
 
+def test_a_tasks_lr_scale_is_its_own_rate():
+    """AdamW's first step is lr * g / |g| per element; with scales (1, 0.25) the two tasks' steps are
+    lr * sign(g_a) and lr * 0.25 * sign(g_b), so where they agree 1.25 lr, where they disagree 0.75 lr."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = TaskAdamW([p], 2, lr=0.1, betas=(0.9, 0.99), weight_decay=0.0, lr_scales=[1.0, 0.25])
+    grads = TaskGradients([p])
+    p.grad = torch.tensor([1.0, -2.0, 0.5])
+    grads.take(0)
+    p.grad = torch.tensor([3.0, 4.0, -0.1])
+    grads.take(1)
+    opt.step_tasks(grads)
+    torch.testing.assert_close(p.detach(), -0.1 * torch.tensor([1.25, -0.75, 0.75]), rtol=0, atol=1e-6)
+    for bad in ([1.0], [1.0, 0.0]):
+        with pytest.raises(ValueError, match="lr_scales must be 2 positive numbers"):
+            TaskAdamW([p], 2, lr=0.1, betas=(0.9, 0.99), weight_decay=0.0, lr_scales=bad)
+
+
+def test_the_config_sets_each_tasks_rate_and_a_resumed_run_takes_its_own(tmp_path):
+    scaled = "tasks=[{name: text-arith}, {name: text-files, lr_scale: 0.25}]"
+    cfg = make_cfg(tmp_path, "train.task_moments=true", scaled)
+    learner = fresh_learner(cfg)
+    assert learner.optimizer.lr_scales == [1.0, 0.25]
+    specs, _ = task_layouts(cfg)
+    ckpt = tmp_path / "ckpt"
+    write_checkpoint(ckpt, learner.raw_model, learner.optimizer, 1, cfg, specs, LAYOUTS)
+    resumed = restore(make_cfg(tmp_path, "train.task_moments=true"), VOCAB, ckpt)
+    assert resumed.optimizer.lr_scales == [1.0, 1.0]  # the run's config, not the checkpoint's
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.lr_scale.*train.task_moments"):
+        make_cfg(tmp_path, scaled)
+    with pytest.raises(ConfigError, match=r"tasks\[0\]\.lr_scale' must be positive"):
+        make_cfg(tmp_path, "train.task_moments=true", "tasks=[{name: text-arith, lr_scale: 0}]")
+
+
 def test_each_task_is_clipped_on_its_own():
     p = torch.nn.Parameter(torch.zeros(2))
     grads = TaskGradients([p])
