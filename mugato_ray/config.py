@@ -188,8 +188,8 @@ class TrainConfig:
     task_moments: bool = False
     """Keep AdamW's moments per task: each task's gradient is normalized by its own running size and the step
     is the sum of the tasks' Adam directions, so each task steps at lr (times its tasks[].lr_scale) as it would
-    alone, however small its gradient beside the others' (mugato_ray.task_moments). Each task's gradient is clipped to grad_clip on
-    its own. Costs two moments per parameter per task."""
+    alone, however small its gradient beside the others' (mugato_ray.task_moments). Each task's gradient is
+    clipped to grad_clip on its own. Costs two moments per parameter per task."""
     num_workers: int = 1
     """Ray Train workers (0: run the loop in the driver)."""
     cpus_per_worker: float = 0.0
