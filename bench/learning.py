@@ -88,7 +88,7 @@ def train_model(cfg, seed: int, eval_every: int, eval_episodes: int, out: Path, 
         wall += time.perf_counter() - t0
         done = step + 1
         if done % eval_every == 0 or done == cfg.train.steps:
-            save_model(model, ckpt)
+            save_model(learner.acting_model, ckpt)
             save_layouts(ckpt.parent / "layouts.json", specs, layouts)
             for task in tasks:
                 r = evaluate_policy(cfg, task, PolicySpec("model", str(ckpt)), eval_episodes)

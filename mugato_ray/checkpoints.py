@@ -4,7 +4,9 @@ A checkpoint is one directory, ``<storage_path>/<run_name>/checkpoint_<step:08d>
 
 - ``model.pt``: the weights and model config (``model.save_model``);
 - ``state.pt``: ``{"format", "step", "optimizer", "torch_rng"}`` (the optimizer's state dict, the
-  optimizer steps done, rank 0's torch RNG state);
+  optimizer steps done, rank 0's torch RNG state) and, with ``train.ema_decay``, ``"train_model"``: the
+  training weights, while ``model.pt`` holds their moving average, the weights the run acts with
+  (``mugato_ray.weight_average``);
 - ``config.yaml``: the run's config; ``layouts.json``: the task specs and sequence layouts
   (``data.save_layouts``); ``tokenizer.json``: a copy of the BPE when ``tokenizer.text: bpe``;
 - ``manifest.json``, written last: the size and SHA-256 of every other file.
@@ -46,6 +48,8 @@ MANIFEST_FILE = "manifest.json"
 EXPORT_MODEL_FILE, EXPORT_CONFIG_FILE = "model.safetensors", "config.json"
 """An export's weights and run config (``mugato_ray.export``): what it holds instead of model.pt and config.yaml."""
 STATE_FORMAT = 1
+TRAIN_MODEL_KEY = "train_model"
+"""state.pt's training weights (a state dict) when model.pt holds their moving average (``train.ema_decay``)."""
 
 
 def run_name(cfg: Config) -> str:
@@ -158,25 +162,29 @@ def write_acting_files(directory: Path, model: torch.nn.Module, cfg: Config, spe
 
 
 def write_checkpoint(directory: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                     cfg: Config, specs: dict, layouts: dict) -> None:
-    """Fill ``directory`` with the acting files (:func:`write_acting_files`), state.pt, then manifest.json."""
+                     cfg: Config, specs: dict, layouts: dict, train_model: torch.nn.Module | None = None) -> None:
+    """Fill ``directory`` with the acting files of ``model`` (:func:`write_acting_files`), state.pt, then
+    manifest.json. ``train_model``: the training weights, when ``model`` is their moving average."""
     import torch  # lazy: keeps torch out of processes that only read checkpoint file names and manifests
 
     write_acting_files(directory, model, cfg, specs, layouts)
-    torch.save({"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
-                "torch_rng": torch.get_rng_state()}, directory / STATE_FILE)
+    state = {"format": STATE_FORMAT, "step": step, "optimizer": optimizer.state_dict(),
+             "torch_rng": torch.get_rng_state()}
+    if train_model is not None:
+        state[TRAIN_MODEL_KEY] = {k: v.detach().cpu() for k, v in train_model.state_dict().items()}
+    torch.save(state, directory / STATE_FILE)
     write_manifest(directory)  # last: a checkpoint without it never completed
 
 
 def save_local_checkpoint(cfg: Config, model: torch.nn.Module, optimizer: torch.optim.Optimizer, step: int,
-                          specs: dict, layouts: dict) -> Path:
+                          specs: dict, layouts: dict, train_model: torch.nn.Module | None = None) -> Path:
     """Write a checkpoint straight into the run's storage (complete or absent: a hidden temporary
     directory renamed into place) and keep the newest ``train.keep_checkpoints``."""
     root = Path(storage_path(cfg)) / run_name(cfg)
     root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_dir_name(step)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    write_checkpoint(tmp, model, optimizer, step, cfg, specs, layouts)
+    write_checkpoint(tmp, model, optimizer, step, cfg, specs, layouts, train_model)
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

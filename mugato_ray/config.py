@@ -190,6 +190,10 @@ class TrainConfig:
     is the sum of the tasks' Adam directions, so each task steps at lr (times its tasks[].lr_scale) as it would
     alone, however small its gradient beside the others' (mugato_ray.task_moments). Each task's gradient is
     clipped to grad_clip on its own. Costs two moments per parameter per task."""
+    ema_decay: float = 0.0
+    """0: off. Otherwise the run acts with an exponential moving average of its weights over about
+    1 / (1 - ema_decay) steps (0.99: the last 100): snapshots and checkpoints' model.pt hold the average, the
+    training weights go into state.pt (mugato_ray.weight_average)."""
     num_workers: int = 1
     """Ray Train workers (0: run the loop in the driver)."""
     cpus_per_worker: float = 0.0
@@ -600,6 +604,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.max_failures >= -1, "train.max_failures", "at least -1 (-1: retry without limit)"),
         (cfg.train.torch_threads >= 0, "train.torch_threads", "non-negative"),
         (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),
+        (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0: off)"),
         (cfg.train.grad_balance == "none" or not cfg.train.task_moments, "train.task_moments", _NO_BALANCE),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),
         (cfg.rollout.envs_per_actor >= 1, "rollout.envs_per_actor", "at least 1"),

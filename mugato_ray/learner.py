@@ -33,13 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from mugato_ray.checkpoints import MODEL_FILE, read_state
+from mugato_ray.checkpoints import MODEL_FILE, TRAIN_MODEL_KEY, read_state
 from mugato_ray.config import Config, TrainConfig
 from mugato_ray.data import micro_batches_per_step, step_tasks
 from mugato_ray.model import GatoModel, load_model
 from mugato_ray.sequence import SequenceLayout
 from mugato_ray.task_moments import TaskAdamW, TaskGradients, all_reduce_mean, check_optimizer_state, take_grads
 from mugato_ray.tokenizer import VocabLayout
+from mugato_ray.weight_average import WeightAverage
 
 CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
 
@@ -107,6 +108,9 @@ class LoopState:
     """:func:`make_optimizer` over the unwrapped model, with the checkpoint's state loaded."""
     checkpoint: Path | None = None
     """The checkpoint directory it was restored from (None: a fresh start)."""
+    average: dict[str, torch.Tensor] | None = None
+    """The checkpoint's averaged weights (``train.ema_decay``; its model.pt), when it kept the training
+    weights apart (state.pt's ``train_model``); None otherwise."""
 
 
 def build_model(cfg: Config, vocab: VocabLayout) -> GatoModel:
@@ -129,9 +133,13 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
     """
     model: torch.nn.Module = build_model(cfg, vocab)
     state: dict[str, Any] | None = None
+    average = None
     if directory is not None:
-        model.load_state_dict(load_model(Path(directory) / MODEL_FILE).state_dict())
+        saved = load_model(Path(directory) / MODEL_FILE).state_dict()
         state = read_state(Path(directory))
+        if state.get(TRAIN_MODEL_KEY) is not None:  # model.pt holds the average; training goes on from these
+            average, saved = saved, state[TRAIN_MODEL_KEY]
+        model.load_state_dict(saved)
     start = int(state["step"]) if state is not None else 0
     # Seeds depend on the rank and the step the attempt starts at: every (re)start is reproducible.
     torch.manual_seed(attempt_seed(cfg.train.seed, rank, start))
@@ -145,7 +153,7 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
                               f"checkpoint {directory}")
         optimizer.load_state_dict(state["optimizer"])
     return LoopState(step=start, model=model, optimizer=optimizer,
-                     checkpoint=Path(directory) if directory is not None else None)
+                     checkpoint=Path(directory) if directory is not None else None, average=average)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +192,14 @@ class Learner:
     """One optimizer step of a (possibly DDP-wrapped) model on micro-batches of the task mixture."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Config,
-                 layouts: Mapping[str, SequenceLayout], device: torch.device | str = "cpu"):
+                 layouts: Mapping[str, SequenceLayout], device: torch.device | str = "cpu",
+                 average: Mapping[str, torch.Tensor] | None = None):
         self.model, self.optimizer, self.cfg, self.layouts = model, optimizer, cfg, layouts
         self.device = torch.device(device)
         self.raw_model = unwrap(model)
+        self.average = (WeightAverage(self.raw_model, cfg.train.ema_decay, average) if cfg.train.ema_decay > 0
+                        else None)
+        """``train.ema_decay``: the moving average of the weights (mugato_ray.weight_average); None when off."""
         self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
@@ -195,7 +207,19 @@ class Learner:
         self.micro_batches = micro_batches_per_step(cfg)
         self.model.train()
 
+    @property
+    def acting_model(self) -> torch.nn.Module:
+        """The weights the run acts with: the moving average with ``train.ema_decay``, else the model's own."""
+        return self.average.model if self.average is not None else self.raw_model
+
     def step(self, step_index: int, next_batch: Callable[[str], Batch]) -> StepStats:
+        """Optimizer step ``step_index``, then the weight average's update (``train.ema_decay``)."""
+        stats = self._step(step_index, next_batch)
+        if self.average is not None:
+            self.average.update(self.raw_model, step_index)
+        return stats
+
+    def _step(self, step_index: int, next_batch: Callable[[str], Batch]) -> StepStats:
         """Optimizer step ``step_index``: ``next_batch(task)`` gives each micro-batch of the step's tasks."""
         tcfg, m = self.cfg.train, self.micro_batches
         lr = lr_at(step_index, tcfg)

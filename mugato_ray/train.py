@@ -177,14 +177,16 @@ def report(metrics: dict[str, Any], done: int, ckpt_now: bool, learner: Learner,
     import ray.train
 
     cfg, specs, layouts = config["cfg"], config["specs"], config["layouts"]
-    model, optimizer = learner.raw_model, learner.optimizer
+    # model.pt holds the weights the run acts with; with train.ema_decay the training weights go to state.pt.
+    model, optimizer = learner.acting_model, learner.optimizer
+    train_model = learner.raw_model if learner.average is not None else None
     if ckpt_now and config.get("local_mode", False):
         # Ray Train's driver mode (num_workers=0) does not persist checkpoints: write them in place.
-        path = save_local_checkpoint(cfg, model, optimizer, done, specs, layouts)
+        path = save_local_checkpoint(cfg, model, optimizer, done, specs, layouts, train_model)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(path)))
     elif ckpt_now and rank == 0:
         with tempfile.TemporaryDirectory() as tmp:
-            write_checkpoint(Path(tmp), model, optimizer, done, cfg, specs, layouts)
+            write_checkpoint(Path(tmp), model, optimizer, done, cfg, specs, layouts, train_model)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                              checkpoint_dir_name=checkpoint_dir_name(done))
         # The controller registers a reported checkpoint asynchronously; a worker that died before
@@ -227,7 +229,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     evaluator = config.get("evaluator")  # scores snapshots while training goes on (mugato_ray.train_eval)
     fault = FaultHook(config.get("crash_at_step"), local_cfg.run_dir, rank)
     window = MetricWindow(len(tasks), device)
-    learner = Learner(state.model, state.optimizer, cfg, layouts, device)
+    learner = Learner(state.model, state.optimizer, cfg, layouts, device, state.average)
     # Rank 0 keeps every report (Ray Train keeps none without a checkpoint); what an interrupted attempt
     # logged after this attempt's checkpoint is dropped.
     metric_log = open_metric_log(local_cfg, "train", start_step=state.step + 1) if rank == 0 else None
@@ -242,7 +244,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         done = step + 1
         if evaluator is not None and rank == 0 and (done % tcfg.eval_every == 0 or done == tcfg.steps):
             # Not awaited: the actor scores it while training goes on.
-            snapshot = write_snapshot(local_cfg, learner.raw_model, done, specs, layouts)
+            snapshot = write_snapshot(local_cfg, learner.acting_model, done, specs, layouts)
             evaluator.evaluate.remote(done, str(snapshot))
         log_now = done % tcfg.log_every == 0 or done == tcfg.steps
         ckpt_now = done % tcfg.checkpoint_every == 0 or done == tcfg.steps
