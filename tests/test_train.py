@@ -21,7 +21,7 @@ import ray
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mugato_ray.checkpoints import latest_checkpoint, read_state, verify_checkpoint
+from mugato_ray.checkpoints import TRAIN_MODEL_KEY, latest_checkpoint, read_state, verify_checkpoint
 from mugato_ray.config import load_config
 from mugato_ray.data import load_layouts, write_synthetic_store
 from mugato_ray.learner import CRASH_ENV, lr_at, make_optimizer
@@ -167,10 +167,14 @@ def test_a_killed_worker_recovers_and_a_rerun_resumes_at_the_checkpoint_step(loc
 def test_driver_mode_keeps_and_resumes_its_own_checkpoints(local_ray, tmp_path):
     """train.num_workers=0 runs the loop in the driver, where Ray Train persists no checkpoint."""
     cfg = make_cfg(tmp_path, "train.num_workers=0", "train.steps=2", "train.checkpoint_every=1",
-                   "train.keep_checkpoints=1", tasks=["Pendulum-v1"])
+                   "train.keep_checkpoints=1", "train.ema_decay=0.5", tasks=["Pendulum-v1"])
     write_synthetic_store(cfg, 4)
     first = train(cfg)
     assert Path(first.checkpoint_path) == latest_checkpoint(cfg) and read_state(latest_checkpoint(cfg))["step"] == 2
+    # train.ema_decay: model.pt holds the weights' average, state.pt the training weights.
+    acting, trained = load_model(latest_checkpoint(cfg) / "model.pt").state_dict(), \
+        read_state(latest_checkpoint(cfg))[TRAIN_MODEL_KEY]
+    assert acting.keys() == trained.keys() and any(not torch.equal(acting[k], trained[k]) for k in acting)
     cfg.train.steps = 3
     second = train(cfg)
     assert [h["step"] for h in second.history] == [3]
