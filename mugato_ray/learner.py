@@ -11,6 +11,8 @@
 - AdamW (weight decay on matrices and embeddings, i.e. tensors with >= 2 dims; none on norms and
   biases), linear warmup then cosine decay to ``lr * min_lr_ratio`` (:func:`lr_at`, a pure function of
   the step, so a resumed run needs no scheduler state).
+- With ``train.ema_decay``, the learner keeps a moving average of the weights after every step
+  (:mod:`mugato_ray.weight_average`); :attr:`Learner.acting_model` is what snapshots and checkpoints save.
 - :class:`MetricWindow` sums each task's loss, real tokens and computed positions on the device between
   log steps and turns them into the logged metrics (``loss``, ``loss/<task>``, ``nonpad/<task>``,
   ``tokens_per_s``, and ``rank_param_spread`` over several ranks).
