@@ -31,6 +31,20 @@ def fresh_learner(cfg, seed: int = 0) -> Learner:
     return Learner(state.model, state.optimizer, cfg, {TASK: LAYOUT})
 
 
+def checkpoint_after(cfg, steps: int, directory: Path, batch) -> Learner:
+    """A fresh learner stepped ``steps`` times on ``batch``, then checkpointed into ``directory`` as training
+    does: its acting weights in model.pt and, with ``train.ema_decay``, the training weights in state.pt."""
+    learner = fresh_learner(cfg)
+    for step in range(steps):
+        learner.step(step, lambda task: batch)
+    directory.mkdir()
+    specs, _ = task_layouts(cfg)
+    write_checkpoint(directory, learner.acting_model, learner.optimizer, steps, cfg, specs, {TASK: LAYOUT},
+                     train_model=learner.raw_model if learner.average is not None else None)
+    assert verify_checkpoint(directory) is None
+    return learner
+
+
 def test_steps_on_a_fixed_batch_lower_the_loss_and_report_their_stats(tmp_path):
     cfg = make_cfg(tmp_path, "train.grad_accum=2")
     learner = fresh_learner(cfg)
@@ -95,15 +109,10 @@ def test_metric_window_summary_on_known_sums_then_resets():
 
 def test_restore_round_trips_a_checkpoint_and_seeds_the_attempt(tmp_path):
     cfg = make_cfg(tmp_path)
-    specs, _ = task_layouts(cfg)
     batch = make_batch(LAYOUT, [1, 1], seed=11)
-    learner = fresh_learner(cfg)
-    for step in range(3):
-        learner.step(step, lambda task: batch)
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    write_checkpoint(ckpt, learner.raw_model, learner.optimizer, 3, cfg, specs, {TASK: LAYOUT})
-    assert verify_checkpoint(ckpt) is None and (ckpt / "layouts.json").is_file()
+    learner = checkpoint_after(cfg, 3, ckpt, batch)
+    assert (ckpt / "layouts.json").is_file()
 
     state = restore(cfg, VOCAB, ckpt, rank=0)
     assert state.step == 3 and state.checkpoint == ckpt

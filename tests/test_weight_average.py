@@ -5,13 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mugato_ray.checkpoints import TRAIN_MODEL_KEY, read_state, verify_checkpoint, write_checkpoint
+from mugato_ray.checkpoints import TRAIN_MODEL_KEY, read_state
 from mugato_ray.config import ConfigError
-from mugato_ray.data import task_layouts
 from mugato_ray.learner import Learner, restore
 from mugato_ray.model import load_model
 from mugato_ray.weight_average import WeightAverage, decay_at
-from tests.test_learner import LAYOUT, TASK, fresh_learner, make_cfg
+from tests.test_learner import LAYOUT, TASK, checkpoint_after, fresh_learner, make_cfg
 from tests.test_model import VOCAB, make_batch
 
 
@@ -46,8 +45,8 @@ def test_update_is_the_exponential_average_of_the_weights_it_saw():
 
 def test_learner_acts_with_the_average_and_trains_the_weights(tmp_path):
     batch = make_batch(LAYOUT, [1, 1], seed=11)
-    plain, averaged = fresh_learner(make_cfg(tmp_path), seed=3), fresh_learner(make_cfg(tmp_path, "train.ema_decay=0.9"),
-                                                                                seed=3)
+    plain = fresh_learner(make_cfg(tmp_path), seed=3)
+    averaged = fresh_learner(make_cfg(tmp_path, "train.ema_decay=0.9"), seed=3)
     assert plain.acting_model is plain.raw_model and plain.average is None
     for step in range(6):
         plain.step(step, lambda task: batch)
@@ -64,16 +63,9 @@ def test_learner_acts_with_the_average_and_trains_the_weights(tmp_path):
 
 def test_a_checkpoint_holds_the_average_and_resumes_training_exactly(tmp_path):
     cfg = make_cfg(tmp_path, "train.ema_decay=0.9")
-    specs, _ = task_layouts(cfg)
     batch = make_batch(LAYOUT, [1, 1], seed=11)
-    learner = fresh_learner(cfg)
-    for step in range(4):
-        learner.step(step, lambda task: batch)
     ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    write_checkpoint(ckpt, learner.acting_model, learner.optimizer, 4, cfg, specs, {TASK: LAYOUT},
-                     train_model=learner.raw_model)
-    assert verify_checkpoint(ckpt) is None
+    learner = checkpoint_after(cfg, 4, ckpt, batch)
     trained = params(learner.raw_model)
     acting = load_model(ckpt / "model.pt").state_dict()  # what evaluation and export read
     assert all(torch.equal(v, learner.acting_model.state_dict()[k]) for k, v in acting.items())
