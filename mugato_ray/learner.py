@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mugato_ray.checkpoints import MODEL_FILE, TRAIN_MODEL_KEY, read_state
+from mugato_ray.checkpoints import MODEL_FILE, STATE_FILE, TRAIN_MODEL_KEY, read_state
 from mugato_ray.config import Config, TrainConfig
 from mugato_ray.data import micro_batches_per_step, step_tasks
 from mugato_ray.model import GatoModel, load_model
@@ -141,7 +141,11 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
         state = read_state(Path(directory))
         if state.get(TRAIN_MODEL_KEY) is not None:  # model.pt holds the average; training goes on from these
             average, saved = saved, state[TRAIN_MODEL_KEY]
-        model.load_state_dict(saved)
+        try:
+            model.load_state_dict(saved)
+        except (RuntimeError, TypeError) as e:  # only state.pt's training weights can get here unchecked
+            raise ValueError(f"training state {Path(directory) / STATE_FILE}: its {TRAIN_MODEL_KEY!r} does not "
+                             f"fit the model of {Path(directory) / MODEL_FILE}: {e}") from e
     start = int(state["step"]) if state is not None else 0
     # Seeds depend on the rank and the step the attempt starts at: every (re)start is reproducible.
     torch.manual_seed(attempt_seed(cfg.train.seed, rank, start))

@@ -89,6 +89,17 @@ def test_a_checkpoint_holds_the_average_and_resumes_training_exactly(tmp_path):
     assert any(not torch.equal(v, trained[k]) for k, v in acting.items())
 
 
+def test_training_weights_that_do_not_fit_the_model_are_refused_naming_state_pt(tmp_path):
+    cfg = make_cfg(tmp_path, "train.ema_decay=0.9")
+    ckpt = tmp_path / "ckpt"
+    checkpoint_after(cfg, 1, ckpt, make_batch(LAYOUT, [1, 1], seed=11))
+    state = read_state(ckpt)
+    state[TRAIN_MODEL_KEY] = {"not_a_weight": torch.zeros(2)}
+    torch.save(state, ckpt / "state.pt")
+    with pytest.raises(ValueError, match=r"state\.pt: its 'train_model' does not fit the model"):
+        restore(cfg, VOCAB, ckpt, rank=0)
+
+
 @pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
 def test_a_decay_outside_zero_to_one_is_refused_by_name(tmp_path, value):
     with pytest.raises(ConfigError, match="train.ema_decay"):
