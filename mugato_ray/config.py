@@ -223,6 +223,10 @@ class TrainConfig:
     then evaluates the snapshot with the best IQM (see mugato_ray.train_eval)."""
     eval_episodes: int = 4
     """Episodes per task of each evaluation during training, on the validation seeds."""
+    select_margin: float = 0.0
+    """Which snapshot the main job evaluates: the latest whose validation IQM is within this of the best
+    (0: the best, the latest of equals). A few validation episodes per task make IQMs noisy, and a later
+    snapshot has trained longer: an earlier one is chosen only when it leads by more than the margin."""
     seed: int | None = None
     """Seed of the training loop (None: the top-level ``seed``; see :func:`resolve_seeds`)."""
 
@@ -604,6 +608,7 @@ def validate(cfg: Config, where: str = "<config>") -> None:
         (cfg.train.max_failures >= -1, "train.max_failures", "at least -1 (-1: retry without limit)"),
         (cfg.train.torch_threads >= 0, "train.torch_threads", "non-negative"),
         (cfg.train.eval_episodes >= 1, "train.eval_episodes", "at least 1"),
+        (cfg.train.select_margin >= 0.0, "train.select_margin", "non-negative"),
         (0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay", "in [0, 1) (0: off)"),
         (cfg.train.grad_balance == "none" or not cfg.train.task_moments, "train.task_moments", _NO_BALANCE),
         (cfg.rollout.num_actors >= 1, "rollout.num_actors", "at least 1"),

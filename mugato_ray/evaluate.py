@@ -643,8 +643,10 @@ def training_lines(training: dict) -> list[str]:
     tasks = sorted({t for r in evals for t in r["tasks"]})
     lines += ["### Evaluations during training", "", "![score curves](score_curves.png)", ""]
     if training.get("chosen_step") is not None:
-        lines += [f"Evaluated above: the snapshot of step {training['chosen_step']}, the best IQM "
-                  f"({_fmt(training.get('chosen_iqm'))}) of {len(evals)} snapshots scored on "
+        margin = training.get("select_margin") or 0
+        rule = f"the latest within {margin:g} of the best IQM" if margin > 0 else "the best IQM"
+        lines += [f"Evaluated above: the snapshot of step {training['chosen_step']} (IQM "
+                  f"{_fmt(training.get('chosen_iqm'))}), {rule} of {len(evals)} snapshots scored on "
                   f"{training.get('episodes', '?')} validation episodes per task (seeds disjoint from the ones above).", ""]
     lines += ["| step | IQM | " + " | ".join(tasks) + " |", "| ---: | ---: |" + " ---: |" * len(tasks)]
     for r in evals:

@@ -87,15 +87,16 @@ def loss_history(cfg: Config) -> list[dict]:
 
 
 def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[str, dict]:
-    """The weights to evaluate: the snapshot with the best IQM during training when snapshots were scored
-    (``train.eval_every``), else the final checkpoint; and the report's "training" section: the loss history
+    """The weights to evaluate: the snapshot with the best IQM during training, or the latest within
+    ``train.select_margin`` of it, when snapshots were scored (``train.eval_every``), else the final checkpoint; and the report's "training" section: the loss history
     (:func:`loss_history`) and, with snapshots, their scores and which was chosen."""
     from mugato_ray.train_eval import best_snapshot  # lazy: as in run_main
 
     training: dict = {"history": loss_history(cfg)}
     if not result.evaluations:
         return result.checkpoint_path, training
-    best = best_snapshot(result.evaluations)
+    margin = cfg.train.select_margin
+    best = best_snapshot(result.evaluations, margin)
     training |= {"evaluations": [{k: v for k, v in r.items() if k != "model_file"} for r in result.evaluations],
                  "episodes": cfg.train.eval_episodes}
     if best is None:
@@ -103,9 +104,10 @@ def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[
         return result.checkpoint_path, training
     iqms = ", ".join(f"{r['step']}: {r['iqm']:.3f}" for r in result.evaluations if r.get("iqm") is not None)
     log(f"snapshot IQMs during training (step: IQM) {iqms}")
-    log(f"evaluating the snapshot of step {best['step']} (IQM {best['iqm']:.3f}), the best of "
-        f"{len(result.evaluations)}: {best['model_file']}")
-    training |= {"chosen_step": best["step"], "chosen_iqm": best["iqm"]}
+    which = (f"the latest within {margin:g} of the best IQM" if margin > 0 else "the best") + \
+        f" of {len(result.evaluations)}"
+    log(f"evaluating the snapshot of step {best['step']} (IQM {best['iqm']:.3f}), {which}: {best['model_file']}")
+    training |= {"chosen_step": best["step"], "chosen_iqm": best["iqm"], "select_margin": margin}
     return best["model_file"], training
 
 

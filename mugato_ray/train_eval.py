@@ -13,7 +13,8 @@ Each record (``{"step", "tasks": {task: {"mean_return", "normalized", "success_r
 "env_steps_per_s"}}, "iqm"}``) is appended to ``<run_dir>/snapshots/scores.json`` as it lands, and its numbers
 go to the run's ``eval`` metrics as ``validation/<task>/<key>`` and ``validation/iqm`` at its step
 (``<run_dir>/metrics/eval.csv`` and TensorBoard: ``mugato_ray.metric_log``). The main job then evaluates the snapshot
-with the best IQM (the latest of equals) and says which it chose (:func:`best_snapshot`).
+with the best IQM, or the latest within ``train.select_margin`` of it, and says which it chose
+(:func:`best_snapshot`).
 
 On a cluster the actor takes a CPU of its own (``resources.EVAL_SHARE`` of the logical CPUs is held
 back from training for it); on a 2-core laptop it shares the cores with training, which slows it down.
@@ -143,12 +144,14 @@ def read_scores(cfg: Config) -> list[dict]:
     return records
 
 
-def best_snapshot(records: Sequence[dict]) -> dict | None:
-    """The record with the highest IQM (the latest step among equals); None when none has an IQM."""
+def best_snapshot(records: Sequence[dict], margin: float = 0.0) -> dict | None:
+    """The record to evaluate: the latest step whose IQM is within ``margin`` of the highest (``margin`` 0:
+    the highest IQM, the latest step among equals); None when none has an IQM (``train.select_margin``)."""
     scored = [r for r in records if r.get("iqm") is not None]
     if not scored:
         return None
-    return max(scored, key=lambda r: (r["iqm"], r["step"]))
+    top = max(r["iqm"] for r in scored)
+    return max((r for r in scored if r["iqm"] >= top - margin), key=lambda r: r["step"])
 
 
 def _write_json(path: Path, data: Any) -> None:

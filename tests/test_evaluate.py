@@ -192,6 +192,10 @@ def test_the_report_draws_loss_and_score_curves_from_its_training_section(tmp_pa
     paths = write_report(report, tmp_path / "both")
     md = paths["md"].read_text()
     assert "](loss_curves.png)" in md and "](score_curves.png)" in md and "| 6 | 0.700 | 0.700 |" in md
+    assert "the snapshot of step 6 (IQM 0.700), the best IQM of 2 snapshots" in md
+    report["training"] |= {"select_margin": 0.25}
+    assert "step 6 (IQM 0.700), the latest within 0.25 of the best IQM of 2" in \
+        write_report(report, tmp_path / "margin")["md"].read_text()
     for key in ("losses", "scores"):
         assert paths[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[key].stat().st_size > 1000
 

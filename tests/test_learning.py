@@ -12,7 +12,7 @@ import pytest
 from mugato_ray import experts
 from mugato_ray.baseline import BaselinePolicy, train_baseline
 from mugato_ray.checkpoints import snapshot_root
-from mugato_ray.config import load_config
+from mugato_ray.config import ConfigError, load_config
 from mugato_ray.data import EpisodeFilter, WindowSampler, synthetic_episodes, task_layouts, write_synthetic_store
 from mugato_ray.episodes import episode_to_row, store_dir
 from mugato_ray.metric_log import open_metric_log, read_metrics
@@ -193,6 +193,30 @@ def test_best_snapshot_takes_the_highest_iqm_then_the_latest_step(tmp_path):
         log.write(2, {"step": 2, "loss": 2.0, "loss/CartPole-v1": 2.0, "lr": 1e-3, "nonpad/CartPole-v1": 0.5})
     _, training = choose_checkpoint(cfg, no_evals, log=lambda *_: None)
     assert training == {"history": [{"step": 2, "loss": 2.0, "loss/CartPole-v1": 2.0}]}
+
+
+def test_select_margin_prefers_the_latest_snapshot_near_the_best(tmp_path):
+    """``train.select_margin``: an earlier snapshot is chosen only when it leads every later one by more than
+    the margin; the choice, its rule and the margin go to the log and the report."""
+    records = [{"step": 2, "iqm": 0.5}, {"step": 4, "iqm": 0.9}, {"step": 6, "iqm": 0.82}, {"step": 8, "iqm": 0.79},
+               {"step": 10, "iqm": None}]
+    assert best_snapshot(records)["step"] == 4
+    assert best_snapshot(records, 0.05)["step"] == 4  # 0.82 trails by 0.08
+    assert best_snapshot(records, 0.1)["step"] == 6  # 0.79 trails by 0.11
+    assert best_snapshot(records, 0.11)["step"] == 8
+    assert best_snapshot([{"step": 2, "iqm": None}], 0.1) is None
+    evals = [{**r, "model_file": f"/x/step_{r['step']}/model.pt", "tasks": {}} for r in records[:4]]
+    result = TrainResult(checkpoint_path="/x/checkpoint_00000008", final_step=8, metrics={}, evaluations=evals)
+    lines: list[str] = []
+    checkpoint, training = choose_checkpoint(make_cfg(tmp_path, "[{name: CartPole-v1}]", "train.select_margin=0.1"),
+                                             result, log=lines.append)
+    assert checkpoint == "/x/step_6/model.pt"
+    assert (training["chosen_step"], training["chosen_iqm"], training["select_margin"]) == (6, 0.82, 0.1)
+    assert "step 6 (IQM 0.820), the latest within 0.1 of the best IQM of 4" in lines[-1]
+    checkpoint, training = choose_checkpoint(make_cfg(tmp_path, "[{name: CartPole-v1}]"), result, log=lines.append)
+    assert checkpoint == "/x/step_4/model.pt" and "(IQM 0.900), the best of 4" in lines[-1]
+    with pytest.raises(ConfigError, match="train.select_margin"):
+        make_cfg(tmp_path, "[{name: CartPole-v1}]", "train.select_margin=-0.1")
 
 
 # ---------------------------------------------------------------------------------------------
