@@ -220,7 +220,8 @@ class TrainConfig:
     (train.csv, eval.csv), tensorboard (tb/<stream>/ event files), wandb (offline runs; needs the wandb package)."""
     eval_every: int = 0
     """Steps between evaluations of the current weights while training goes on (0: none); the main job
-    then evaluates the snapshot with the best IQM (see mugato_ray.train_eval)."""
+    then evaluates the snapshot with the best IQM, or the latest within select_margin of it (see
+    mugato_ray.train_eval)."""
     eval_episodes: int = 4
     """Episodes per task of each evaluation during training, on the validation seeds."""
     select_margin: float = 0.0

@@ -88,8 +88,9 @@ def loss_history(cfg: Config) -> list[dict]:
 
 def choose_checkpoint(cfg: Config, result, log: Callable[[str], None]) -> tuple[str, dict]:
     """The weights to evaluate: the snapshot with the best IQM during training, or the latest within
-    ``train.select_margin`` of it, when snapshots were scored (``train.eval_every``), else the final checkpoint; and the report's "training" section: the loss history
-    (:func:`loss_history`) and, with snapshots, their scores and which was chosen."""
+    ``train.select_margin`` of it, when snapshots were scored (``train.eval_every``), else the final
+    checkpoint; and the report's "training" section: the loss history (:func:`loss_history`) and, with
+    snapshots, their scores and which was chosen."""
     from mugato_ray.train_eval import best_snapshot  # lazy: as in run_main
 
     training: dict = {"history": loss_history(cfg)}

@@ -17,7 +17,7 @@ config with its point applied through the same ``key=value`` override path as th
   under Tune), evaluates the chosen weights with the evaluation harness (``evaluate.evaluate``,
   ``eval.episodes`` per task on the evaluation seeds; with ``train.eval_every`` the snapshot of the best
   validation IQM, as the main job does), and reports ``iqm`` (the normalized scores' IQM), ``score/<task>``,
-  ``validation_iqm`` (the best snapshot's, with ``train.eval_every``) and ``step`` with ``ray.tune.report``.
+  ``validation_iqm`` (the evaluated snapshot's, with ``train.eval_every``) and ``step`` with ``ray.tune.report``.
 
 ``sweep.metric`` (``iqm`` or ``validation_iqm``, higher is better) ranks the trials; ``sweep.scheduler: asha``
 stops trials whose validation IQM lags, from the snapshot scores reported while they train.
@@ -203,7 +203,8 @@ class ValidationReporter:
 
 def trial_metrics(report: dict, training: dict, final_step: int) -> dict[str, float]:
     """What a trial reports at its end: ``iqm`` and ``score/<task>`` of its evaluation (NaN where there is no
-    number), the best snapshot's ``validation_iqm`` (NaN without snapshots) and the training ``step``."""
+    number), the evaluated snapshot's ``validation_iqm`` (the best, or the latest within ``train.select_margin``
+    of it; NaN without snapshots) and the training ``step``."""
     def number(x: Any) -> float:
         return float(x) if x is not None else math.nan
 
