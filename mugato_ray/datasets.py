@@ -92,6 +92,9 @@ class DatasetInfo:
     """(task name, n, seed, cfg) -> episodes."""
     scorable: bool
     """Whether :func:`score_text_answer` can score answers exactly."""
+    problem_type: Callable[[str], str] | None = None
+    """A scorable prompt -> the type of problem it poses (arith: "addition" or "reversal"), so that a report can
+    give exact match per type: one overall number can hide a type that is never answered."""
 
 
 # ------------------------------------------------------------------------------------ episodes
@@ -143,6 +146,16 @@ def arith_answer(prompt: str) -> str:
         return str(int(m[1]) + int(m[2]))
     if m := _REVERSE.fullmatch(last):
         return m[1][::-1]
+    raise DatasetError(f"arith: the prompt's last line {last!r} is not 'a+b=' nor 'reverse: word -> '")
+
+
+def arith_problem_type(prompt: str) -> str:
+    """"addition" or "reversal": the problem on the prompt's last line."""
+    last = prompt.rsplit("\n", 1)[-1]
+    if _ADD.fullmatch(last):
+        return "addition"
+    if _REVERSE.fullmatch(last):
+        return "reversal"
     raise DatasetError(f"arith: the prompt's last line {last!r} is not 'a+b=' nor 'reverse: word -> '")
 
 
@@ -235,6 +248,15 @@ def _vqa_episodes(task: str, n: int, seed: int, cfg: Config) -> list[Episode]:
         obs = {"image": image_HWC[None], "question": [question]}
         out.append(_episode(task, f"{task}-s{s}", s, obs, answer, 1.0))
     return out
+
+
+def vqa_problem_type(question: str) -> str:
+    """"object" (what object is in the room?) or "color" (what color is the <obj>?)."""
+    if question == VQA_QUESTION_OBJECT:
+        return "object"
+    if question in _vqa_texts()[0]:
+        return "color"
+    raise DatasetError(f"vqa: {question!r} is none of the dataset's questions")
 
 
 def _vqa_texts() -> tuple[list[str], list[str]]:
@@ -349,11 +371,11 @@ def _text_file_task_episodes(task: str, n: int, seed: int, cfg: Config) -> list[
 DATASETS: dict[str, DatasetInfo] = {
     "arith": DatasetInfo(
         "arith", "text", "additions 'a+b=c' and reversals 'reverse: w -> w[::-1]', packed to the context",
-        _arith_episodes, scorable=True,
+        _arith_episodes, scorable=True, problem_type=arith_problem_type,
     ),
     "vqa_color": DatasetInfo(
         "vqa_color", "vqa", "MiniGrid room with one object: 'what color is the <obj>?' / 'what object is in the room?'",
-        _vqa_episodes, scorable=True,
+        _vqa_episodes, scorable=True, problem_type=vqa_problem_type,
     ),
     "text_files": DatasetInfo(
         "text_files", "text", ".txt and .jsonl files of a folder, chunked to the context",
@@ -447,6 +469,12 @@ def prompt_and_answer(task_name: str, episode: Episode) -> tuple[str, str]:
         raise DatasetError(f"{task_name}: episode {episode.episode_id!r}: last line {last!r} is not a problem")
     prompt = "\n".join([*lines[:-1], last[: m.end()]])
     return prompt, last[m.end():]
+
+
+def problem_type(task_name: str, prompt: str) -> str | None:
+    """The type of problem ``prompt`` poses, for a dataset that defines types (arith, vqa); else None."""
+    info = resolve(task_name)
+    return info.problem_type(prompt) if info.problem_type else None
 
 
 def score_text_answer(task: str, prompt: str, generated: str, answer: str | None = None) -> bool:

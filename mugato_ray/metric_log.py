@@ -71,8 +71,11 @@ def numbers_only(metrics: Mapping[str, Any]) -> dict[str, float | int]:
 
 def score_metrics(prefix: str, tasks: Mapping[str, Mapping[str, Any]], iqm: float | None) -> dict[str, float]:
     """An evaluation as flat metrics: ``<prefix>/iqm`` and ``<prefix>/<task>/<key>`` for the numbers of
-    ``SCORE_KEYS`` each task has (a None, e.g. a task without references, is left out)."""
+    ``SCORE_KEYS`` each task has (a None, e.g. a task without references, is left out), and
+    ``<prefix>/<task>/exact/<type>`` per problem type of a dataset task that has them (its ``by_type``)."""
     out = {f"{prefix}/{task}/{k}": t[k] for task, t in tasks.items() for k in SCORE_KEYS if t.get(k) is not None}
+    out |= {f"{prefix}/{task}/exact/{kind}": v["exact"] for task, t in tasks.items()
+            for kind, v in (t.get("by_type") or {}).items()}
     if iqm is not None:
         out[f"{prefix}/iqm"] = iqm
     return numbers_only(out)

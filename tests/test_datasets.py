@@ -94,6 +94,22 @@ def test_arith_prompt_and_scoring():
         D.score_text_answer("arith", "hello", "x")
 
 
+def test_problem_types_name_what_each_prompt_asks():
+    cfg = make_cfg()
+    for ep in D.generate_episodes("arith", 20, 0, cfg):
+        prompt, answer = D.prompt_and_answer("arith", ep)
+        assert D.problem_type("arith", prompt) == ("addition" if answer.isdigit() else "reversal")
+    assert D.problem_type("arith", "reverse: ab -> ba\n3+4=") == "addition"  # the last line decides
+    assert D.problem_type("arith", "3+4=7\nreverse: ab -> ") == "reversal"
+    with pytest.raises(D.DatasetError, match="not 'a\\+b='"):
+        D.problem_type("arith", "3+4=7")
+    assert D.problem_type("vqa_color", D.VQA_QUESTION_OBJECT) == "object"
+    assert D.problem_type("vqa_color", D.VQA_QUESTION_COLOR.format(obj="key")) == "color"
+    with pytest.raises(D.DatasetError, match="none of the dataset's questions"):
+        D.problem_type("vqa_color", "what color is the sky?")
+    assert D.problem_type("text_files", "any text") is None
+
+
 def test_arith_context_too_small_is_an_error():
     with pytest.raises(D.DatasetError, match="model.context=4"):
         D.generate_episodes("arith", 1, 0, make_cfg(context=4))

@@ -3,6 +3,7 @@ actor counts, env crashes, a model checkpoint end to end, a two-node cluster, an
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import re
@@ -14,11 +15,12 @@ import torch
 
 from mugato_ray import rollout, tasks, video
 from mugato_ray.config import config_from_dict
-from mugato_ray.datasets import generate_episodes, prompt_and_answer
+from mugato_ray.datasets import generate_episodes, problem_type, prompt_and_answer
 from mugato_ray.envs import make_env
 from mugato_ray.episodes import store_dir
 from mugato_ray.evaluate import (
     TEXT_SHOWN,
+    answer_lines,
     check_seeds_disjoint,
     eval_dir,
     eval_seeds,
@@ -28,10 +30,12 @@ from mugato_ray.evaluate import (
     resolve_checkpoint,
     score_dataset_chunk,
     score_figure,
+    summarize_task,
+    summary_lines,
     video_dir,
     write_report,
 )
-from mugato_ray.metric_log import read_metrics
+from mugato_ray.metric_log import read_metrics, score_metrics
 from mugato_ray.metrics import iqm
 from mugato_ray.model import GatoModel, save_model
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutWorker, measure_returns, split_seeds
@@ -329,6 +333,30 @@ def test_text_answers_are_shown_with_prompt_and_reference(ray_local, tmp_path):
     arith = report["tasks"]["text-arith"]["per_episode"][0]
     prompt, expected = prompt_and_answer("text-arith", generate_episodes("text-arith", 1, arith["seed"], cfg)[0])
     assert (arith["prompt"], arith["expected"]) == (prompt, expected)  # the item's own prompt and reference
+    for name in names:  # each item carries its problem type, and the task counts them
+        t = report["tasks"][name]
+        types = collections.Counter(problem_type(name, o["prompt"]) for o in t["per_episode"])
+        assert {k: v["items"] for k, v in t["by_type"].items()} == dict(types)
+
+
+def test_exact_match_is_reported_per_problem_type(tmp_path):
+    """A dataset task's outcomes counted per problem type (eval.json's by_type, eval.md, the console, metrics):
+    an overall 0.5 that is every reversal and no addition must be visible as such."""
+    outcomes = [{"seed": i, "return": float(i < 2), "length": 1, "success": i < 2, "prompt": "p", "answer": "a",
+                 "expected": "e", "type": "reversal" if i < 2 else "addition"} for i in range(4)]
+    t = summarize_task(make_cfg(tmp_path, ["text-arith"]), "text-arith", outcomes, [], 4, 1.0, (1.0, 0.0))
+    assert t["normalized_score"] == 0.5
+    assert t["by_type"] == {"addition": {"items": 2, "right": 0, "exact": 0.0},
+                            "reversal": {"items": 2, "right": 2, "exact": 1.0}}
+    report = {"tasks": {"text-arith": t}, "iqm_normalized_score": 0.5, "video_episodes": 0}
+    assert "text-arith                   by problem type: addition 0 of 2 (0.00), reversal 2 of 2 (1.00)" in (
+        summary_lines(report))
+    assert "Exact by problem type, over all 4 items: addition 0 of 2 (0.00), reversal 2 of 2 (1.00)." in (
+        answer_lines(report))
+    assert score_metrics("eval", report["tasks"], 0.5)["eval/text-arith/exact/addition"] == 0.0
+    env = summarize_task(make_cfg(tmp_path, ["CartPole-v1"]), "CartPole-v1",
+                         [{"seed": 0, "return": 9.0, "length": 9, "success": None}], [], 9, 1.0, (500.0, 20.0))
+    assert "by_type" not in env  # environment tasks have no problem types
 
 
 def test_a_task_name_is_one_folder_of_videos(tmp_path):
