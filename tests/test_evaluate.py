@@ -322,7 +322,9 @@ def test_text_answers_are_shown_with_prompt_and_reference(ray_local, tmp_path):
     assert "## Answers" in md and "## Videos" not in md
     for name in names:
         items = report["tasks"][name]["per_episode"]
-        rows = md.split(f"### {md_text(name, 80)}\n\n")[1].split("\n\n")[0].splitlines()[2:]
+        section = md.split(f"### {md_text(name, 80)}\n\n")[1]
+        assert section.startswith("Exact by problem type, over all 3 items: ")
+        rows = section[section.index("| seed |"):].split("\n\n")[0].splitlines()[2:]
         assert len(rows) == 3
         for item, row in zip(items, rows):
             assert row == (f"| {item['seed']} | {md_text(item['prompt'], TEXT_SHOWN, tail=True)} "
