@@ -139,24 +139,25 @@ _ADD = re.compile(r"(\d+)\+(\d+)=")
 _REVERSE = re.compile(r"reverse: ([a-z]+) -> ")
 
 
-def arith_answer(prompt: str) -> str:
-    """The exact answer to the problem on the prompt's last line (earlier lines are examples)."""
+def _arith_problem(prompt: str) -> tuple[str, re.Match]:
+    """The problem on the prompt's last line (earlier lines are examples): ("addition" | "reversal", its match)."""
     last = prompt.rsplit("\n", 1)[-1]
     if m := _ADD.fullmatch(last):
-        return str(int(m[1]) + int(m[2]))
+        return "addition", m
     if m := _REVERSE.fullmatch(last):
-        return m[1][::-1]
+        return "reversal", m
     raise DatasetError(f"arith: the prompt's last line {last!r} is not 'a+b=' nor 'reverse: word -> '")
+
+
+def arith_answer(prompt: str) -> str:
+    """The exact answer to the problem on the prompt's last line."""
+    kind, m = _arith_problem(prompt)
+    return str(int(m[1]) + int(m[2])) if kind == "addition" else m[1][::-1]
 
 
 def arith_problem_type(prompt: str) -> str:
     """"addition" or "reversal": the problem on the prompt's last line."""
-    last = prompt.rsplit("\n", 1)[-1]
-    if _ADD.fullmatch(last):
-        return "addition"
-    if _REVERSE.fullmatch(last):
-        return "reversal"
-    raise DatasetError(f"arith: the prompt's last line {last!r} is not 'a+b=' nor 'reverse: word -> '")
+    return _arith_problem(prompt)[0]
 
 
 def _arith_text(rng: np.random.Generator, tok: TextTokenizer, budget: int) -> str:
@@ -254,7 +255,7 @@ def vqa_problem_type(question: str) -> str:
     """"object" (what object is in the room?) or "color" (what color is the <obj>?)."""
     if question == VQA_QUESTION_OBJECT:
         return "object"
-    if question in _vqa_texts()[0]:
+    if question in {VQA_QUESTION_COLOR.format(obj=k) for k in VQA_OBJECTS}:
         return "color"
     raise DatasetError(f"vqa: {question!r} is none of the dataset's questions")
 
