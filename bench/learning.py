@@ -15,6 +15,8 @@ environment tasks, ``score_dataset_chunk`` for dataset tasks) on the evaluation 
 never uses. Writes ``learning.csv`` (one row per evaluation) and ``learning.png`` (normalized score
 against training wall seconds), and prints per task the final scores and the key ratio: the model's wall
 time to reach 0.9 of the baseline's final score, over the baseline's wall time to its final score.
+With ``--keep-models`` each seed's last model stays in ``<out>/model-seed<S>/``, for ``jobs/evaluate.py
+--checkpoint`` on more episodes or other seeds.
 """
 
 from __future__ import annotations
@@ -196,6 +198,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--no-baseline", action="store_true")
     ap.add_argument("--no-model", action="store_true")
     ap.add_argument("--out", default=None, help="output folder (default: <run_dir>/learning)")
+    ap.add_argument("--keep-models", action="store_true",
+                    help="keep each seed's last model in <out>/model-seed<S>/ (for jobs/evaluate.py --checkpoint)")
     args, overrides = ap.parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     if args.tasks:
@@ -216,6 +220,9 @@ def main(argv: list[str]) -> None:
             rows += train_baselines(cfg, seed, args.baseline_steps, args.baseline_eval_every, args.eval_episodes, print)
         if not args.no_model:
             run_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+            if args.keep_models:
+                rows += train_model(run_cfg, seed, args.eval_every, args.eval_episodes, out, print)
+                continue
             with tempfile.TemporaryDirectory(dir=out) as tmp:
                 rows += train_model(run_cfg, seed, args.eval_every, args.eval_episodes, Path(tmp), print)
     with open(out / "learning.csv", "w", newline="") as fh:
