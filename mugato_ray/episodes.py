@@ -271,7 +271,7 @@ def _decode(col: str, row: dict, fail) -> np.ndarray | list[str]:
         return [str(s) for s in texts]  # np.str_ -> str
     try:
         dt = np.dtype(dtype)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, SyntaxError):  # numpy parses "a,b" as a record spec: "," is a SyntaxError
         dt = np.dtype(object)  # rejected just below
     if dt.kind not in _NUMERIC_KINDS:
         fail(f"{col}.dtype", f"{dtype!r} is not a bool/int/uint/float dtype name")
