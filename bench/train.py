@@ -163,7 +163,6 @@ def bare_training(cfg, specs, layouts, threads: int, steps: int) -> tuple[float,
     vocab = next(iter(specs.values())).vocab
     model = GatoModel(cfg.model, vocab, patch_size=cfg.tokenizer.patch_size, mu=cfg.tokenizer.mu, M=cfg.tokenizer.M)
     opt = make_optimizer(model, cfg.train)
-    m = len(step_tasks(cfg, 0))
     tokens, loss_tokens, t0 = 0, 0, None
     model.train()
     for step in range(steps):
@@ -172,7 +171,9 @@ def bare_training(cfg, specs, layouts, threads: int, steps: int) -> tuple[float,
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg.train)
         opt.zero_grad(set_to_none=True)
-        for i, k in enumerate(step_tasks(cfg, step)):
+        tasks_of_step = step_tasks(cfg, step)
+        m = len(tasks_of_step)
+        for i, k in enumerate(tasks_of_step):
             task = tasks[k]
             batch = pools[task][(step * m + i) % len(pools[task])]
             out = model(batch, layouts[task])

@@ -113,6 +113,14 @@ class TaskEntry:
     window: int | None = None
     """Timesteps in a training window and in the acting history (None: as many as model.context holds).
     A Markov task needs little history; a short window spends no compute on stale steps."""
+    start_step: int = 0
+    """The optimizer step at which this task joins the training mixture (0: from the start). A curriculum:
+    a task that must learn something the other tasks' updates disturb (the suite's text-arith learns to add
+    alone, not among ten other tasks) can learn it first, the others joining later. Before its step a task
+    takes no micro-batches and is not counted in the step's ``M`` (``train.grad_accum`` 0); with
+    ``train.task_moments`` a joining task's rate warms up linearly over ``train.warmup_steps`` from its step,
+    as the run's did from step 0, so fresh Adam moments do not take full-size steps on the weights the
+    tasks already training share. Evaluation and snapshot selection see every task throughout."""
     temperature: float | None = None
     """Sampling temperature of the model policy on this task (None: rollout.temperature), wherever a model
     acts on it: evaluation, snapshot selection, online rollouts, collection. A greedy policy repeats its
@@ -642,6 +650,11 @@ def _validate_tasks(cfg: Config, where: str) -> None:
         if t.lr_scale != 1.0 and not cfg.train.task_moments:
             raise ConfigError(f"{where}: key 'tasks[{i}].lr_scale' must be 1 unless train.task_moments is true "
                               "(a per-task rate needs per-task moments)")
+        if t.start_step < 0:
+            raise ConfigError(f"{where}: key 'tasks[{i}].start_step' must be non-negative")
+        if t.start_step > 0 and t.start_step >= cfg.train.steps:
+            raise ConfigError(f"{where}: key 'tasks[{i}].start_step' is {t.start_step}, but the run has "
+                              f"train.steps={cfg.train.steps}: the task would never train")
         if t.episodes < 1:
             raise ConfigError(f"{where}: key 'tasks[{i}].episodes' must be at least 1")
         if not 0.0 <= t.expert_noise <= 1.0:
@@ -652,6 +665,9 @@ def _validate_tasks(cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: key 'tasks[{i}].window' must be at least 1 (or null)")
         if t.temperature is not None and not t.temperature >= 0:
             raise ConfigError(f"{where}: key 'tasks[{i}].temperature' must be non-negative (or null)")
+    if cfg.tasks and not any(t.start_step == 0 and t.weight > 0 for t in cfg.tasks):
+        raise ConfigError(f"{where}: key 'tasks': no task with a positive weight has start_step 0, so the "
+                          "first steps would have nothing to train on")
     names = [t.name for t in cfg.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{where}: key 'tasks' lists a task twice: {names}")

@@ -17,7 +17,8 @@ The task mixture: each optimizer step accumulates gradients over ``M`` micro-bat
 ``(train.seed, s)`` (:func:`step_tasks`): a pure function of the step, so every DDP rank draws the same
 tasks in the same order (their collectives line up) and a resumed run continues the same sequence.
 Systematic sampling gives every task ``floor`` or ``ceil`` of ``M * weight`` micro-batches per step,
-so equal weights with ``M = #tasks`` put every task in every step.
+so equal weights with ``M = #tasks`` put every task in every step. A task with ``tasks[i].start_step`` > 0
+joins at that step: before it, it has no weight and does not count in ``M``.
 
 Images stay uint8 patches all the way; the model normalizes them on the device.
 """
@@ -74,14 +75,23 @@ LAYOUTS_FILE = "layouts.json"
 # The task mixture
 
 
-def task_weights(cfg: Config) -> np.ndarray:
-    """(n_tasks,) mixture probabilities from ``tasks[i].weight``."""
+def task_weights(cfg: Config, step: int | None = None) -> np.ndarray:
+    """(n_tasks,) mixture probabilities from ``tasks[i].weight``; at optimizer step ``step``, only over the
+    tasks that have joined by then (``tasks[i].start_step``; None: every task)."""
     if not cfg.tasks:
         raise ValueError("config key 'tasks' is empty: there is nothing to train on")
     w = np.asarray([t.weight for t in cfg.tasks], np.float64)
+    if step is not None:
+        w = np.where(np.asarray([t.start_step for t in cfg.tasks]) <= step, w, 0.0)
     if w.sum() <= 0:
-        raise ValueError(f"config key 'tasks': weights {w.tolist()} sum to 0; at least one must be positive")
+        when = "" if step is None else f" at step {step} (tasks[].start_step)"
+        raise ValueError(f"config key 'tasks': weights {w.tolist()}{when} sum to 0; at least one must be positive")
     return w / w.sum()
+
+
+def active_tasks(cfg: Config, step: int) -> int:
+    """How many tasks have joined the mixture by optimizer step ``step`` (``tasks[i].start_step``)."""
+    return sum(t.start_step <= step for t in cfg.tasks)
 
 
 def task_batch_size(cfg: Config, task: str) -> int:
@@ -92,19 +102,20 @@ def task_batch_size(cfg: Config, task: str) -> int:
     return entry.batch_size if entry.batch_size is not None else cfg.data.batch_size
 
 
-def micro_batches_per_step(cfg: Config) -> int:
-    """M: micro-batches accumulated into one optimizer step (``train.grad_accum``, 0: one per task)."""
-    return cfg.train.grad_accum if cfg.train.grad_accum > 0 else len(cfg.tasks)
+def micro_batches_per_step(cfg: Config, step: int) -> int:
+    """M: micro-batches accumulated into optimizer step ``step`` (``train.grad_accum``, 0: one per task that
+    has joined by then)."""
+    return cfg.train.grad_accum if cfg.train.grad_accum > 0 else active_tasks(cfg, step)
 
 
 def step_tasks(cfg: Config, step: int) -> np.ndarray:
     """(M,) task indices of the micro-batches of optimizer step ``step``; identical on every rank.
 
     Systematic sampling: M evenly spaced points ``(u + i) / M`` with one uniform offset ``u`` from an RNG
-    seeded by ``(train.seed, step)``, mapped through the cumulative weights.
+    seeded by ``(train.seed, step)``, mapped through the cumulative weights of the tasks that have joined.
     """
-    cdf = np.cumsum(task_weights(cfg))
-    m = micro_batches_per_step(cfg)
+    cdf = np.cumsum(task_weights(cfg, step))
+    m = micro_batches_per_step(cfg, step)
     u = np.random.default_rng([cfg.train.seed, step]).random()
     points = (u + np.arange(m)) / m
     return np.minimum(np.searchsorted(cdf, points, side="right"), len(cdf) - 1)

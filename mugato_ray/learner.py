@@ -37,7 +37,7 @@ import torch
 
 from mugato_ray.checkpoints import MODEL_FILE, STATE_FILE, TRAIN_MODEL_KEY, read_state
 from mugato_ray.config import Config, TrainConfig
-from mugato_ray.data import micro_batches_per_step, step_tasks
+from mugato_ray.data import active_tasks, micro_batches_per_step, step_tasks
 from mugato_ray.model import GatoModel, load_model
 from mugato_ray.sequence import SequenceLayout
 from mugato_ray.task_moments import TaskAdamW, TaskGradients, all_reduce_mean, check_optimizer_state, take_grads
@@ -58,6 +58,15 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
         return tcfg.lr * (step + 1) / tcfg.warmup_steps
     progress = min(1.0, (step - tcfg.warmup_steps) / max(1, tcfg.steps - tcfg.warmup_steps))
     return tcfg.lr * (tcfg.min_lr_ratio + (1.0 - tcfg.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def join_ramps(cfg: Config, step: int) -> dict[int, float]:
+    """Rate multipliers at optimizer step ``step`` of the tasks still warming up after a late start: a task
+    with ``tasks[k].start_step`` s > 0 steps at ``(step - s + 1) / train.warmup_steps`` of its rate until
+    ``train.warmup_steps`` steps after s, as the run's rate warms up from step 0 (:func:`lr_at`)."""
+    warmup = cfg.train.warmup_steps
+    return {k: (step - t.start_step + 1) / warmup for k, t in enumerate(cfg.tasks)
+            if 0 < t.start_step <= step < t.start_step + warmup}
 
 
 def make_optimizer(model: torch.nn.Module, tcfg: TrainConfig, num_tasks: int = 1,
@@ -210,7 +219,6 @@ class Learner:
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                     else contextlib.nullcontext())
         self.tasks = [t.name for t in cfg.tasks]
-        self.micro_batches = micro_batches_per_step(cfg)
         self.model.train()
 
     @property
@@ -227,7 +235,7 @@ class Learner:
 
     def _step(self, step_index: int, next_batch: Callable[[str], Batch]) -> StepStats:
         """Optimizer step ``step_index``: ``next_batch(task)`` gives each micro-batch of the step's tasks."""
-        tcfg, m = self.cfg.train, self.micro_batches
+        tcfg, m = self.cfg.train, micro_batches_per_step(self.cfg, step_index)
         lr = lr_at(step_index, tcfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -250,22 +258,23 @@ class Learner:
                 per_task.take(int(k))
             micro.append(MicroStats(int(k), out.loss.detach(), out.num_tokens, out.num_positions))
         if per_task is not None:
-            return StepStats(step_index, lr, self._step_per_task(per_task), micro)
+            return StepStats(step_index, lr, self._step_per_task(per_task, step_index), micro)
         if balance is not None:
             balance.finish(all_reduce=self.ddp)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), tcfg.grad_clip)
         self.optimizer.step()
         return StepStats(step_index, lr, grad_norm, micro)
 
-    def _step_per_task(self, gradients: TaskGradients) -> torch.Tensor:
-        """``train.task_moments``: average over ranks, clip each task's gradient, step each task's moments;
-        returns the norm of the tasks' summed gradient before clipping (the logged ``grad_norm``)."""
+    def _step_per_task(self, gradients: TaskGradients, step_index: int) -> torch.Tensor:
+        """``train.task_moments``: average over ranks, clip each task's gradient, step each task's moments
+        (the tasks that joined late at their warming-up rate, :func:`join_ramps`); returns the norm of the
+        tasks' summed gradient before clipping (the logged ``grad_norm``)."""
         if self.ddp:
             gradients.all_reduce()
         grad_norm = gradients.total_norm()
         gradients.clip(self.cfg.train.grad_clip)
         assert isinstance(self.optimizer, TaskAdamW)
-        self.optimizer.step_tasks(gradients)
+        self.optimizer.step_tasks(gradients, active_tasks(self.cfg, step_index), join_ramps(self.cfg, step_index))
         return grad_norm
 
 

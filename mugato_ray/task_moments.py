@@ -9,8 +9,9 @@ tasks' Adam directions, each weighted by its share of the step's micro-batches a
 
     m_k <- b1 m_k + (1 - b1) g_k          v_k <- b2 v_k + (1 - b2) g_k^2       (each task's own count t_k)
     p   <- p (1 - lr wd) - lr * sum_k w_k * (m_k / (1 - b1^t_k)) / (sqrt(v_k / (1 - b2^t_k)) + eps)
-    w_k =  s_k * T * n_k / M     (n_k of the step's M micro-batches are task k's; T tasks in the config;
-                                  s_k the task's tasks[].lr_scale, 1 by default)
+    w_k =  s_k * r_k * T * n_k / M     (n_k of the step's M micro-batches are task k's; T tasks in the
+                                        mixture at this step; s_k the task's tasks[].lr_scale, 1 by default;
+                                        r_k its warmup after a late start, tasks[].start_step, else 1)
 
 So with equally weighted tasks ``w_k = 1``: every task steps at ``lr`` in its own Adam geometry, as it
 would alone, and ``lr`` keeps its meaning when tasks are added (on the weights the tasks share, the step
@@ -128,8 +129,11 @@ class TaskAdamW(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step_tasks(self, gradients: TaskGradients) -> None:
-        """One step from each present task's summed gradient, weighted ``s_k * T * n_k / M`` (module docstring).
+    def step_tasks(self, gradients: TaskGradients, active: int | None = None,
+                   ramps: Mapping[int, float] | None = None) -> None:
+        """One step from each present task's summed gradient, weighted ``s_k * r_k * T * n_k / M`` (module
+        docstring). ``active``: T, the tasks in the mixture at this step (None: all the optimizer's tasks);
+        ``ramps``: r_k of the tasks warming up after a late start (absent: 1).
 
         Vectorized over each group's parameters (``torch._foreach_*``, as AdamW's foreach path), one pass
         per present task."""
@@ -137,7 +141,11 @@ class TaskAdamW(torch.optim.Optimizer):
         shares = gradients.shares()
         if bad := [k for k in shares if not 0 <= k < self.num_tasks]:
             raise ValueError(f"{KEY}: task index {bad[0]} outside the optimizer's {self.num_tasks} tasks")
-        weights = {k: self.lr_scales[k] * share * self.num_tasks for k, share in shares.items()}
+        tasks = self.num_tasks if active is None else active
+        if not 1 <= tasks <= self.num_tasks:
+            raise ValueError(f"{KEY}: {tasks} active tasks, outside 1..{self.num_tasks}")
+        ramps = ramps or {}
+        weights = {k: self.lr_scales[k] * ramps.get(k, 1.0) * share * tasks for k, share in shares.items()}
         for group in self.param_groups:
             params = [p for p in group["params"] if id(p) in index]
             if not params:

@@ -22,11 +22,13 @@ from mugato_ray.data import (
     build_datasets,
     count_kept,
     load_layouts,
+    micro_batches_per_step,
     save_layouts,
     step_tasks,
     task_counts,
     task_dataset,
     task_layouts,
+    task_weights,
     windows_per_pass,
     write_synthetic_store,
 )
@@ -254,6 +256,20 @@ def test_mixture_is_a_pure_function_of_seed_and_step(tmp_path):
     other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=1, grad_accum=2))
     cfg2 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, grad_accum=2))
     assert [step_tasks(other, s).tolist() for s in range(50)] != [step_tasks(cfg2, s).tolist() for s in range(50)]
+
+
+def test_a_task_joins_the_mixture_at_its_start_step(tmp_path):
+    """``tasks[i].start_step``: before it the task takes no micro-batch and M counts only the tasks already
+    in (one micro-batch each); from it on, every task in every step. The pass sizes follow (task_counts)."""
+    cfg = make_cfg(tmp_path, TASKS, "train.steps=100")
+    cfg.tasks = [TaskEntry("text-arith"), TaskEntry("BabyAI-GoToRedBall-v0", start_step=30),
+                 TaskEntry("Pendulum-v1", start_step=60)]
+    assert [sorted(step_tasks(cfg, s).tolist()) for s in (0, 29, 30, 59, 60, 99)] == [
+        [0], [0], [0, 1], [0, 1], [0, 1, 2], [0, 1, 2]]
+    assert [micro_batches_per_step(cfg, s) for s in (0, 30, 60)] == [1, 2, 3]
+    assert task_counts(cfg, 0, 100).tolist() == [100, 70, 40]
+    assert task_weights(cfg, 29).tolist() == [1.0, 0.0, 0.0]
+    assert task_weights(cfg).tolist() == pytest.approx([1 / 3] * 3)  # the streams: every task
 
 
 def test_windows_per_pass_covers_every_rank():

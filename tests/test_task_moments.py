@@ -11,7 +11,7 @@ import torch
 from mugato_ray.checkpoints import write_checkpoint
 from mugato_ray.config import ConfigError, load_config
 from mugato_ray.data import step_tasks, task_layouts
-from mugato_ray.learner import Learner, restore
+from mugato_ray.learner import Learner, join_ramps, restore
 from mugato_ray.task_moments import TaskAdamW, TaskGradients
 from tests.test_learner import spawn_ranks
 from tests.test_model import VOCAB, make_batch, text_layout
@@ -182,6 +182,54 @@ def test_the_config_sets_each_tasks_rate_and_a_resumed_run_takes_its_own(tmp_pat
         make_cfg(tmp_path, scaled)
     with pytest.raises(ConfigError, match=r"tasks\[0\]\.lr_scale' must be positive"):
         make_cfg(tmp_path, "train.task_moments=true", "tasks=[{name: text-arith, lr_scale: 0}]")
+
+
+def test_the_tasks_in_the_mixture_and_a_joining_tasks_ramp_set_the_weights():
+    """With 3 tasks configured and only task 0 in the mixture (``active=1``), its first step is lr * g / |g|,
+    as alone (not 3x: T counts the tasks in the mixture); a ramp of 0.25 (a task warming up after its
+    start_step) scales it to a quarter."""
+    def first_step(**kwargs):
+        p = torch.nn.Parameter(torch.zeros(3))
+        opt = TaskAdamW([p], 3, lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
+        grads = TaskGradients([p])
+        p.grad = torch.tensor([1.0, -2.0, 0.5])
+        grads.take(0)
+        opt.step_tasks(grads, **kwargs)
+        return p.detach()
+
+    sign = torch.tensor([1.0, -1.0, 1.0])
+    torch.testing.assert_close(first_step(), -0.3 * sign, rtol=0, atol=1e-6)  # every task in: w = T * 1
+    torch.testing.assert_close(first_step(active=1), -0.1 * sign, rtol=0, atol=1e-6)
+    torch.testing.assert_close(first_step(active=1, ramps={0: 0.25}), -0.025 * sign, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="4 active tasks"):
+        first_step(active=4)
+
+
+def test_a_late_task_is_left_out_of_the_step_then_warms_up(tmp_path):
+    """``tasks[1].start_step: 5``: the Learner's step 0 draws only task 0 and lands exactly where a run of
+    task 0 alone does (M and T count the tasks in the mixture); from step 5 it draws both, task 1's rate
+    ramping over ``train.warmup_steps`` (4 here)."""
+    batch = make_batch(LAYOUT, [1, 1, 1], seed=0)
+    late = make_cfg(tmp_path, "train.task_moments=true", "train.warmup_steps=4",
+                    "tasks=[{name: text-arith}, {name: text-files, start_step: 5}]")
+    alone = make_cfg(tmp_path, "train.task_moments=true", "train.warmup_steps=4", tasks=TASKS[:1])
+
+    def step(cfg, index):
+        learner, drawn = fresh_learner(cfg, seed=3), []
+        learner.step(index, lambda task: drawn.append(task) or batch)
+        return params(learner), sorted(drawn)
+
+    (with_late, drawn), (by_itself, _) = step(late, 0), step(alone, 0)
+    assert drawn == ["text-arith"]
+    for name in with_late:
+        torch.testing.assert_close(with_late[name], by_itself[name], rtol=0, atol=0, msg=name)
+    assert step(late, 5)[1] == ["text-arith", "text-files"]
+    assert [join_ramps(late, s) for s in (4, 5, 6, 8, 9)] == [{}, {1: 0.25}, {1: 0.5}, {1: 1.0}, {}]
+    for bad, match in ((-1, "must be non-negative"), (20, "is 20, but the run has train.steps=20")):
+        with pytest.raises(ConfigError, match=r"tasks\[1\]\.start_step' " + match):
+            make_cfg(tmp_path, f"tasks=[{{name: text-arith}}, {{name: text-files, start_step: {bad}}}]")
+    with pytest.raises(ConfigError, match="no task with a positive weight has start_step 0"):
+        make_cfg(tmp_path, "tasks=[{name: text-arith, start_step: 2}, {name: text-files, weight: 0}]")
 
 
 def test_each_task_is_clipped_on_its_own():
