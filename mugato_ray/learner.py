@@ -7,7 +7,9 @@
   global gradient-norm clipping and the optimizer step. bf16 autocast on GPU only. With
   ``train.grad_balance: norm``, :class:`GradBalance` gives every micro-batch's gradient the same norm;
   with ``train.task_moments``, each task's gradient is kept apart, clipped on its own and stepped with its
-  own AdamW moments (:mod:`mugato_ray.task_moments`).
+  own AdamW moments (:mod:`mugato_ray.task_moments`). A task with ``tasks[].start_step`` joins the
+  mixture at that step (``M`` counts the tasks already in); with per-task moments its rate then warms up
+  (:func:`join_ramps`).
 - AdamW (weight decay on matrices and embeddings, i.e. tensors with >= 2 dims; none on norms and
   biases), linear warmup then cosine decay to ``lr * min_lr_ratio`` (:func:`lr_at`, a pure function of
   the step, so a resumed run needs no scheduler state).
