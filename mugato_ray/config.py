@@ -257,6 +257,9 @@ class RolloutConfig:
     """Step limit per episode (None: the task's own limit)."""
     temperature: float = 0.0
     """Sampling temperature of the model policy (0: greedy)."""
+    continuous_actions: Literal["mean", "argmax"] = "mean"
+    """How a greedy model policy (temperature 0) picks a continuous action's value bin: "mean", the bin
+    nearest the expected value of its distribution; "argmax", the most likely bin (mugato_ray.policy)."""
     seed: int | None = None
     """Base seed; episode seeds are derived deterministically from it (None: the top-level ``seed``; see
     :func:`resolve_seeds`)."""

@@ -163,7 +163,8 @@ class OnlineWorker:
 
         def build(envs: Sequence[gym.Env]) -> Any:
             model = ModelPolicy(self.model, task.spec, task.layout, self.text_tokenizer, len(envs),
-                                temperature=self.cfg.task_temperature(name), device=self.device)
+                                temperature=self.cfg.task_temperature(name), device=self.device,
+                                continuous_actions=self.cfg.rollout.continuous_actions)
             if self.cfg.online.mode != "dagger":
                 return model
             return DAggerPolicy(model, experts.make_expert(task.info, envs), len(envs), self.cfg.online.beta)

@@ -166,7 +166,7 @@ def make_policy(spec: PolicySpec, task: ResolvedTask, envs: Sequence[gym.Env], c
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return ModelPolicy(model, space, layout, text_tokenizer, len(envs),
                        temperature=cfg.task_temperature(task.name, spec.temperature), device=device,
-                       prompt_tokens=prompt)
+                       prompt_tokens=prompt, continuous_actions=cfg.rollout.continuous_actions)
 
 
 def demonstration_prompt(task: str, space: Any, layout: Any, text_tokenizer: Any, cfg: Config) -> dict:

@@ -645,6 +645,21 @@ def decode_actions(spec: SpaceSpec, ids: Any) -> np.ndarray:
     return _decode_continuous(field, spec.vocab, ids, spec.mu, spec.M, is_action=True)
 
 
+def continuous_action_values(spec: SpaceSpec) -> np.ndarray | None:
+    """``(action_tokens, vocab.size)`` float64: the env value each value id decodes to, per action token
+    (:func:`decode_actions`: bin centres, unscaled or mu-law decoded); 0.0 at ids that are not values.
+    ``None`` for a discrete action. Acting reads it to decode an action by its expected value."""
+    (field,) = spec.action
+    if field.modality is not Modality.CONTINUOUS:
+        return None
+    vocab = spec.vocab
+    ids_BxT = np.repeat(vocab.value_offset + np.arange(vocab.value_bins)[:, None], field.tokens, axis=1)
+    values_BxT = decode_actions(spec, ids_BxT).reshape(vocab.value_bins, field.tokens).astype(np.float64)
+    out_TxV = np.zeros((field.tokens, vocab.size), np.float64)
+    out_TxV[:, vocab.value_offset : vocab.value_offset + vocab.value_bins] = values_BxT.T
+    return out_TxV
+
+
 def legal_action_mask(spec: SpaceSpec) -> np.ndarray:
     """``(action_tokens, vocab.size)`` bool: the ids each action token may take when sampling.
 

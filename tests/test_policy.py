@@ -301,6 +301,73 @@ def test_temperature_sampling_reproducible_and_slot_independent():
     assert not np.array_equal(a, c)  # the seed matters (non-vacuous)
 
 
+CONTINUOUS_ACTIONS = {
+    "bounded": spaces.Box(np.array([-2.0, 0.0], np.float32), np.array([3.0, 0.5], np.float32), dtype=np.float32),
+    "unbounded": spaces.Box(-np.inf, np.inf, (2,), np.float32),  # mu-law bins: not evenly spaced in value
+}
+
+
+def bin_values(spec):
+    """(A, value_bins): the env value each value id decodes to, per action token, from decode_actions."""
+    from mugato_ray.tokenizer import decode_actions
+
+    bins = VOCAB.value_bins
+    ids = np.repeat(VOCAB.value_offset + np.arange(bins)[:, None], spec.action[0].tokens, axis=1)
+    return decode_actions(spec, ids).reshape(bins, -1).T.astype(np.float64)
+
+
+@pytest.mark.parametrize("name", list(CONTINUOUS_ACTIONS))
+def test_greedy_continuous_action_is_the_bin_nearest_the_expected_value(name):
+    act_space = CONTINUOUS_ACTIONS[name]
+    spec, layout, model = setup(spaces.Box(-1, 1, (3,), np.float32), act_space, context=48, sharpen=False)
+    values_AxB = bin_values(spec)
+    lo, bins = VOCAB.value_offset, VOCAB.value_bins
+    N = 4
+    mean_policy = ModelPolicy(model, spec, layout, TEXT, N)  # the default: "mean"
+    mode_policy = ModelPolicy(model, spec, layout, TEXT, N, continuous_actions="argmax")
+    for p in (mean_policy, mode_policy):
+        p.reset(range(N), range(N))
+    rng = np.random.default_rng(4)
+    differs = 0
+    for _ in range(6):
+        obs = random_obs(spec, N, rng)
+        actions, ids, logits = mean_policy.act_with_logits(obs)
+        # Expected value of each action token's distribution over its value bins, in env units.
+        z = logits[:, :, lo : lo + bins].astype(np.float64)
+        p_NxAxB = np.exp(z - z.max(-1, keepdims=True))
+        p_NxAxB /= p_NxAxB.sum(-1, keepdims=True)
+        mean_NxA = (p_NxAxB * values_AxB[None]).sum(-1)
+        nearest = np.abs(values_AxB[None] - mean_NxA[..., None]).argmin(-1) + lo
+        np.testing.assert_array_equal(ids, nearest)
+        assert all(act_space.contains(a) for a in actions)
+        np.testing.assert_array_equal(encode_actions(spec, actions)["action"][..., 0], ids)
+        # "argmax" keeps the most likely bin, fed the same observations.
+        _, mode_ids, mode_logits = mode_policy.act_with_logits(obs)
+        np.testing.assert_array_equal(mode_ids, mode_logits[:, :, lo : lo + bins].argmax(-1) + lo)
+        differs += int((mode_ids != ids).sum())
+    assert differs > 0  # near-uniform logits: the mode and the mean pick different bins (non-vacuous)
+
+
+def test_greedy_mean_leaves_discrete_actions_and_sampling_alone():
+    spec, layout, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(6), context=40, sharpen=False)
+    policy = ModelPolicy(model, spec, layout, TEXT, 3)  # "mean" on a discrete action: the most likely id
+    policy.reset(range(3), range(3))
+    obs = random_obs(spec, 3, np.random.default_rng(5))
+    _, ids, logits = policy.act_with_logits(obs)
+    lo = VOCAB.value_offset
+    np.testing.assert_array_equal(ids, logits[:, :, lo : lo + 6].argmax(-1) + lo)
+    # Sampling draws from the distribution: its ids spread over the bins where the mean's would not.
+    box_spec, box_layout, box_model = setup(spaces.Box(-1, 1, (3,), np.float32), CONTINUOUS_ACTIONS["bounded"],
+                                            context=48, sharpen=False)
+    chosen = {}
+    for temperature in (0.0, 1.0):
+        p = ModelPolicy(box_model, box_spec, box_layout, TEXT, 3, temperature=temperature)
+        p.reset(range(3), range(3))
+        rng = np.random.default_rng(6)
+        chosen[temperature] = np.stack([p.act_with_logits(random_obs(box_spec, 3, rng))[1] for _ in range(5)])
+    assert np.ptp(chosen[1.0][..., 0]) > 4 * max(np.ptp(chosen[0.0][..., 0]), 1)
+
+
 def test_prompt_and_window_validation():
     spec, layout, model = setup(spaces.Box(-1, 1, (3,), np.float32), spaces.Discrete(2), context=25)
     bad = {f.key: np.zeros((layout.steps, f.tokens, f.channels), np.int64) for f in layout.fields}
@@ -308,3 +375,5 @@ def test_prompt_and_window_validation():
         ModelPolicy(model, spec, layout, TEXT, 1, prompt_tokens=bad)
     with pytest.raises(ValueError, match="temperature"):
         ModelPolicy(model, spec, layout, TEXT, 1, temperature=-1.0)
+    with pytest.raises(ValueError, match="continuous_actions"):
+        ModelPolicy(model, spec, layout, TEXT, 1, continuous_actions="median")

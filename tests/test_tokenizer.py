@@ -478,6 +478,22 @@ def test_out_of_bounds_continuous_actions_clip_and_unbounded_use_mu_law():
     assert np.abs(tk.mu_law_encode(back[:, 1]) - np.clip(tk.mu_law_encode(actions[:, 1]), -1, 1)).max() <= HALF_BIN
 
 
+def test_continuous_action_values_are_each_ids_decoded_value():
+    box = spaces.Box(np.array([-3.0, -np.inf], np.float32), np.array([3.0, np.inf], np.float32), dtype=np.float32)
+    spec = spec_for(spaces.Discrete(2), box)
+    values = tk.continuous_action_values(spec)
+    lo, bins = VOCAB.value_offset, VOCAB.value_bins
+    assert values.shape == (2, VOCAB.size)
+    for v in (0, 1, bins // 2, bins - 1):
+        np.testing.assert_allclose(values[:, lo + v], tk.decode_actions(spec, np.array([[lo + v, lo + v]]))[0])
+    # Bounded: evenly spaced bin centres from low to high; unbounded: mu-law, increasing but not even.
+    np.testing.assert_allclose(values[0, lo : lo + 2], [-3.0 + 3.0 / bins, -3.0 + 9.0 / bins], rtol=1e-5)
+    steps = np.diff(values[1, lo : lo + bins])
+    assert (steps > 0).all() and steps.max() > 10 * steps.min()
+    assert not values[:, :lo].any() and not values[:, lo + bins :].any()  # not value ids
+    assert tk.continuous_action_values(spec_for(spaces.Discrete(2), spaces.Discrete(3))) is None
+
+
 def test_decode_actions_rejects_illegal_ids():
     spec = spec_for(spaces.Discrete(2), spaces.Discrete(3))
     with pytest.raises(ValueError, match="'action'.*id"):
