@@ -56,7 +56,7 @@ from mugato_ray.metrics import bootstrap_ci, iqm, normalized_score
 from mugato_ray.resolve import ResolvedTask, resolve_tasks, task_spec
 from mugato_ray.rollout import FaultInjection, PolicySpec, RolloutResult, run_on_pool, split_seeds
 from mugato_ray.sequence import make_layout
-from mugato_ray.tokenizer import decode_text, encode_text, make_text_tokenizer
+from mugato_ray.tokenizer import Modality, decode_text, encode_text, make_text_tokenizer
 from mugato_ray.video import VideoRequest, encoder_note, remove_videos, task_folder_name, video_format
 
 if TYPE_CHECKING:
@@ -177,8 +177,12 @@ def evaluate(cfg: Config, policy: PolicySpec, *, log: Callable[[str], None] = pr
         else:
             tasks[entry.name] = _evaluate_dataset_task(run_cfg, task, policy, log)
         tasks[entry.name]["reference_origin"] = reference_origin(task)
-        tasks[entry.name]["temperature"] = (run_cfg.task_temperature(entry.name, policy.temperature)
-                                            if policy.kind == "model" else None)
+        temperature = run_cfg.task_temperature(entry.name, policy.temperature) if policy.kind == "model" else None
+        tasks[entry.name]["temperature"] = temperature
+        # How a greedy model picked a continuous action's bin (rollout.continuous_actions); None otherwise.
+        continuous = task.spec.action[0].modality is Modality.CONTINUOUS
+        tasks[entry.name]["continuous_actions"] = (run_cfg.rollout.continuous_actions
+                                                   if temperature == 0 and continuous else None)
     scores = [t["normalized_score"] for t in tasks.values()]
     return {
         "checkpoint": policy_label(policy),
@@ -546,10 +550,18 @@ def acting_lines(report: dict) -> list[str]:
         return []
     sampled = {name: x for name, x in temps.items() if x > 0}
     if not sampled:
-        return ["", "The model acted greedily on every task."]
-    parts = [f"{md_text(name, 80)} at temperature {x:g}" for name, x in sampled.items()]
-    rest = " and greedily on the others" if len(sampled) < len(temps) else ""
-    return ["", f"The model's actions were sampled on {', '.join(parts)}{rest}."]
+        lines = ["", "The model acted greedily on every task."]
+    else:
+        parts = [f"{md_text(name, 80)} at temperature {x:g}" for name, x in sampled.items()]
+        rest = " and greedily on the others" if len(sampled) < len(temps) else ""
+        lines = ["", f"The model's actions were sampled on {', '.join(parts)}{rest}."]
+    decoded = {name: t["continuous_actions"] for name, t in report["tasks"].items() if t.get("continuous_actions")}
+    how = {"mean": "the value bin nearest the expected value of the model's distribution",
+           "argmax": "the most likely value bin"}
+    for mode in sorted(set(decoded.values())):
+        names = ", ".join(md_text(name, 80) for name, m in decoded.items() if m == mode)
+        lines.append(f"Greedy continuous actions ({names}) took {how[mode]} (`rollout.continuous_actions: {mode}`).")
+    return lines
 
 
 def _count(n: int, noun: str) -> str:

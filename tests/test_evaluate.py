@@ -425,7 +425,7 @@ def save_tiny_model(cfg, folder):
 
 
 def test_untrained_model_checkpoint_end_to_end(ray_local, tmp_path):
-    names = ["BabyAI-GoToRedBall-v0", "text-arith", "vqa-minigrid-color"]
+    names = ["BabyAI-GoToRedBall-v0", "text-arith", "vqa-minigrid-color", "Pendulum-v1"]
     cfg = make_cfg(tmp_path, names, episodes=3, eval={"prompt": True})
     cfg.tasks[0].temperature = 0.5  # tasks[].temperature: this task's actions are sampled, the others greedy
     ckpt = tmp_path / "ckpt"
@@ -438,10 +438,15 @@ def test_untrained_model_checkpoint_end_to_end(ray_local, tmp_path):
     assert any(store_dir(cfg, names[0]).glob("expert-*.parquet"))  # prompting collected demonstrations first
     assert report["tasks"][names[0]]["prompted"] is True
     assert any(line.startswith(f"eval {names[0]}: 3/3 episodes") for line in lines)
-    assert [report["tasks"][n]["temperature"] for n in names] == [0.5, 0.0, 0.0]
+    assert [report["tasks"][n]["temperature"] for n in names] == [0.5, 0.0, 0.0, 0.0]
+    # Only a greedy continuous action is decoded by its mean (rollout.continuous_actions).
+    assert [report["tasks"][n]["continuous_actions"] for n in names] == [None, None, None, "mean"]
     write_report(report, eval_dir(cfg))
+    md = (eval_dir(cfg) / "eval.md").read_text()
     assert ("The model's actions were sampled on BabyAI-GoToRedBall-v0 at temperature 0.5 and greedily on the "
-            "others.") in (eval_dir(cfg) / "eval.md").read_text()
+            "others.") in md
+    assert ("Greedy continuous actions (Pendulum-v1) took the value bin nearest the expected value of the model's "
+            "distribution (`rollout.continuous_actions: mean`).") in md
     with pytest.raises(FileNotFoundError, match="model.pt"):
         evaluate(cfg, PolicySpec("model", str(tmp_path / "missing")), **QUIET)
 
