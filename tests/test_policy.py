@@ -69,11 +69,12 @@ def take(obs, idx):
     return {k: [v[i] for i in idx] if isinstance(v, list) else v[idx] for k, v in obs.items()}
 
 
-@pytest.mark.parametrize("prompted,rotary,token_shift",
-                         [(False, False, False), (True, False, False), (True, True, False), (False, False, True),
-                          (True, True, True)])
-def test_cached_decoding_matches_uncached(prompted, rotary, token_shift, monkeypatch):
-    act_space = spaces.MultiDiscrete([3, 4])  # two action tokens: one cached token step per act
+@pytest.mark.parametrize("prompted,rotary,token_shift,continuous",
+                         [(False, False, False, False), (True, False, False, False), (True, True, False, False),
+                          (False, False, True, False), (True, True, True, False), (True, True, True, True)])
+def test_cached_decoding_matches_uncached(prompted, rotary, token_shift, continuous, monkeypatch):
+    # Two action tokens: one cached token step per act. Continuous: greedy by the mean of the bins.
+    act_space = spaces.Box(-1.0, 1.0, (2,), np.float32) if continuous else spaces.MultiDiscrete([3, 4])
     spec, layout, model = setup(DICT_OBS, act_space, context=64, rotary=rotary, token_shift=token_shift)
     assert layout.steps == 4  # 6 text + 4 patches + 2 + sep + 2 actions = 15 tokens per step
     N = 3
