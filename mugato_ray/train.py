@@ -134,6 +134,15 @@ class TaskStream:
                            "for data.batch_size x train workers")
 
 
+def scores_snapshot(cfg: Config, done: int) -> bool:
+    """Whether a snapshot is scored after ``done`` optimizer steps: every ``train.eval_every`` steps and at the
+    last, once every task of positive weight has trained (``done`` past its ``tasks[].start_step``)."""
+    tcfg = cfg.train
+    if tcfg.eval_every <= 0 or not (done % tcfg.eval_every == 0 or done == tcfg.steps):
+        return False
+    return done > max((t.start_step for t in cfg.tasks if t.weight > 0), default=0)
+
+
 def start_streams(streams: dict[str, TaskStream]) -> None:
     """Start every task's pass concurrently: each first batch waits for its dataset's actors to start,
     which would otherwise add up, one task after the other, on the first step."""
@@ -242,7 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
         stats = learner.step(step, lambda task: streams[task].next())
         window.add_step(stats)
         done = step + 1
-        if evaluator is not None and rank == 0 and (done % tcfg.eval_every == 0 or done == tcfg.steps):
+        if evaluator is not None and rank == 0 and scores_snapshot(cfg, done):
             # Not awaited: the actor scores it while training goes on.
             snapshot = write_snapshot(local_cfg, learner.acting_model, done, specs, layouts)
             evaluator.evaluate.remote(done, str(snapshot))

@@ -156,16 +156,20 @@ def test_expert_noise_perturbs_the_states_but_records_the_experts_actions(tmp_pa
 # Evaluation during training
 
 
-def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, tmp_path):
+@pytest.mark.parametrize("text_start,scored", [(0, [2, 4]), (2, [4])])
+def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, tmp_path, text_start, scored):
     # A relative run_dir, as in the configs: Ray Train workers do not run in the driver's directory.
-    cfg = make_cfg(os.path.relpath(tmp_path / "run"), "[{name: CartPole-v1, episodes: 4, window: 2}, {name: text-arith, episodes: 8}]",
+    # text_start 2: text-arith joins at step 2, so the snapshot of step 2 (text not yet trained) is not scored.
+    cfg = make_cfg(os.path.relpath(tmp_path / "run"),
+                   f"[{{name: CartPole-v1, episodes: 4, window: 2}}, {{name: text-arith, episodes: 8, start_step: {text_start}}}]",
                    "train.steps=4", "train.eval_every=2", "train.eval_episodes=2", "train.checkpoint_every=4")
     collect_in_process(cfg, "CartPole-v1", range(4))
     from mugato_ray.collect import collect
 
     collect(cfg, resume=True, log=lambda *_: None)  # the text task's episodes (no env: generated in the driver)
     result = train(cfg)
-    assert [r["step"] for r in result.evaluations] == [2, 4]
+    assert [r["step"] for r in result.evaluations] == scored
+    assert sorted(int(p.name.split("_")[1]) for p in snapshot_root(cfg).glob("step_*")) == scored
     for r in result.evaluations:
         assert Path(r["model_file"]).is_relative_to(tmp_path.resolve() / "run" / "snapshots")
         assert Path(r["model_file"]).is_file() and (Path(r["model_file"]).parent / "layouts.json").is_file()
@@ -173,7 +177,7 @@ def test_snapshots_are_scored_during_training_and_the_best_is_chosen(local_ray, 
         assert r["tasks"]["CartPole-v1"]["normalized"] is not None and r["iqm"] is not None
     assert read_scores(cfg) == result.evaluations  # written as they land
     rows = read_metrics(Path(cfg.run_dir) / "metrics" / "eval.csv")  # and into the run's metrics, by step
-    assert [r["step"] for r in rows] == [2, 4]
+    assert [r["step"] for r in rows] == scored
     for row, r in zip(rows, result.evaluations):
         assert row["validation/iqm"] == r["iqm"] and row["validation/CartPole-v1/episodes"] == 2
         assert row["validation/CartPole-v1/normalized_score"] == r["tasks"]["CartPole-v1"]["normalized"]

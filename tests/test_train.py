@@ -27,7 +27,7 @@ from mugato_ray.data import load_layouts, write_synthetic_store
 from mugato_ray.learner import CRASH_ENV, lr_at, make_optimizer
 from mugato_ray.model import GatoModel, load_model
 from mugato_ray.resources import plan_resources
-from mugato_ray.train import TrainingFailedError, train
+from mugato_ray.train import TrainingFailedError, scores_snapshot, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
@@ -40,6 +40,17 @@ def make_cfg(run_dir, *overrides, tasks=TASKS):
 
 # ---------------------------------------------------------------------------------------------
 # Pure pieces
+
+
+def test_snapshots_are_scored_every_eval_every_steps_once_every_task_has_joined(tmp_path):
+    every = make_cfg(tmp_path, "train.steps=10", "train.eval_every=4")
+    assert [d for d in range(1, 11) if scores_snapshot(every, d)] == [4, 8, 10]  # and at the last step
+    assert not any(scores_snapshot(make_cfg(tmp_path, "train.steps=10"), d) for d in range(1, 11))  # eval_every 0
+    # Pendulum joins at step 4 (0-based): after 4 steps it has not trained yet, after 8 it has.
+    late = load_config(ROOT / "configs/smoke.yaml", [f"run_dir={tmp_path}", "train.steps=10", "train.eval_every=4",
+                       "tasks=[{name: text-arith}, {name: Pendulum-v1, start_step: 4}, "
+                       "{name: CartPole-v1, weight: 0, start_step: 9}]"])  # weight 0: never trains, never waited for
+    assert [d for d in range(1, 11) if scores_snapshot(late, d)] == [8, 10]
 
 
 def test_lr_warms_up_then_decays_to_the_floor(tmp_path):
