@@ -410,7 +410,6 @@ class ModelPolicy:
         gumbel = -torch.log(-torch.log(u.clamp_(min=1e-20, max=1.0 - 1e-7)))
         return (masked / self.temperature + gumbel).argmax(dim=-1)
 
-
     def _nearest_to_mean(self, masked_NxV: torch.Tensor, k: int) -> torch.Tensor:
         """The legal id whose value is nearest the expected value of action token k's distribution."""
         values_V = self.values_AxV[k]
