@@ -4,7 +4,8 @@
    the machine's measured matmul rate (fp32 2048^3 on CPU; bf16 under autocast on CUDA).
 2. KV-cached decoding over full recomputation at a 1024-token context (tokens/s).
 3. Batched acting: N=16 envs in one ModelPolicy over 16 single-env policies stepped in turn (env steps/s,
-   best of 3 interleaved runs), on a MuJoCo-like and a BabyAI-like task with synthetic observations.
+   best of 3 interleaved runs), on a MuJoCo-like and a BabyAI-like task with synthetic observations; on the
+   MuJoCo-like task also greedy continuous actions by the argmax over by the mean (rollout.continuous_actions).
 
 Run: .venv/bin/python bench/model.py [--device cuda] [--quick]
 """
@@ -196,7 +197,8 @@ def synthetic_observations(space, n: int, rng: np.random.Generator) -> dict:
     return {"observation": rng.normal(size=(n, *space.shape)).astype(np.float32)}
 
 
-def acting_rate(model, spec, layout, obs_T, ends_T, per_policy: int, device) -> tuple[float, float]:
+def acting_rate(model, spec, layout, obs_T, ends_T, per_policy: int, device,
+                continuous_actions: str = "mean") -> tuple[float, float]:
     """Env steps per wall second and per CPU second of N envs split into policies of ``per_policy`` envs
     stepped in turn (step 0 is a warm-up).
 
@@ -206,7 +208,8 @@ def acting_rate(model, spec, layout, obs_T, ends_T, per_policy: int, device) -> 
     """
     N = len(next(iter(obs_T[0].values())))
     groups = [range(g, g + per_policy) for g in range(0, N, per_policy)]
-    policies = [ModelPolicy(model, spec, layout, ByteTokenizer(), per_policy, device=device) for _ in groups]
+    policies = [ModelPolicy(model, spec, layout, ByteTokenizer(), per_policy, device=device,
+                            continuous_actions=continuous_actions) for _ in groups]
     for p, g in zip(policies, groups):
         p.reset(range(per_policy), list(g))
     for t, o in enumerate(obs_T):
@@ -236,17 +239,24 @@ def bench_batched_acting(device, vocab, args) -> None:
         rng = np.random.default_rng(0)
         obs_T = [synthetic_observations(obs_space, N, rng) for _ in range(steps + 1)]
         ends_T = [[i for i in range(N) if episode and t and (t + 4 * i) % episode == 0] for t in range(steps + 1)]
-        best = {N: [0.0, 0.0], 1: [0.0, 0.0]}  # envs per policy -> best [wall, cpu] env steps/s
+        # (envs per policy, how greedy continuous actions are decoded) -> best [wall, cpu] env steps/s; a
+        # continuous task also runs N=16 with the argmax, the price of decoding by the mean.
+        runs = [(N, "mean"), (1, "mean")] + ([(N, "argmax")] if isinstance(act_space, spaces.Box) else [])
+        best = {run: [0.0, 0.0] for run in runs}
         for _ in range(args.act_repeats):
-            for per_policy, b in best.items():
-                rates = acting_rate(model, spec, layout, obs_T, ends_T, per_policy, device)
+            for (per_policy, decode), b in best.items():
+                rates = acting_rate(model, spec, layout, obs_T, ends_T, per_policy, device, decode)
                 b[:] = [max(b[0], rates[0]), max(b[1], rates[1])]
-        (wb, cb), (w1, c1) = best[N], best[1]
+        (wb, cb), (w1, c1) = best[N, "mean"], best[1, "mean"]
         print(
             f"acting small, {name}, {layout.step_tokens} tokens/step, {steps} steps, best of {args.act_repeats}: "
             f"N={N} batched {wb:,.0f} env steps/s, one env at a time {w1:,.0f} env steps/s  ->  ratio {wb / w1:.2f}x; "
             f"per CPU second {cb:,.0f} / {c1:,.0f}  ->  {cb / c1:.2f}x"
         )
+        if (N, "argmax") in best:
+            wa, ca = best[N, "argmax"]
+            print(f"  greedy continuous actions, N={N}: by the mean {wb:,.0f} env steps/s, by the argmax {wa:,.0f}  ->  "
+                  f"ratio {wa / wb:.2f}x; per CPU second {ca / cb:.2f}x")
 
 
 def main() -> None:

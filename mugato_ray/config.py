@@ -22,6 +22,8 @@ from typing import Any, Literal, Union
 import yaml
 
 LoggerName = Literal["csv", "tensorboard", "wandb"]
+ContinuousActions = Literal["mean", "argmax"]
+"""How a greedy model policy picks a continuous action's value bin (``rollout.continuous_actions``)."""
 """A metric writer of ``train.loggers`` (see mugato_ray.metric_log)."""
 
 
@@ -257,7 +259,7 @@ class RolloutConfig:
     """Step limit per episode (None: the task's own limit)."""
     temperature: float = 0.0
     """Sampling temperature of the model policy (0: greedy)."""
-    continuous_actions: Literal["mean", "argmax"] = "mean"
+    continuous_actions: ContinuousActions = "mean"
     """How a greedy model policy (temperature 0) picks a continuous action's value bin: "mean", the bin
     nearest the expected value of its distribution; "argmax", the most likely bin (mugato_ray.policy)."""
     seed: int | None = None

@@ -43,11 +43,12 @@ reference that the cached path must match.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import torch
 
+from mugato_ray.config import ContinuousActions
 from mugato_ray.model import GatoModel, KVCache
 from mugato_ray.sequence import LayoutField, SequenceLayout
 from mugato_ray.tokenizer import (
@@ -59,7 +60,7 @@ from mugato_ray.tokenizer import (
     legal_action_mask,
 )
 
-CONTINUOUS_ACTIONS = ("mean", "argmax")
+CONTINUOUS_ACTIONS = get_args(ContinuousActions)
 """How a greedy policy picks a continuous action's bin: nearest the expected value, or the most likely."""
 
 RECLAIM_FRACTION = 0.25
@@ -85,7 +86,7 @@ class ModelPolicy:
         use_cache: bool = True,
         device: str | torch.device = "cpu",
         prompt_tokens: Mapping[str, np.ndarray] | None = None,
-        continuous_actions: str = "mean",
+        continuous_actions: ContinuousActions = "mean",
     ):
         if temperature < 0:
             raise ValueError(f"rollout.temperature must be >= 0, got {temperature}")

@@ -2,7 +2,7 @@
 
 Every ``train.eval_every`` steps (and at the last step) once every task has joined the mixture
 (``tasks[].start_step``: before that a snapshot would score tasks not yet trained, and only take a core
-from training; ``train.scores_snapshot``), rank 0 writes a snapshot of the weights
+from training; ``mugato_ray.train.scores_snapshot``), rank 0 writes a snapshot of the weights
 (``checkpoints.write_snapshot``: ``<run_dir>/snapshots/step_<N>/`` with model.pt, config.yaml,
 layouts.json and a BPE tokenizer) and hands its path to a :class:`TrainingEvaluator` actor without
 waiting. The actor scores snapshots one after the other, in its own process, with the evaluation
