@@ -536,6 +536,16 @@ def _build(cls: type, data: dict, prefix: str, where: str) -> Any:
         if k not in names:
             raise ConfigError(f"{where}: unknown key '{full}' (known: {sorted(names)})")
         kwargs[k] = _convert(v, hints[k], full, where)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        full = ", ".join(f"'{prefix}.{m}'" if prefix else f"'{m}'" for m in missing)
+        raise ConfigError(f"{where}: missing required key {full}")
     return cls(**kwargs)
 
 

@@ -47,6 +47,8 @@ def test_values_and_nested_sections(tmp_path):
         ({"model": {"preset": "huge"}}, "model.preset"),
         ({"tasks": [{"name": "CartPole-v1", "bogus": 1}]}, "tasks[0].bogus"),
         ({"tasks": {"name": "CartPole-v1"}}, "tasks"),
+        ({"tasks": [{}]}, "tasks[0].name"),
+        ({"tasks": [{"name": "CartPole-v1"}, {"weight": 2}]}, "tasks[1].name"),
         ({"data": {"prompt_prob": 1.5}}, "data.prompt_prob"),
         ({"model": "tiny"}, "model"),
         ({"tasks": [{"name": "CartPole-v1", "window": 0}]}, "tasks[0].window"),

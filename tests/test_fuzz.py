@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 from gymnasium import spaces
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from mugato_ray.config import Config, ConfigError, TokenizerConfig, config_from_dict
@@ -42,6 +42,7 @@ def configs(draw):
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(configs())
+@example({"tasks": [{}]})  # a task without its required name once escaped as a TypeError
 def test_any_config_is_built_or_rejected_with_a_config_error_naming_a_key(data):
     try:
         cfg = config_from_dict(data, where="fuzz.yaml")
