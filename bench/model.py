@@ -5,7 +5,8 @@
 2. KV-cached decoding over full recomputation at a 1024-token context (tokens/s).
 3. Batched acting: N=16 envs in one ModelPolicy over 16 single-env policies stepped in turn (env steps/s,
    best of 3 interleaved runs), on a MuJoCo-like and a BabyAI-like task with synthetic observations; on the
-   MuJoCo-like task also greedy continuous actions by the argmax over by the mean (rollout.continuous_actions).
+   MuJoCo-like task also the rate of greedy continuous actions by the argmax over that by the mean
+   (rollout.continuous_actions).
 
 Run: .venv/bin/python bench/model.py [--device cuda] [--quick]
 """

@@ -22,9 +22,9 @@ from typing import Any, Literal, Union
 import yaml
 
 LoggerName = Literal["csv", "tensorboard", "wandb"]
+"""A metric writer of ``train.loggers`` (see mugato_ray.metric_log)."""
 ContinuousActions = Literal["mean", "argmax"]
 """How a greedy model policy picks a continuous action's value bin (``rollout.continuous_actions``)."""
-"""A metric writer of ``train.loggers`` (see mugato_ray.metric_log)."""
 
 
 class ConfigError(ValueError):
