@@ -9,9 +9,14 @@ fresh env with the same seed (minigrid is deterministic given the seed and the a
 
 - ``in_view``: whether an object the mission names is in the agent's first view (``agent_sees``);
 - ``first_pickup``: "target", "wrong" or "none", the first object the agent picked up;
-- ``dropped``: whether it ever dropped what it carried.
+- ``dropped``: whether it ever dropped what it carried;
+- ``loc``: whether the mission names a location relative to the agent's start ("the red ball on your
+  left"), which a policy must remember once it has turned;
+- ``wrong_kind``: what a wrong first pickup got wrong: "type" (not the named type), "colour" (the named type
+  in another colour) or "location" (the named type and colour, elsewhere than the mission says).
 
-Prints per task: success with a target in the first view and without, and how the failures began.
+Prints per task: success with a target in the first view and without, with a location in the mission and
+without, how the failures began, and what the wrong pickups got wrong.
 The seeds (``eval.seed_offset`` up, moved by ``--seed-offset``) must not be collection seeds.
 """
 
@@ -38,15 +43,29 @@ def replay(env, seed: int, actions) -> dict:
     """Replay ``actions`` from ``env.reset(seed=seed)``: the target's visibility at the start, the first pickup, drops."""
     env.reset(seed=seed)
     u = env.unwrapped
-    targets = u.instrs.desc.obj_set
-    out = {"in_view": any(u.agent_sees(*o.cur_pos) for o in targets), "first_pickup": "none", "dropped": False}
+    desc = u.instrs.desc
+    targets = desc.obj_set
+    out = {"in_view": any(u.agent_sees(*o.cur_pos) for o in targets), "first_pickup": "none", "dropped": False,
+           "loc": desc.loc is not None, "wrong_kind": None}
     for a in np.ravel(actions):
         carried_before = u.carrying
         env.step(int(a))
         out["dropped"] |= int(a) == DROP and carried_before is not None and u.carrying is None
         if out["first_pickup"] == "none" and carried_before is None and u.carrying is not None:
             out["first_pickup"] = "target" if any(u.carrying is o for o in targets) else "wrong"
+            if out["first_pickup"] == "wrong":
+                out["wrong_kind"] = wrong_kind(desc, u.carrying)
     return out
+
+
+def wrong_kind(desc, obj) -> str:
+    """What a picked-up object that ``desc`` does not name got wrong: its type, its colour, or (both right) its
+    place relative to the agent's start."""
+    if desc.type is not None and obj.type != desc.type:
+        return "type"
+    if desc.color is not None and obj.color != desc.color:
+        return "colour"
+    return "location"
 
 
 def analyse(cfg, task: str, policy: PolicySpec, seeds: list[int]) -> list[dict]:
@@ -74,10 +93,13 @@ def summary(rows: list[dict]) -> str:
     failed = [r for r in rows if not r["success"]]
     starts = Counter(r["first_pickup"] for r in failed)
     wrong = [r for r in rows if r["first_pickup"] == "wrong"]
+    kinds = Counter(r["wrong_kind"] for r in wrong)
     return (f"success {rate(rows)}; target in first view {rate([r for r in rows if r['in_view']])}, "
-            f"not in view {rate([r for r in rows if not r['in_view']])}; failures' first pickup: "
-            f"wrong {starts['wrong']}, none {starts['none']}, target {starts['target']}; "
-            f"wrong pickups later dropped: {sum(r['dropped'] for r in wrong)}/{len(wrong)}")
+            f"not in view {rate([r for r in rows if not r['in_view']])}; location in the mission "
+            f"{rate([r for r in rows if r['loc']])}, none {rate([r for r in rows if not r['loc']])}; "
+            f"failures' first pickup: wrong {starts['wrong']}, none {starts['none']}, target {starts['target']}; "
+            f"wrong pickups: of another type {kinds['type']}, colour {kinds['colour']}, location "
+            f"{kinds['location']}, later dropped {sum(r['dropped'] for r in wrong)}/{len(wrong)}")
 
 
 def main(argv: list[str]) -> None:

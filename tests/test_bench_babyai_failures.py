@@ -65,3 +65,28 @@ def test_the_bots_episodes_replay_to_target_pickups(bench):
     assert all(r["success"] and r["first_pickup"] == "target" and not r["dropped"] for r in rows)
     text = bench["summary"](rows)
     assert text.startswith("success 3/3;") and "wrong 0" in text
+
+
+def test_a_wrong_pickup_names_what_it_got_wrong(bench):
+    """Type, then colour, then (both right) location: the first attribute of the mission the object misses."""
+    from minigrid.core.world_object import Ball, Key
+    from minigrid.envs.babyai.core.verifier import ObjDesc
+
+    kind = bench["wrong_kind"]
+    assert kind(ObjDesc("ball", "red"), Key("red")) == "type"
+    assert kind(ObjDesc("ball", "red"), Ball("blue")) == "colour"
+    assert kind(ObjDesc("ball", "red", "left"), Ball("red")) == "location"
+    assert kind(ObjDesc("ball", None, "left"), Ball("blue")) == "location"  # "a ball on your left": any colour
+
+
+def test_the_mission_location_is_read_from_the_level(bench, env):
+    seen = set()
+    for seed in range(200):
+        env.reset(seed=seed)
+        loc = env.unwrapped.instrs.desc.loc
+        row = bench["replay"](env, seed, [])
+        assert row["loc"] is (loc is not None) and row["wrong_kind"] is None
+        seen.add(row["loc"])
+        if seen == {True, False}:
+            break
+    assert seen == {True, False}  # PickupLoc has missions with a location and without
