@@ -75,3 +75,63 @@ def test_partners_have_another_mission_and_one_mission_everywhere_is_an_error(be
         assert missions[j] != missions[i]
     with pytest.raises(ValueError, match="same mission"):
         bench["partners"](["a", "a"], rng)
+
+
+KINDS = ["ball", "box", "key"]
+
+
+class FakePickupPolicy:
+    """Seven actions; pickup (3) is likely iff the mission names the kind the frame shows (``image`` mean k ->
+    KINDS[k]), or always with ``blind``."""
+
+    def __init__(self, blind: bool):
+        self.blind = blind
+
+    def reset(self, env_ids, seeds):
+        pass
+
+    def act_with_logits(self, obs):
+        logits = np.zeros((2, 1, 7))
+        for i in range(2):
+            shown = KINDS[int(obs["image"][i].mean())]
+            logits[i, 0, 3 if self.blind or shown in obs["mission"][i] else 0] = 8.0
+        return np.zeros((2, 1)), np.zeros((2, 1), np.int64), logits
+
+
+def pickup_frames_of(n=9):
+    return [({"direction": 0, "image": np.full((8, 8, 3), k % 3, np.uint8), "mission": f"pick up the {KINDS[k % 3]}"},
+             KINDS[k % 3]) for k in range(n)]
+
+
+@pytest.mark.parametrize("blind", [False, True])
+def test_pickup_discrimination_separates_a_policy_that_reads_the_type_from_one_that_does_not(bench, blind):
+    r = bench["pickup_discrimination"](FakePickupPolicy(blind), pickup_frames_of(), list(range(7)))
+    assert r["pickup_frames"] == 8  # pairs of frames
+    assert r["p_pickup_own"] > 0.99
+    if blind:
+        assert r["p_pickup_other"] > 0.99
+    else:
+        assert r["p_pickup_other"] < 0.01
+
+
+def test_the_bots_pickup_frames_face_the_named_type(bench):
+    from minigrid.utils.baby_ai_bot import BabyAIBot
+
+    from mugato_ray import envs
+    from mugato_ray.tasks import get_task
+
+    env = envs.make_env(get_task("BabyAI-PickupLoc-v0"), None)
+    try:
+        frames = bench["pickup_frames"](env, [5, 6, 7])
+        assert len(frames) == 3
+        for seed, (obs, kind) in zip([5, 6, 7], frames):
+            # Walk the bot again to its pickup: the frame is that state's, and an object of the kind is in front.
+            now, _ = env.reset(seed=seed)
+            u = env.unwrapped
+            bot = BabyAIBot(u)
+            while (a := int(bot.replan())) != bench["PICKUP"]:
+                now = env.step(a)[0]
+            assert obs["mission"] == now["mission"] and np.array_equal(obs["image"], now["image"])
+            assert u.grid.get(*u.front_pos).type == kind == u.instrs.desc.type
+    finally:
+        env.close()
