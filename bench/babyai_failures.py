@@ -32,7 +32,7 @@ from minigrid.core.actions import Actions
 
 from mugato_ray import envs
 from mugato_ray.config import load_config
-from mugato_ray.evaluate import check_seeds_disjoint, eval_seeds
+from mugato_ray.evaluate import held_out_seeds
 from mugato_ray.rollout import PolicySpec, RolloutWorker
 from mugato_ray.tasks import get_task
 
@@ -120,16 +120,14 @@ def main(argv: list[str]) -> None:
     tasks = args.tasks or babyai
     if unknown := sorted(set(tasks) - set(babyai)):
         sys.exit(f"--tasks: {unknown} are not BabyAI tasks of {args.config}")
-    offset = cfg.eval.seed_offset if args.seed_offset is None else args.seed_offset
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=args.episodes, seed_offset=offset))
     try:
-        check_seeds_disjoint(cfg)
+        seeds = held_out_seeds(cfg, args.episodes, args.seed_offset)
     except ValueError as e:
         sys.exit(f"--episodes/--seed-offset: {e}")
     for task in tasks:
         temperature = cfg.task_temperature(task)
         policy = PolicySpec("expert") if args.expert else PolicySpec("model", args.checkpoint, temperature=temperature)
-        rows = analyse(cfg, task, policy, eval_seeds(cfg))
+        rows = analyse(cfg, task, policy, seeds)
         print(f"{task} ({'expert' if args.expert else f'model, temperature {temperature}'}): {summary(rows)}")
 
 

@@ -30,7 +30,6 @@ every seed is skipped.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -42,7 +41,7 @@ from mugato_ray.baseline import BaselineNet, observation_tensors, train_baseline
 from mugato_ray.config import load_config
 from mugato_ray.data import EpisodeFilter
 from mugato_ray.episodes import read_episodes, store_dir
-from mugato_ray.evaluate import check_seeds_disjoint, eval_seeds
+from mugato_ray.evaluate import held_out_seeds
 from mugato_ray.resolve import resolve_task
 from mugato_ray.rollout import PolicySpec, make_policy
 from mugato_ray.tasks import get_task
@@ -135,9 +134,12 @@ def pickup_frames(env, seeds: Sequence[int], max_steps: int = 256) -> list[tuple
 
 
 def pickup_probability(policy, observations: Sequence[dict], action_ids: Sequence[int]) -> np.ndarray:
-    """P(pickup) of the policy's first action, over its legal action ids only, for each observation."""
+    """P(pickup) of the policy's first action, over its legal action ids only, for each observation (an even
+    number of them: the policy acts in 2 envs)."""
+    if len(observations) % 2:
+        raise ValueError(f"pickup_probability: {len(observations)} observations, expected an even number")
     p = np.concatenate([first_action_probs(policy, list(observations[k : k + 2]))
-                        for k in range(0, len(observations) - 1, 2)])
+                        for k in range(0, len(observations), 2)])
     legal = p[:, list(action_ids)]
     return legal[:, PICKUP] / legal.sum(axis=1)
 
@@ -176,16 +178,14 @@ def main(argv: list[str]) -> None:
     tasks = args.tasks or babyai
     if unknown := sorted(set(tasks) - set(babyai)):
         sys.exit(f"--tasks: {unknown} are not BabyAI tasks of {args.config}")
-    offset = cfg.eval.seed_offset if args.seed_offset is None else args.seed_offset
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=args.frames, seed_offset=offset))
     try:
-        check_seeds_disjoint(cfg)
+        seeds = held_out_seeds(cfg, args.frames, args.seed_offset)
     except ValueError as e:
         sys.exit(f"--frames/--seed-offset: {e}")
     for task in tasks:
         env = envs.make_env(get_task(task), None)
         try:
-            frames = [env.reset(seed=s)[0] for s in eval_seeds(cfg)]
+            frames = [env.reset(seed=s)[0] for s in seeds]
             if len({f[TEXT_KEY] for f in frames}) < 2:
                 print(f"{task}: one mission on every seed, skipped")
                 continue
@@ -199,7 +199,7 @@ def main(argv: list[str]) -> None:
                 policy = BaselineLogits(train_baseline(resolved.spec, episodes, steps=args.baseline_steps))
                 action_ids = list(range(n_actions))
             r = sensitivity(policy, frames)
-            picks = pickup_frames(env, eval_seeds(cfg))
+            picks = pickup_frames(env, seeds)
             if len(picks) >= 2:
                 r |= pickup_discrimination(policy, picks, action_ids)
         finally:

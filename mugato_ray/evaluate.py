@@ -82,6 +82,15 @@ def eval_seeds(cfg: Config) -> list[int]:
     return [cfg.eval.seed_offset + i for i in range(cfg.eval.episodes)]
 
 
+def held_out_seeds(cfg: Config, n: int, seed_offset: int | None = None) -> list[int]:
+    """``n`` evaluation seeds from ``seed_offset`` (default ``eval.seed_offset``), for a tool that picks its own
+    number of episodes; ValueError (from :func:`check_seeds_disjoint`) when they overlap collection seeds."""
+    offset = cfg.eval.seed_offset if seed_offset is None else seed_offset
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, episodes=n, seed_offset=offset))
+    check_seeds_disjoint(cfg)
+    return eval_seeds(cfg)
+
+
 def check_seeds_disjoint(cfg: Config) -> None:
     """Evaluation seeds must not be collection seeds (``rollout.seed + i``): a policy is scored on held-out episodes.
 

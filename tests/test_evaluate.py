@@ -26,6 +26,7 @@ from mugato_ray.evaluate import (
     eval_seeds,
     evaluate,
     generate_answers,
+    held_out_seeds,
     md_text,
     resolve_checkpoint,
     score_dataset_chunk,
@@ -89,6 +90,15 @@ def test_eval_seeds_are_held_out():
                                     "tasks": [{"name": "CartPole-v1", "episodes": 100}]})
     with pytest.raises(ValueError, match="eval.seed_offset"):
         check_seeds_disjoint(overlapping)
+
+
+def test_held_out_seeds_take_their_own_count_and_offset_and_refuse_collection_seeds():
+    cfg = config_from_dict({"eval": {"episodes": 5, "seed_offset": 100},
+                            "tasks": [{"name": "CartPole-v1", "episodes": 100}]})
+    assert held_out_seeds(cfg, 3) == [100, 101, 102]
+    assert held_out_seeds(cfg, 2, seed_offset=500) == [500, 501]
+    with pytest.raises(ValueError, match="eval.seed_offset"):
+        held_out_seeds(cfg, 2, seed_offset=98)  # 98..99 are collection seeds
 
 
 # ------------------------------------------------------------------------------------------- references
