@@ -13,10 +13,15 @@ fresh env with the same seed (minigrid is deterministic given the seed and the a
 - ``loc``: whether the mission names a location relative to the agent's start ("the red ball on your
   left"), which a policy must remember once it has turned;
 - ``wrong_kind``: what a wrong first pickup got wrong: "type" (not the named type), "colour" (the named type
-  in another colour) or "location" (the named type and colour, elsewhere than the mission says).
+  in another colour) or "location" (the named type and colour, elsewhere than the mission says);
+- ``blocked_object``, ``blocked_wall``: how many of its ``forward`` actions did not move the agent, because an
+  object (a key, ball or box) or a wall or closed door stood in front. A failure with at least ``STUCK`` of
+  them is counted as stuck: the bot never walks into anything, so nothing in its demonstrations says what to
+  do there, and a policy whose input then does not change can repeat ``forward`` to the step limit.
 
 Prints per task: success with a target in the first view and without, with a location in the mission and
-without, how the failures began, and what the wrong pickups got wrong.
+without, how the failures began, what the wrong pickups got wrong, and how many failures were stuck
+pressing ``forward`` against an object or a wall.
 The seeds (``eval.seed_offset`` up, moved by ``--seed-offset``) must not be collection seeds.
 """
 
@@ -36,7 +41,10 @@ from mugato_ray.evaluate import held_out_seeds
 from mugato_ray.rollout import PolicySpec, RolloutWorker
 from mugato_ray.tasks import get_task
 
-PICKUP, DROP = int(Actions.pickup), int(Actions.drop)
+PICKUP, DROP, FORWARD = int(Actions.pickup), int(Actions.drop), int(Actions.forward)
+STUCK = 8
+"""Blocked ``forward`` actions from which a failed episode counts as stuck."""
+OBJECTS = ("key", "ball", "box")
 
 
 def replay(env, seed: int, actions) -> dict:
@@ -46,10 +54,13 @@ def replay(env, seed: int, actions) -> dict:
     desc = u.instrs.desc
     targets = desc.obj_set
     out = {"in_view": any(u.agent_sees(*o.cur_pos) for o in targets), "first_pickup": "none", "dropped": False,
-           "loc": desc.loc is not None, "wrong_kind": None}
+           "loc": desc.loc is not None, "wrong_kind": None, "blocked_object": 0, "blocked_wall": 0}
     for a in np.ravel(actions):
         carried_before = u.carrying
+        pos_before, front = tuple(u.agent_pos), u.grid.get(*u.front_pos)
         env.step(int(a))
+        if int(a) == FORWARD and tuple(u.agent_pos) == pos_before:
+            out["blocked_object" if front is not None and front.type in OBJECTS else "blocked_wall"] += 1
         out["dropped"] |= int(a) == DROP and carried_before is not None and u.carrying is None
         if out["first_pickup"] == "none" and carried_before is None and u.carrying is not None:
             out["first_pickup"] = "target" if any(u.carrying is o for o in targets) else "wrong"
@@ -94,12 +105,15 @@ def summary(rows: list[dict]) -> str:
     starts = Counter(r["first_pickup"] for r in failed)
     wrong = [r for r in rows if r["first_pickup"] == "wrong"]
     kinds = Counter(r["wrong_kind"] for r in wrong)
+    stuck = [r for r in failed if r["blocked_object"] + r["blocked_wall"] >= STUCK]
     return (f"success {rate(rows)}; target in first view {rate([r for r in rows if r['in_view']])}, "
             f"not in view {rate([r for r in rows if not r['in_view']])}; location in the mission "
             f"{rate([r for r in rows if r['loc']])}, none {rate([r for r in rows if not r['loc']])}; "
             f"failures' first pickup: wrong {starts['wrong']}, none {starts['none']}, target {starts['target']}; "
             f"wrong pickups: of another type {kinds['type']}, colour {kinds['colour']}, location "
-            f"{kinds['location']}, later dropped {sum(r['dropped'] for r in wrong)}/{len(wrong)}")
+            f"{kinds['location']}, later dropped {sum(r['dropped'] for r in wrong)}/{len(wrong)}; failures stuck "
+            f"pressing forward (>= {STUCK} blocked): {len(stuck)}/{len(failed)}, their blocked forwards against an "
+            f"object {sum(r['blocked_object'] for r in stuck)}, a wall or door {sum(r['blocked_wall'] for r in stuck)}")
 
 
 def main(argv: list[str]) -> None:

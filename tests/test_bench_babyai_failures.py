@@ -90,3 +90,36 @@ def test_the_mission_location_is_read_from_the_level(bench, env):
         if seen == {True, False}:
             break
     assert seen == {True, False}  # PickupLoc has missions with a location and without
+
+
+def test_forward_actions_that_do_not_move_are_counted_by_what_blocks_them(bench, env):
+    seed, walk = walk_to_a_wrong_object(env)
+    forward = int(Actions.forward)
+    row = bench["replay"](env, seed, [*walk, forward, forward, forward])  # now facing the object: 3 blocked
+    assert (row["blocked_object"], row["blocked_wall"]) == (3, 0)
+    assert bench["replay"](env, seed, walk)["blocked_object"] == 0  # the walk itself moved every time
+    # Walk until a wall stops the agent: every blocked forward after that is the wall's.
+    env.reset(seed=seed)
+    u = env.unwrapped
+    env.step(int(Actions.left))
+    env.step(int(Actions.left))  # facing away from the object
+    moves = 0
+    while u.grid.get(*u.front_pos) is None:
+        env.step(forward)
+        moves += 1
+    front = u.grid.get(*u.front_pos)
+    row = bench["replay"](env, seed, [int(Actions.left)] * 2 + [forward] * (moves + 10))
+    if front.type == "wall":
+        assert (row["blocked_object"], row["blocked_wall"]) == (0, 10)
+    else:
+        assert (row["blocked_object"], row["blocked_wall"]) == (10, 0)
+
+
+def test_a_failure_stuck_against_an_object_is_summarized(bench):
+    base = {"in_view": True, "first_pickup": "none", "dropped": False, "loc": False, "wrong_kind": None}
+    rows = [{**base, "success": False, "blocked_object": bench["STUCK"], "blocked_wall": 0},
+            {**base, "success": False, "blocked_object": 1, "blocked_wall": bench["STUCK"] - 2},
+            {**base, "success": True, "blocked_object": 0, "blocked_wall": 0}]
+    text = bench["summary"](rows)
+    assert f"failures stuck pressing forward (>= {bench['STUCK']} blocked): 1/2" in text
+    assert f"against an object {bench['STUCK']}, a wall or door 0" in text
