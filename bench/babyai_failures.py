@@ -31,20 +31,23 @@ import argparse
 import dataclasses
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 from minigrid.core.actions import Actions
 
-from mugato_ray import envs
-from mugato_ray.config import load_config
-from mugato_ray.evaluate import held_out_seeds
-from mugato_ray.rollout import PolicySpec, RolloutWorker
-from mugato_ray.tasks import get_task
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from babyai_probe import OBJECTS, babyai_tasks  # noqa: E402
+
+from mugato_ray import envs  # noqa: E402
+from mugato_ray.config import load_config  # noqa: E402
+from mugato_ray.evaluate import held_out_seeds  # noqa: E402
+from mugato_ray.rollout import PolicySpec, RolloutWorker  # noqa: E402
+from mugato_ray.tasks import get_task  # noqa: E402
 
 PICKUP, DROP, FORWARD = int(Actions.pickup), int(Actions.drop), int(Actions.forward)
 STUCK = 8
 """Blocked ``forward`` actions from which a failed episode counts as stuck."""
-OBJECTS = ("key", "ball", "box")
 
 
 def replay(env, seed: int, actions) -> dict:
@@ -130,10 +133,10 @@ def main(argv: list[str]) -> None:
     if args.episodes < 1:
         sys.exit(f"--episodes must be at least 1, got {args.episodes}")
     cfg = load_config(args.config, overrides)
-    babyai = [t.name for t in cfg.tasks if get_task(t.name).domain == "babyai"]
-    tasks = args.tasks or babyai
-    if unknown := sorted(set(tasks) - set(babyai)):
-        sys.exit(f"--tasks: {unknown} are not BabyAI tasks of {args.config}")
+    try:
+        tasks = babyai_tasks(cfg, args.tasks, args.config)
+    except ValueError as e:
+        sys.exit(str(e))
     try:
         seeds = held_out_seeds(cfg, args.episodes, args.seed_offset)
     except ValueError as e:

@@ -32,21 +32,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mission_sensitivity import BaselineLogits, first_action_probs  # noqa: E402
+from babyai_probe import OBJECTS, babyai_tasks, first_action_probs, probe_policy  # noqa: E402
 
 from mugato_ray import envs  # noqa: E402
-from mugato_ray.baseline import train_baseline  # noqa: E402
 from mugato_ray.config import load_config  # noqa: E402
-from mugato_ray.data import EpisodeFilter  # noqa: E402
-from mugato_ray.episodes import read_episodes, store_dir  # noqa: E402
 from mugato_ray.evaluate import held_out_seeds  # noqa: E402
-from mugato_ray.resolve import resolve_task  # noqa: E402
-from mugato_ray.rollout import PolicySpec, make_policy  # noqa: E402
 from mugato_ray.tasks import get_task  # noqa: E402
 
 FORWARD = 2
 """minigrid's ``Actions.forward``."""
-OBJECTS = ("key", "ball", "box")
 GROUPS = ("adjacent", "two ahead", "other")
 
 
@@ -107,10 +101,10 @@ def main(argv: list[str]) -> None:
     if args.episodes < 1:
         sys.exit(f"--episodes must be at least 1, got {args.episodes}")
     cfg = load_config(args.config, overrides)
-    babyai = [t.name for t in cfg.tasks if get_task(t.name).domain == "babyai"]
-    tasks = args.tasks or babyai
-    if unknown := sorted(set(tasks) - set(babyai)):
-        sys.exit(f"--tasks: {unknown} are not BabyAI tasks of {args.config}")
+    try:
+        tasks = babyai_tasks(cfg, args.tasks, args.config)
+    except ValueError as e:
+        sys.exit(str(e))
     try:
         seeds = held_out_seeds(cfg, args.episodes, args.seed_offset)
     except ValueError as e:
@@ -118,15 +112,7 @@ def main(argv: list[str]) -> None:
     for task in tasks:
         env = envs.make_env(get_task(task), None)
         try:
-            resolved = resolve_task(task, cfg)
-            n_actions = int(env.action_space.n)
-            if args.checkpoint:
-                policy = make_policy(PolicySpec("model", args.checkpoint), resolved, [env, env], cfg)
-                action_ids = [policy.model.vocab.value_offset + a for a in range(n_actions)]
-            else:
-                episodes = EpisodeFilter.from_config(cfg, task).apply(read_episodes(store_dir(cfg, task)))
-                policy = BaselineLogits(train_baseline(resolved.spec, episodes, steps=args.baseline_steps))
-                action_ids = list(range(n_actions))
+            policy, action_ids = probe_policy(cfg, task, env, args.checkpoint, args.baseline_steps)
             groups = bot_states(env, seeds)
             for g in GROUPS:
                 r = forward_probabilities(policy, groups[g], action_ids)

@@ -32,50 +32,17 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
-import torch
 
-from mugato_ray import envs
-from mugato_ray.baseline import BaselineNet, observation_tensors, train_baseline
-from mugato_ray.config import load_config
-from mugato_ray.data import EpisodeFilter
-from mugato_ray.episodes import read_episodes, store_dir
-from mugato_ray.evaluate import held_out_seeds
-from mugato_ray.resolve import resolve_task
-from mugato_ray.rollout import PolicySpec, make_policy
-from mugato_ray.tasks import get_task
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from babyai_probe import TEXT_KEY, babyai_tasks, first_action_probs, probe_policy  # noqa: E402
 
-TEXT_KEY = "mission"
-
-
-class BaselineLogits:
-    """A trained :class:`BaselineNet` with the model policy's ``reset`` / ``act_with_logits`` (it keeps no
-    history, so a reset does nothing); its logits are the discrete action's, shaped ``(N, 1, n)``."""
-
-    def __init__(self, net: BaselineNet):
-        self.net = net.eval()
-
-    def reset(self, env_ids, seeds) -> None:
-        pass
-
-    @torch.no_grad()
-    def act_with_logits(self, observations):
-        logits = self.net(observation_tensors(self.net.spec, observations)).numpy()[:, None, :]
-        return logits.argmax(-1), logits.argmax(-1), logits
-
-
-def first_action_probs(policy, observations: Sequence[dict]) -> np.ndarray:
-    """(len(observations), V) first-token action probabilities of ``policy`` (built for as many envs), each
-    observation the first step of a fresh episode."""
-    n = len(observations)
-    policy.reset(list(range(n)), list(range(n)))
-    batch = {k: [o[k] for o in observations] if k == TEXT_KEY else np.stack([np.asarray(o[k]) for o in observations])
-             for k in observations[0]}
-    _, _, logits = policy.act_with_logits(batch)
-    z = np.asarray(logits[:, 0], dtype=np.float64)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
+from mugato_ray import envs  # noqa: E402
+from mugato_ray.config import load_config  # noqa: E402
+from mugato_ray.evaluate import held_out_seeds  # noqa: E402
+from mugato_ray.tasks import get_task  # noqa: E402
 
 
 def partners(missions: Sequence[str], rng: np.random.Generator) -> list[int]:
@@ -174,10 +141,10 @@ def main(argv: list[str]) -> None:
     if args.frames < 2:
         sys.exit(f"--frames must be at least 2, got {args.frames}")
     cfg = load_config(args.config, overrides)
-    babyai = [t.name for t in cfg.tasks if get_task(t.name).domain == "babyai"]
-    tasks = args.tasks or babyai
-    if unknown := sorted(set(tasks) - set(babyai)):
-        sys.exit(f"--tasks: {unknown} are not BabyAI tasks of {args.config}")
+    try:
+        tasks = babyai_tasks(cfg, args.tasks, args.config)
+    except ValueError as e:
+        sys.exit(str(e))
     try:
         seeds = held_out_seeds(cfg, args.frames, args.seed_offset)
     except ValueError as e:
@@ -189,15 +156,7 @@ def main(argv: list[str]) -> None:
             if len({f[TEXT_KEY] for f in frames}) < 2:
                 print(f"{task}: one mission on every seed, skipped")
                 continue
-            resolved = resolve_task(task, cfg)
-            n_actions = int(env.action_space.n)
-            if args.checkpoint:
-                policy = make_policy(PolicySpec("model", args.checkpoint), resolved, [env, env], cfg)
-                action_ids = [policy.model.vocab.value_offset + a for a in range(n_actions)]
-            else:
-                episodes = EpisodeFilter.from_config(cfg, task).apply(read_episodes(store_dir(cfg, task)))
-                policy = BaselineLogits(train_baseline(resolved.spec, episodes, steps=args.baseline_steps))
-                action_ids = list(range(n_actions))
+            policy, action_ids = probe_policy(cfg, task, env, args.checkpoint, args.baseline_steps)
             r = sensitivity(policy, frames)
             picks = pickup_frames(env, seeds)
             if len(picks) >= 2:
