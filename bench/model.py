@@ -3,7 +3,10 @@
 1. Training: tokens/s and model FLOP/s of the `small` preset at T=512 on a synthetic text batch, over
    the machine's measured matmul rate (fp32 2048^3 on CPU; bf16 under autocast on CUDA).
 2. KV-cached decoding over full recomputation at a 1024-token context (tokens/s).
-3. Batched acting: N=16 envs in one ModelPolicy over 16 single-env policies stepped in turn (env steps/s,
+3. The patch embedding (images): forward and backward of a BabyAI-sized batch of patches through the
+   module, whose convolutions take channels-last inputs, over the same weights in the (N, C, H, W) layout
+   it used before (same outputs; the CPU's 8-channel convolution kernels are what differ).
+4. Batched acting: N=16 envs in one ModelPolicy over 16 single-env policies stepped in turn (env steps/s,
    best of 3 interleaved runs), on a MuJoCo-like and a BabyAI-like task with synthetic observations; on the
    MuJoCo-like task also the rate of greedy continuous actions by the argmax over that by the mean
    (rollout.continuous_actions).
@@ -130,6 +133,40 @@ def bench_task_moments(device, vocab, args, tasks: int = 4) -> None:
         per_task.append(timed(steps[True], device, repeats=args.repeats, warmup=1))
     print(f"  train.task_moments ({tasks} tasks, {tasks} micro-batches of {B} x {T}): step time "
           f"{min(per_task) * 1e3:.0f} ms over {min(plain) * 1e3:.0f} ms  ->  ratio {min(per_task) / min(plain):.2f}")
+
+
+def bench_patch_embedding(device, args) -> None:
+    """``PatchEmbedding`` forward + backward on 640 16x16 RGB patches (a demo BabyAI micro-batch: 8 rows x
+    5 steps x 16 patches), its channels-last convolutions over the contiguous (N, C, H, W) ones it had,
+    interleaved, best of 3 each; and the largest difference of their outputs."""
+    import torch.nn.functional as F  # lazy: only this benchmark needs them
+
+    from mugato_ray.model import PatchEmbedding, normalize_patches
+
+    p = 16
+    module = PatchEmbedding(p, 128).to(device)
+    g = torch.Generator().manual_seed(0)
+    patches = torch.randint(0, 256, (8, 80, p * p * 3), generator=g, dtype=torch.uint8).to(device)
+
+    def nchw(x_u8: torch.Tensor) -> torch.Tensor:
+        x = normalize_patches(x_u8, p).reshape(-1, p, p, 3).permute(0, 3, 1, 2).contiguous()
+        h = module.conv1(F.gelu(module.norm1(x)))
+        h = module.conv2(F.gelu(module.norm2(h)))
+        return module.out((h + module.skip(x)).flatten(1)).reshape(*x_u8.shape[:-1], -1)
+
+    def step(forward):
+        module.zero_grad(set_to_none=True)
+        forward().sum().backward()
+
+    current, before = [], []
+    for _ in range(3):
+        current.append(timed(lambda: step(lambda: module(patches, 3)), device, repeats=args.repeats, warmup=1))
+        before.append(timed(lambda: step(lambda: nchw(patches)), device, repeats=args.repeats, warmup=1))
+    with torch.no_grad():
+        diff = (module(patches, 3) - nchw(patches)).abs().max().item()
+    print(f"patch embedding, 640 patches of 16x16x3, forward + backward: {min(current) * 1e3:.1f} ms over "
+          f"{min(before) * 1e3:.1f} ms in (N, C, H, W)  ->  ratio {min(before) / min(current):.2f} faster "
+          f"(outputs differ by at most {diff:.1e})")
 
 
 def bench_cached_decoding(device, vocab, args) -> None:
@@ -277,6 +314,7 @@ def main() -> None:
     print(f"device={device} torch={torch.__version__} threads={torch.get_num_threads()} vocab={vocab.size}")
     bench_training(device, vocab, args)
     bench_task_moments(device, vocab, args)
+    bench_patch_embedding(device, args)
     bench_cached_decoding(device, vocab, args)
     bench_batched_acting(device, vocab, args)
 

@@ -14,6 +14,7 @@ from mugato_ray.model import (
     PRESETS,
     CheckpointError,
     GatoModel,
+    PatchEmbedding,
     count_flops_per_token,
     load_model,
     normalize_patches,
@@ -420,6 +421,38 @@ def test_image_normalization_range_and_train_eval_patch_positions():
         assert torch.equal(model.full_logits(batch, layout), model.full_logits(batch, layout))
         model.train()
         assert not torch.equal(model.full_logits(batch, layout), model.full_logits(batch, layout))
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_patch_embedding_is_the_resnet_block_on_each_patch(channels):
+    """The module's memory layouts (channels-last convolutions, contiguous GroupNorm) change nothing: its
+    output and every weight's gradient are those of the plain (N, C, H, W) block on each patch, whose
+    pixels are flattened (row, column, channel), with 1-channel patches repeated to 3."""
+    torch.manual_seed(0)
+    p = 4
+    module = PatchEmbedding(p, 16)
+    patches = torch.randint(0, 256, (2, 5, p * p * channels), dtype=torch.uint8)
+
+    def reference(u8: torch.Tensor) -> torch.Tensor:
+        x = normalize_patches(u8, p).reshape(-1, p, p, channels).permute(0, 3, 1, 2).repeat(1, 3 // channels, 1, 1)
+        h = module.conv1(F.gelu(module.norm1(x)))
+        h = module.conv2(F.gelu(module.norm2(h)))
+        return module.out((h + module.skip(x)).flatten(1)).reshape(2, 5, 16)
+
+    out = module(patches, channels)
+    out.square().sum().backward()
+    grads = {name: w.grad.clone() for name, w in module.named_parameters()}
+    module.zero_grad()
+    want = reference(patches)
+    want.square().sum().backward()
+    torch.testing.assert_close(out, want)
+    for name, w in module.named_parameters():
+        torch.testing.assert_close(grads[name], w.grad, msg=name)
+    # The flattening is the pixels' (row, column, channel) order: moving one pixel moves the output.
+    moved = patches.clone()
+    moved[..., :channels] = patches[..., channels:2 * channels]
+    moved[..., channels:2 * channels] = patches[..., :channels]
+    assert not torch.allclose(module(moved, channels), out)
 
 
 def test_flops_per_token_counts_blocks_head_and_attention():
