@@ -1,7 +1,8 @@
 """Model benchmark: ratios measured in ONE run (absolute numbers on a shared machine are noisy).
 
 1. Training: tokens/s and model FLOP/s of the `small` preset at T=512 on a synthetic text batch, over
-   the machine's measured matmul rate (fp32 2048^3 on CPU; bf16 under autocast on CUDA).
+   the machine's measured matmul rate (fp32 2048^3 on CPU; bf16 under autocast on CUDA); the price of
+   each optional model switch; and the step with `train.precision=bf16` over fp32.
 2. KV-cached decoding over full recomputation at a 1024-token context (tokens/s).
 3. The patch embedding (images): forward and backward of a BabyAI-sized batch of patches through the
    module, whose convolutions take channels-last inputs, over the same weights in the (N, C, H, W) layout
@@ -25,6 +26,7 @@ import torch  # noqa: E402
 from gymnasium import spaces  # noqa: E402
 
 from mugato_ray.config import ModelConfig, TokenizerConfig  # noqa: E402
+from mugato_ray.learner import cpu_bf16_speedup, training_autocast  # noqa: E402
 from mugato_ray.model import GatoModel, count_flops_per_token  # noqa: E402
 from mugato_ray.policy import ModelPolicy  # noqa: E402
 from mugato_ray.sequence import LayoutField, SequenceLayout, make_layout  # noqa: E402
@@ -69,13 +71,13 @@ def text_batch(device, vocab, T: int, B: int) -> tuple[SequenceLayout, dict[str,
     return layout, batch
 
 
-def training_step(device, vocab, T: int, B: int, **options):
-    """The model, and one optimizer step of the ``small`` preset on a synthetic (B, T) text batch.
-    ``options``: ModelConfig switches, e.g. ``rotary=True``."""
+def training_step(device, vocab, T: int, B: int, precision: str = "auto", **options):
+    """The model, and one optimizer step of the ``small`` preset on a synthetic (B, T) text batch, under
+    ``train.precision``'s autocast. ``options``: ModelConfig switches, e.g. ``rotary=True``."""
     model = GatoModel(ModelConfig(preset="small", context=T, **options), vocab).to(device)
     layout, batch = text_batch(device, vocab, T, B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = training_autocast(precision, device)
 
     def step():
         with autocast:
@@ -107,6 +109,16 @@ def bench_training(device, vocab, args) -> None:
             on.append(timed(option_step, device, repeats=args.repeats, warmup=1))
         print(f"  model.{option}: step time {min(on) * 1e3:.0f} ms over {min(plain) * 1e3:.0f} ms  ->  ratio "
               f"{min(on) / min(plain):.2f}")
+    # train.precision: the same step with bf16 products against fp32 ones, interleaved, best of 3 each; on a
+    # CPU whose bf16 products are not faster, bf16 falls back to fp32 (cpu_bf16_speedup says which).
+    steps = {precision: training_step(device, vocab, T, B, precision)[1] for precision in ("fp32", "bf16")}
+    times = {precision: [] for precision in steps}
+    for _ in range(3):
+        for precision, fn in steps.items():
+            times[precision].append(timed(fn, device, repeats=args.repeats, warmup=1))
+    note = f", a bf16 matmul at {cpu_bf16_speedup():.2f}x the fp32 rate" if device.type == "cpu" else ""
+    print(f"  train.precision=bf16: step time {min(times['bf16']) * 1e3:.0f} ms over {min(times['fp32']) * 1e3:.0f} "
+          f"ms in fp32  ->  ratio {min(times['fp32']) / min(times['bf16']):.2f} faster{note}")
 
 
 def bench_task_moments(device, vocab, args, tasks: int = 4) -> None:

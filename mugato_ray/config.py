@@ -213,6 +213,11 @@ class TrainConfig:
     reservations are not cores: on a 2-core laptop, 2 threads train faster while data actors sit idle."""
     use_gpu: bool = False
     """Train on GPUs (NCCL, bf16 autocast)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """Matrix products of the training step (autocast; weights, optimizer state and the loss stay fp32): auto
+    (bf16 on a GPU, fp32 on a CPU), bf16 (also on a CPU, where that CPU multiplies bf16 matrices faster than
+    fp32 ones, measured once per process; else fp32, with a warning), fp32 (everywhere). Acting and evaluation
+    are fp32 on a CPU either way (mugato_ray.learner.training_autocast)."""
     checkpoint_every: int = 50
     """Steps between checkpoints."""
     keep_checkpoints: int = 2

@@ -4,7 +4,8 @@
   ``M`` micro-batches whose tasks come from the weighted mixture (``data.step_tasks``: the same tasks in
   the same order on every rank), each micro-batch's loss being its task's mean over loss tokens weighted
   ``1/M``; under DDP only the last micro-batch's backward synchronizes (``no_sync`` on the others); then
-  global gradient-norm clipping and the optimizer step. bf16 autocast on GPU only. With
+  global gradient-norm clipping and the optimizer step, under ``train.precision``'s autocast
+  (:func:`training_autocast`). With
   ``train.grad_balance: norm``, :class:`GradBalance` gives every micro-batch's gradient the same norm;
   with ``train.task_moments``, each task's gradient is kept apart, clipped on its own and stepped with its
   own AdamW moments (:mod:`mugato_ray.task_moments`). A task with ``tasks[].start_step`` joins the
@@ -26,6 +27,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 import math
 import os
 import time
@@ -45,6 +48,8 @@ from mugato_ray.sequence import SequenceLayout
 from mugato_ray.task_moments import TaskAdamW, TaskGradients, all_reduce_mean, check_optimizer_state, take_grads
 from mugato_ray.tokenizer import VocabLayout
 from mugato_ray.weight_average import WeightAverage
+
+log = logging.getLogger(__name__)
 
 CRASH_ENV = "MUGATO_TEST_CRASH_AT_STEP"
 
@@ -205,6 +210,45 @@ class StepStats:
         return float(torch.stack([m.loss.double() for m in self.micro]).mean())
 
 
+CPU_BF16_MIN_SPEEDUP = 1.3
+"""``train.precision: bf16`` on a CPU trains in bf16 only where a bf16 matrix product measures at least this
+many times faster than an fp32 one: CPUs with native bf16 instructions (AVX512-BF16, AMX) run it 2-3x
+faster, while others emulate it and run it slower than fp32."""
+
+
+@functools.cache
+def cpu_bf16_speedup(n: int = 512, repeats: int = 5) -> float:
+    """How many times faster this CPU multiplies two n x n bf16 matrices than fp32 ones (best of
+    ``repeats`` each, interleaved; about 0.1 s, measured once per process)."""
+    times: dict[torch.dtype, float] = {}
+    mats = {dt: (torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)) for dt in (torch.float32, torch.bfloat16)}
+    for a, b in mats.values():
+        a @ b  # warm-up: oneDNN builds its kernel on the first call
+    for _ in range(repeats):
+        for dt, (a, b) in mats.items():
+            t = time.perf_counter()
+            a @ b
+            times[dt] = min(times.get(dt, math.inf), time.perf_counter() - t)
+    return times[torch.float32] / times[torch.bfloat16]
+
+
+def training_autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The autocast the training step runs under for ``train.precision`` on ``device``.
+
+    Only the matrix products (and what autocast casts with them) run in bf16: weights, gradients, optimizer
+    moments and the loss (the model's logits are cast to fp32 before it) stay fp32.
+    """
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if device.type == "cpu":
+        speedup = cpu_bf16_speedup()
+        if speedup < CPU_BF16_MIN_SPEEDUP:
+            log.warning("train.precision=bf16: this CPU multiplies bf16 matrices at %.2fx its fp32 rate "
+                        "(under %.1fx); training in fp32", speedup, CPU_BF16_MIN_SPEEDUP)
+            return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
 class Learner:
     """One optimizer step of a (possibly DDP-wrapped) model on micro-batches of the task mixture."""
 
@@ -218,8 +262,7 @@ class Learner:
                         else None)
         """``train.ema_decay``: the moving average of the weights (mugato_ray.weight_average); None when off."""
         self.ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
-        self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                    else contextlib.nullcontext())
+        self.amp = training_autocast(cfg.train.precision, self.device)
         self.tasks = [t.name for t in cfg.tasks]
         self.model.train()
 

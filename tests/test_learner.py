@@ -210,3 +210,43 @@ def test_balanced_gradients_under_ddp_are_the_mean_of_each_ranks_balanced_gradie
         mean = (want[0][name] + want[1][name]) / 2
         for rank in range(2):
             torch.testing.assert_close(got[rank][name], mean, rtol=1e-4, atol=1e-7, msg=f"rank {rank}: {name}")
+
+
+def test_train_precision_bf16_runs_the_products_in_bf16_and_keeps_fp32_state(tmp_path, monkeypatch, caplog):
+    """``train.precision``: bf16 on a CPU whose bf16 products are fast runs the step's matrix products in
+    bf16 (a different, nearby loss) while weights, gradients and moments stay fp32; fp32 and the default
+    (auto, fp32 on a CPU) run none in bf16; and a CPU that multiplies bf16 slowly trains in fp32, saying so."""
+    import mugato_ray.learner as learner_module
+
+    batch = make_batch(LAYOUT, [1, 1, 1, 1], seed=7)
+    monkeypatch.setattr(learner_module, "cpu_bf16_speedup", lambda: 2.5)
+    losses = {}
+    for precision in ("auto", "fp32", "bf16"):
+        learner = fresh_learner(make_cfg(tmp_path, f"train.precision={precision}"), seed=3)
+        with learner.amp:
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == (
+                torch.bfloat16 if precision == "bf16" else torch.float32)
+        losses[precision] = [learner.step(step, lambda task: batch).mean_loss() for step in range(3)]
+        assert all(p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32)
+                   for p in learner.raw_model.parameters())
+        moments = [v for state in learner.optimizer.state.values() for v in state.values()
+                   if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        assert moments and all(m.dtype == torch.float32 for m in moments)
+    assert losses["auto"] == losses["fp32"]
+    assert losses["bf16"][0] != losses["fp32"][0]
+    assert losses["bf16"][0] == pytest.approx(losses["fp32"][0], rel=0.02)
+
+    monkeypatch.setattr(learner_module, "cpu_bf16_speedup", lambda: 0.4)
+    with caplog.at_level("WARNING", logger="mugato_ray.learner"):
+        learner = fresh_learner(make_cfg(tmp_path, "train.precision=bf16"), seed=3)
+    assert "train.precision=bf16" in caplog.text and "training in fp32" in caplog.text
+    with learner.amp:
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+
+
+def test_cpu_bf16_speedup_is_a_positive_ratio_measured_once():
+    from mugato_ray.learner import cpu_bf16_speedup
+
+    first = cpu_bf16_speedup()
+    assert first > 0 and math.isfinite(first)
+    assert cpu_bf16_speedup() == first  # cached: one measurement per process
