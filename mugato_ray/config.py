@@ -212,7 +212,7 @@ class TrainConfig:
     """Intra-op threads of each train worker's torch (0: the worker's reserved CPUs, at least 1). Logical
     reservations are not cores: on a 2-core laptop, 2 threads train faster while data actors sit idle."""
     use_gpu: bool = False
-    """Train on GPUs (NCCL, bf16 autocast)."""
+    """Train on GPUs (NCCL; bf16 autocast unless train.precision is fp32)."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Matrix products of the training step (autocast; weights, optimizer state and the loss stay fp32): auto
     (bf16 on a GPU, fp32 on a CPU), bf16 (also on a CPU, where that CPU multiplies bf16 matrices faster than
