@@ -216,8 +216,8 @@ class TrainConfig:
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """Matrix products of the training step (autocast; weights, optimizer state and the loss stay fp32): auto
     (bf16 on a GPU, fp32 on a CPU), bf16 (also on a CPU, where that CPU multiplies bf16 matrices faster than
-    fp32 ones, measured once per process; else fp32, with a warning), fp32 (everywhere). Acting and evaluation
-    are fp32 on a CPU either way (mugato_ray.learner.training_autocast)."""
+    fp32 ones, measured once per process, else fp32 with a warning; the attention product stays fp32 on a CPU),
+    fp32 (everywhere). Acting and evaluation are fp32 on a CPU either way (mugato_ray.learner.training_autocast)."""
     checkpoint_every: int = 50
     """Steps between checkpoints."""
     keep_checkpoints: int = 2

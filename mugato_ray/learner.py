@@ -236,7 +236,8 @@ def training_autocast(precision: str, device: torch.device) -> contextlib.Abstra
     """The autocast the training step runs under for ``train.precision`` on ``device``.
 
     Only the matrix products (and what autocast casts with them) run in bf16: weights, gradients, optimizer
-    moments and the loss (the model's logits are cast to fp32 before it) stay fp32.
+    moments and the loss (the model's logits are cast to fp32 before it) stay fp32, and on a CPU so does the
+    attention product (``model.Attention``: in bf16 it cost the demo's text-arith its exact answers).
     """
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return contextlib.nullcontext()

@@ -489,3 +489,32 @@ def test_value_order_off_is_gatos_plain_table():
     table = with_order.tok_emb.table()
     assert torch.equal(table[:lo], with_order.tok_emb.weight[:lo])  # only value ids change
     assert not torch.equal(table[lo:hi], with_order.tok_emb.weight[lo:hi])
+
+
+def test_cpu_bf16_autocast_keeps_the_attention_product_in_fp32(monkeypatch):
+    """Under CPU bf16 autocast (train.precision: bf16) the projections run in bf16 but the attention product gets
+    fp32 queries, keys and values, outside autocast; without autocast it gets what it always got."""
+    import mugato_ray.model as model_module
+
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, **kw):
+        seen.append((q.dtype, k.dtype, v.dtype, None if attn_mask is None else attn_mask.dtype,
+                     torch.is_autocast_enabled("cpu")))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(model_module.F, "scaled_dot_product_attention", recording_sdpa)
+    layout = agent_layout(steps=2)
+    model = tiny_model()
+    batch = make_batch(layout, [2, 1], seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, layout)
+        assert model.blocks[0].attn.qkv(torch.zeros(1, model.n_embd)).dtype == torch.bfloat16
+    # Queries, keys and values fp32, the mask bool or fp32 (never bf16), and autocast off around the product.
+    assert seen and all(s[:3] == (torch.float32,) * 3 and s[3] in (None, torch.bool, torch.float32) and not s[4]
+                        for s in seen), seen
+    assert torch.isfinite(out.loss)
+    seen.clear()
+    model(batch, layout)
+    assert seen and all(s[:3] == (torch.float32,) * 3 and not s[4] for s in seen)
