@@ -1,5 +1,5 @@
-"""The pause for stalled Ray Data executors: it sleeps exactly after a loop step that changed nothing, and
-every dataset the pipeline builds carries it to its executor."""
+"""The pause for stalled Ray Data executors: it sleeps exactly after a loop step that changed nothing, longer
+the longer the stall (up to a cap), and every dataset the pipeline builds carries it to its executor."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 
 from mugato_ray import ray_data_idle
-from mugato_ray.ray_data_idle import IDLE_PAUSE_S, IdleLoopPause, progress_state
+from mugato_ray.ray_data_idle import IDLE_PAUSE_MAX_S, IDLE_PAUSE_S, IdleLoopPause, progress_state
 
 
 class _Op:
@@ -53,6 +53,21 @@ def test_a_step_that_changed_nothing_pauses_and_progress_does_not(sleeps):
         assert sleeps == [IDLE_PAUSE_S]
     pause.on_execution_step(executor)
     assert sleeps == [IDLE_PAUSE_S] * 2
+
+
+def test_a_long_stall_pauses_longer_up_to_the_cap_and_progress_resets_it(sleeps):
+    op = _Op()
+    executor, pause = _executor(op), IdleLoopPause()
+    for _ in range(12):
+        pause.on_execution_step(executor)
+    assert sleeps[:4] == [IDLE_PAUSE_S, 2 * IDLE_PAUSE_S, 4 * IDLE_PAUSE_S, 8 * IDLE_PAUSE_S]
+    assert all(b >= a for a, b in zip(sleeps, sleeps[1:])) and sleeps[-1] == IDLE_PAUSE_MAX_S
+    assert max(sleeps) == IDLE_PAUSE_MAX_S and IDLE_PAUSE_MAX_S > 4 * IDLE_PAUSE_S
+    sleeps.clear()
+    op.metrics.num_outputs_taken = 1  # the trainer took a block: no pause, and the next stall starts short
+    pause.on_execution_step(executor)
+    pause.on_execution_step(executor)
+    assert sleeps == [IDLE_PAUSE_S]
 
 
 def test_an_executor_it_cannot_read_is_never_slowed(sleeps):
