@@ -21,8 +21,9 @@ Why the pause grows: at a fixed 20 ms each stalled executor still woke 50 times 
 loop's metrics, resource budgets and this check) costs about a millisecond: the suite's 11 coordinators took
 0.39-0.41 of the machine's 2 cores together, while the trainer had 1.38-1.42. A backpressured executor stays
 stalled for many training steps (one block of windows serves many batches), so it sleeps at the longest
-pause nearly all the time, and the trainer has at least one block in hand while its refill waits out a
-pause (bench/README.md, "Idle task datasets: a pause that grows").
+pause nearly all the time; a refill then starts at most that much later, while the trainer still reads the
+blocks in hand (reasoned, not measured apart: the suite's steps got faster, bench/README.md, "Idle task
+datasets: a pause that grows").
 """
 
 from __future__ import annotations
@@ -57,10 +58,7 @@ def progress_state(executor: Any) -> tuple | None:
 
 class IdleLoopPause(ExecutionCallback):
     """Sleeps after an executor loop step that changed nothing: :data:`IDLE_PAUSE_S`, doubling with each
-    consecutive such step up to :attr:`max_pause`; a step with progress resets it."""
-
-    max_pause: float = IDLE_PAUSE_MAX_S
-    """The longest sleep (a class attribute: Ray Data instantiates the callback itself, without arguments)."""
+    consecutive such step up to :data:`IDLE_PAUSE_MAX_S`; a step with progress resets it."""
 
     def __init__(self) -> None:
         self._last: tuple | None = None
@@ -69,7 +67,7 @@ class IdleLoopPause(ExecutionCallback):
     def on_execution_step(self, executor: Any) -> None:
         state = progress_state(executor)
         if state is not None and state == self._last:
-            self._pause = min(self.max_pause, max(IDLE_PAUSE_S, 2 * self._pause))
+            self._pause = min(IDLE_PAUSE_MAX_S, max(IDLE_PAUSE_S, 2 * self._pause))
             time.sleep(self._pause)
         else:
             self._pause = 0.0
