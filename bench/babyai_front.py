@@ -12,9 +12,12 @@ each state it acts in falls in one of three groups by what stands in front of th
 - **two ahead**: the cell in front is empty and the one after it holds such an object (``forward`` moves);
 - **other**: the rest.
 
-Each state is given to the policy as the first step of a window (training windows start at any step of an
-episode too), and the tool prints per group: how many states, the bot's share of ``forward``, the policy's
-mean P(forward) and its mean probability of the bot's action (over the level's legal actions, softmax at 1.0).
+Each state is given to the policy as the first step of a window, with no history. (Training windows of
+``min(L, window)`` steps are placed uniformly in an episode, so in a short episode a state after the first
+is seldom a window's first step; windows that start at any step measured the same: bench/README.md,
+"BabyAI-GoToRedBall: nor the cell's own token, the window's start or the learning rate".) The tool prints
+per group: how many states, the bot's share of ``forward``, the policy's mean P(forward) and its mean
+probability of the bot's action (over the level's legal actions, softmax at 1.0).
 
 A policy that sees the object in front puts little on ``forward`` where it is adjacent and about the bot's
 share where it is two cells away. One that cannot tell the two apart walks into objects and, its input then
