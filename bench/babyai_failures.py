@@ -17,11 +17,16 @@ fresh env with the same seed (minigrid is deterministic given the seed and the a
 - ``blocked_object``, ``blocked_wall``: how many of its ``forward`` actions did not move the agent, because an
   object (a key, ball or box) or a wall or closed door stood in front. A failure with at least ``STUCK`` of
   them is counted as stuck: the bot never walks into anything, so nothing in its demonstrations says what to
-  do there, and a policy whose input then does not change can repeat ``forward`` to the step limit.
+  do there, and a policy whose input then does not change can repeat ``forward`` to the step limit;
+- ``blocker_kind``: what the object it pressed into most shares with the mission's target (:func:`resemblance`:
+  its colour, its type, both, or neither), and ``others``: the same for every object of the level at the start
+  that the mission does not name, the share a policy that walks into objects at random would show.
 
 Prints per task: success with a target in the first view and without, with a location in the mission and
 without, how the failures began, what the wrong pickups got wrong, and how many failures were stuck
-pressing ``forward`` against an object or a wall.
+pressing ``forward`` against an object or a wall, and what the objects they were stuck against share with the
+target, beside those shares among all the levels' other objects (a policy that mistakes a red box for the red
+ball would be stuck against the target's colour more often than red objects occur).
 The seeds (``eval.seed_offset`` up, moved by ``--seed-offset``) must not be collection seeds.
 """
 
@@ -56,20 +61,37 @@ def replay(env, seed: int, actions) -> dict:
     u = env.unwrapped
     desc = u.instrs.desc
     targets = desc.obj_set
+    others = [o for o in u.grid.grid if o is not None and o.type in OBJECTS and not any(o is t for t in targets)]
     out = {"in_view": any(u.agent_sees(*o.cur_pos) for o in targets), "first_pickup": "none", "dropped": False,
-           "loc": desc.loc is not None, "wrong_kind": None, "blocked_object": 0, "blocked_wall": 0}
+           "loc": desc.loc is not None, "wrong_kind": None, "blocked_object": 0, "blocked_wall": 0,
+           "blocker_kind": None, "others": [resemblance(desc, o) for o in others]}
+    blockers: Counter = Counter()
     for a in np.ravel(actions):
         carried_before = u.carrying
         pos_before, front = tuple(u.agent_pos), u.grid.get(*u.front_pos)
         env.step(int(a))
         if int(a) == FORWARD and tuple(u.agent_pos) == pos_before:
-            out["blocked_object" if front is not None and front.type in OBJECTS else "blocked_wall"] += 1
+            on_object = front is not None and front.type in OBJECTS
+            out["blocked_object" if on_object else "blocked_wall"] += 1
+            if on_object:
+                blockers[id(front)] += 1
+                if blockers[id(front)] == max(blockers.values()):
+                    out["blocker_kind"] = resemblance(desc, front)
         out["dropped"] |= int(a) == DROP and carried_before is not None and u.carrying is None
         if out["first_pickup"] == "none" and carried_before is None and u.carrying is not None:
             out["first_pickup"] = "target" if any(u.carrying is o for o in targets) else "wrong"
             if out["first_pickup"] == "wrong":
                 out["wrong_kind"] = wrong_kind(desc, u.carrying)
     return out
+
+
+def resemblance(desc, obj) -> str:
+    """What an object the mission does not name shares with what it names: "colour" (the named colour, another
+    type), "type" (the named type, another colour), "both" (named type and colour, elsewhere than the mission's
+    location) or "neither"."""
+    colour = desc.color is not None and obj.color == desc.color
+    kind = desc.type is not None and obj.type == desc.type
+    return {(True, True): "both", (True, False): "colour", (False, True): "type"}.get((colour, kind), "neither")
 
 
 def wrong_kind(desc, obj) -> str:
@@ -109,6 +131,10 @@ def summary(rows: list[dict]) -> str:
     wrong = [r for r in rows if r["first_pickup"] == "wrong"]
     kinds = Counter(r["wrong_kind"] for r in wrong)
     stuck = [r for r in failed if r["blocked_object"] + r["blocked_wall"] >= STUCK]
+    blockers = Counter(r["blocker_kind"] for r in stuck if r["blocker_kind"] is not None)
+    others = Counter(k for r in rows for k in r["others"])
+    n_others = max(sum(others.values()), 1)
+    kinds_share = ", ".join(f"{k} {blockers[k]} ({others[k] / n_others:.0%})" for k in ("colour", "type", "both", "neither"))
     return (f"success {rate(rows)}; target in first view {rate([r for r in rows if r['in_view']])}, "
             f"not in view {rate([r for r in rows if not r['in_view']])}; location in the mission "
             f"{rate([r for r in rows if r['loc']])}, none {rate([r for r in rows if not r['loc']])}; "
@@ -116,7 +142,8 @@ def summary(rows: list[dict]) -> str:
             f"wrong pickups: of another type {kinds['type']}, colour {kinds['colour']}, location "
             f"{kinds['location']}, later dropped {sum(r['dropped'] for r in wrong)}/{len(wrong)}; failures stuck "
             f"pressing forward (>= {STUCK} blocked): {len(stuck)}/{len(failed)}, their blocked forwards against an "
-            f"object {sum(r['blocked_object'] for r in stuck)}, a wall or door {sum(r['blocked_wall'] for r in stuck)}")
+            f"object {sum(r['blocked_object'] for r in stuck)}, a wall or door {sum(r['blocked_wall'] for r in stuck)}; the object a stuck failure pressed into most, against what it shares "
+            f"with the mission's target (in brackets: the share of the levels' other objects): {kinds_share}")
 
 
 def main(argv: list[str]) -> None:

@@ -97,7 +97,13 @@ def test_forward_actions_that_do_not_move_are_counted_by_what_blocks_them(bench,
     forward = int(Actions.forward)
     row = bench["replay"](env, seed, [*walk, forward, forward, forward])  # now facing the object: 3 blocked
     assert (row["blocked_object"], row["blocked_wall"]) == (3, 0)
+    # What the object it pressed into shares with the mission's target.
+    env.reset(seed=seed)
+    u = env.unwrapped
+    obj = u.grid.get(*(u.agent_pos + (len(walk) + 1) * u.dir_vec))
+    assert row["blocker_kind"] == bench["resemblance"](u.instrs.desc, obj)
     assert bench["replay"](env, seed, walk)["blocked_object"] == 0  # the walk itself moved every time
+    assert bench["replay"](env, seed, walk)["blocker_kind"] is None
     # Walk until a wall stops the agent: every blocked forward after that is the wall's.
     env.reset(seed=seed)
     u = env.unwrapped
@@ -116,10 +122,25 @@ def test_forward_actions_that_do_not_move_are_counted_by_what_blocks_them(bench,
 
 
 def test_a_failure_stuck_against_an_object_is_summarized(bench):
-    base = {"in_view": True, "first_pickup": "none", "dropped": False, "loc": False, "wrong_kind": None}
-    rows = [{**base, "success": False, "blocked_object": bench["STUCK"], "blocked_wall": 0},
-            {**base, "success": False, "blocked_object": 1, "blocked_wall": bench["STUCK"] - 2},
-            {**base, "success": True, "blocked_object": 0, "blocked_wall": 0}]
+    base = {"in_view": True, "first_pickup": "none", "dropped": False, "loc": False, "wrong_kind": None,
+            "others": ["colour", "neither", "neither", "type"]}
+    rows = [{**base, "success": False, "blocked_object": bench["STUCK"], "blocked_wall": 0, "blocker_kind": "colour"},
+            {**base, "success": False, "blocked_object": 1, "blocked_wall": bench["STUCK"] - 2,
+             "blocker_kind": "type"},  # not stuck: not counted
+            {**base, "success": True, "blocked_object": 0, "blocked_wall": 0, "blocker_kind": None}]
     text = bench["summary"](rows)
     assert f"failures stuck pressing forward (>= {bench['STUCK']} blocked): 1/2" in text
     assert f"against an object {bench['STUCK']}, a wall or door 0" in text
+    assert "colour 1 (25%), type 0 (25%), both 0 (0%), neither 0 (50%)" in text
+
+
+def test_resemblance_names_what_an_object_shares_with_the_mission(bench):
+    from minigrid.core.world_object import Ball, Box, Key
+    from minigrid.envs.babyai.core.verifier import ObjDesc
+
+    same = bench["resemblance"]
+    assert same(ObjDesc("ball", "red"), Key("red")) == "colour"
+    assert same(ObjDesc("ball", "red"), Ball("blue")) == "type"
+    assert same(ObjDesc("ball", "red"), Box("grey")) == "neither"
+    assert same(ObjDesc("ball", "red", "left"), Ball("red")) == "both"
+    assert same(ObjDesc("ball", None), Ball("blue")) == "type"  # "a ball": no colour to share
