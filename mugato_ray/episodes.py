@@ -15,6 +15,9 @@ Store schema (one file per task; ``write_episodes`` refuses to mix tasks in one 
     obs.<key>.shape   list<int64>: full shape including L (text: [L])
     actions, actions.dtype, actions.shape   as an observation field (text for text/VQA tasks, whose
                                             "action" is the text the model must produce)
+    executed, executed.dtype, executed.shape   nullable: the actions the env executed where they differ
+                                            from ``actions`` (the labels), as ``actions``; null when the
+                                            labels were executed
     rewards: list<float32>
 
 Keys may contain "/" (nested Dicts) but may not end in ".dtype" or ".shape", which would make the
@@ -131,6 +134,13 @@ class Episode:
     success: bool | None = None
     policy_step: int | None = None
     """The optimizer step of the weights that acted (online episodes); None for demonstrations."""
+    executed: np.ndarray | None = None
+    """The actions the env executed, where another policy acted than the one that labels (DAgger: the learner
+    acted, ``actions`` are the expert's labels; DART: the expert's actions perturbed). Same shape and dtype as
+    ``actions``. None: ``actions`` were executed. Replaying ``executed`` from the episode's seed visits its
+    observations (a Minari export writes them as the dataset's actions); training reads ``actions`` only, as
+    inputs and targets: embedding ``executed`` in the history measured worse (bench/README.md, "BabyAI-GoToRedBall:
+    DAgger with one-step windows and with 5-step ones")."""
 
     @property
     def length(self) -> int:
@@ -186,6 +196,16 @@ class Episode:
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 step = int(np.argwhere(~np.isfinite(value))[0][0])
                 fail(field, f"contains NaN or inf (first at step {step})")
+        if self.executed is not None:
+            a, x = self.actions, self.executed
+            if not isinstance(a, np.ndarray):
+                fail("executed", "only numeric actions can have executed actions (text actions are labels only)")
+            if not isinstance(x, np.ndarray) or x.dtype != a.dtype or x.shape != a.shape:
+                fail("executed", f"expected an ndarray of the actions' dtype and shape ({a.dtype} {a.shape}), "
+                                 f"got {_describe(x)}")
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                step = int(np.argwhere(~np.isfinite(x))[0][0])
+                fail("executed", f"contains NaN or inf (first at step {step})")
         if spec is not None:
             self._check_spec(spec, fail)
         return self
@@ -249,6 +269,10 @@ def episode_to_row(ep: Episode) -> dict[str, Any]:
     for key in sorted(ep.observations):
         row.update(_encode(f"obs.{key}", ep.observations[key]))
     row.update(_encode("actions", ep.actions))
+    if ep.executed is None:
+        row.update({"executed": None, "executed.dtype": None, "executed.shape": None})
+    else:
+        row.update(_encode("executed", ep.executed))
     row["rewards"] = ep.rewards.tolist()
     return row
 
@@ -317,6 +341,9 @@ def _row_to_episode(row: Any) -> Episode:
             continue  # a field of another task, null-filled where Ray Data unified file schemas
         observations[col[4:]] = _decode(col, row, fail)
     actions = _decode("actions", row, fail)
+    # Absent in files written before the column existed; null where the labels were executed.
+    # (A numpy batch may hold b"" for a null binary: the dtype column is what tells.)
+    executed = None if row.get("executed.dtype") is None else _decode("executed", row, fail)
     try:
         rewards = np.asarray(row["rewards"])
     except (TypeError, ValueError, OverflowError) as e:
@@ -334,6 +361,7 @@ def _row_to_episode(row: Any) -> Episode:
         terminated=bool(row["terminated"]),
         success=None if row["success"] is None else bool(row["success"]),
         policy_step=_optional_int(row.get("policy_step"), fail),
+        executed=executed,
     ).validate()
     if int(row["length"]) != ep.length:
         fail("length", f"{row['length']} != {ep.length} (len(rewards))")
@@ -379,9 +407,10 @@ def episodes_from_batch(batch: dict[str, np.ndarray]) -> list[Episode]:
 
 
 def _schema(row: dict) -> pa.Schema:
-    types = dict(_FIXED) | {"policy_step": pa.int64()}
+    types = dict(_FIXED) | {"policy_step": pa.int64(), "executed": pa.large_binary(), "executed.dtype": pa.string(),
+                            "executed.shape": pa.list_(pa.int64())}
     for col, value in row.items():
-        if col.endswith(".dtype"):
+        if col.endswith(".dtype") and col != "executed.dtype":
             base = col[:-6]
             types[base] = pa.list_(pa.string()) if value == "str" else pa.large_binary()
             types[col], types[f"{base}.shape"] = pa.string(), pa.list_(pa.int64())

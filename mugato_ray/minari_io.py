@@ -11,6 +11,9 @@ downloads: a dataset folder (or its ``data`` folder), or a dataset id under ``MI
   store keeps the observation each action was taken on, so the extra final observation is dropped; each
   step's observation is flattened by ``envs.flatten_observation``, as rollouts do; rewards become float32,
   ``terminated`` is the last termination flag, ``success`` the task's criterion on the return.
+- Actions: the dataset's actions are what its env executed. Where its infos hold :data:`LABEL_INFO` (our
+  export's), those are the labels: the episode's ``actions``, with the dataset's as ``executed`` where they
+  differ (a DAgger or DART episode); otherwise the dataset's actions are the labels. No other info is read.
 - Source: the one given, else the ``mugato_source`` our export writes into each episode's metadata, else
   "expert" (training reads the sources of ``data.sources``).
 - Seed: the ``seed`` Minari records in each episode's metadata. Where a dataset has none (or with
@@ -38,7 +41,10 @@ cannot be rebuilt from a spec: their names are in the ``mugato_wrappers`` metada
 final observation, so each episode's last observation is repeated as its final one, said in the dataset's
 description and in its ``final_observation: "repeated_last"`` metadata key. Each episode's metadata holds
 its seed, ``mugato_episode_id``, ``mugato_source`` and ``mugato_policy_step``; the task's references, when it
-has both, become ``ref_max_score``/``ref_min_score``.
+has both, become ``ref_max_score``/``ref_min_score``. Its actions are what the env executed (``Episode.executed``
+where the episode has it, else its actions), so that they replay its observations from its seed; the labels the
+model learns from are the :data:`LABEL_INFO` info (the last repeated for the final observation), equal to the
+actions except in DAgger and DART episodes.
 
 Minari is an optional dependency (``pip install 'mugato-ray[minari]'``), imported only inside these functions.
 """
@@ -85,6 +91,9 @@ CHUNK_STEPS = 10_000
 SEED_RANGE = 2**64
 """Minari's seeds are unsigned 64-bit; the store's seed column is int64."""
 SEED_FROM = ("metadata", "index")
+LABEL_INFO = "mugato_label"
+"""The Minari info key of an exported episode's labels (the store's ``actions``): its Minari actions are what the
+env executed (``Episode.executed`` where the episode has it), so that they replay its observations."""
 
 
 class MinariIOError(ValueError):
@@ -393,11 +402,31 @@ def minari_episode(plan: ImportPlan, index: int, data: Any) -> Episode:
     rewards = np.asarray(data.rewards, dtype=np.float64).astype(np.float32)
     terminated = bool(np.asarray(data.terminations, bool)[-1])
     episode_return = float(np.sum(rewards, dtype=np.float64))
+    executed = np.asarray(data.actions, dtype=act_space.dtype)
+    labels = _labels(data, executed, where)
     return Episode(task=info.name, episode_id=plan.ids[index], source=plan.sources[index], seed=plan.seeds[index],
-                   observations=envs.stack_observations(flats),
-                   actions=np.asarray(data.actions, dtype=act_space.dtype), rewards=rewards,
+                   observations=envs.stack_observations(flats), actions=labels, rewards=rewards,
                    terminated=terminated, success=envs.is_success(info, episode_return, terminated, {}),
-                   policy_step=plan.policy_steps[index])
+                   policy_step=plan.policy_steps[index],
+                   executed=None if np.array_equal(labels, executed) else executed)
+
+
+def _labels(data: Any, executed: np.ndarray, where: str) -> np.ndarray:
+    """The episode's labels: its ``LABEL_INFO`` info where it has one (our export's DAgger and DART episodes,
+    whose Minari actions are what the env executed), else the actions themselves."""
+    infos = getattr(data, "infos", None) or {}
+    if LABEL_INFO not in infos:
+        return executed
+    labels = np.asarray(infos[LABEL_INFO])
+    steps = len(executed)
+    if labels.shape[0] != steps + 1 or labels.shape[1:] != executed.shape[1:]:
+        raise MinariIOError(f"{where}: infos[{LABEL_INFO!r}] has shape {labels.shape}, expected "
+                            f"{(steps + 1, *executed.shape[1:])} (one label per observation, as the actions)")
+    if labels.dtype.kind not in "biuf" or (labels.dtype.kind == "f" and not np.isfinite(labels).all()):
+        raise MinariIOError(f"{where}: infos[{LABEL_INFO!r}] holds {labels.dtype} values, not finite numbers")
+    if executed.dtype.kind in "biu" and labels.dtype.kind == "f" and not np.array_equal(labels, np.round(labels)):
+        raise MinariIOError(f"{where}: infos[{LABEL_INFO!r}] holds fractions; the actions are {executed.dtype}")
+    return labels[:steps].astype(executed.dtype)
 
 
 # ------------------------------------------------------------------------------------------- export
@@ -486,9 +515,19 @@ def _buffer(ep: Episode, obs_space: Any) -> Any:
              for k, v in ep.observations.items()}
     ends = np.zeros((2, ep.length), dtype=bool)
     ends[0 if ep.terminated else 1, -1] = True
+    executed = np.asarray(ep.actions if ep.executed is None else ep.executed)
     return EpisodeBuffer(seed=_minari_seed(ep.seed), observations=envs.unflatten_observations(final, obs_space),
-                         actions=np.asarray(ep.actions), rewards=ep.rewards.astype(np.float64),
-                         terminations=ends[0], truncations=ends[1])
+                         actions=executed, rewards=ep.rewards.astype(np.float64),
+                         terminations=ends[0], truncations=ends[1], infos={LABEL_INFO: _label_info(ep)})
+
+
+def _label_info(ep: Episode) -> Any:
+    """The episode's labels as a Minari info (one per observation: the last label repeated for the final one).
+    A label per step is a list of ints or floats (Minari's arrow storage cannot read back a 0-d array field);
+    a vector per step stays an array."""
+    labels = np.asarray(ep.actions)
+    labels = np.concatenate([labels, labels[-1:]])
+    return labels.tolist() if labels.ndim == 1 else labels
 
 
 def _description(plan: ExportPlan) -> str:

@@ -233,17 +233,18 @@ def perturb(action: np.ndarray, space: gym.Space, rng: np.random.Generator, nois
 
 
 class _Trajectory:
-    """Steps of one running episode: flat observations, actions and rewards."""
+    """Steps of one running episode: flat observations, actions (the labels), executed actions and rewards."""
 
     def __init__(self, seed: int):
-        self.seed, self.obs, self.actions, self.rewards = seed, [], [], []
+        self.seed, self.obs, self.actions, self.executed, self.rewards = seed, [], [], [], []
         # The episode's own noise stream: a result does not depend on the slot or the batch.
         self.rng = np.random.default_rng([seed, 0xDA127])
 
-    def add(self, obs: dict, action: np.ndarray, reward: float) -> None:
+    def add(self, obs: dict, action: np.ndarray, reward: float, executed: np.ndarray | None = None) -> None:
         # Copy: some env wrappers return views of a buffer they overwrite on the next step.
         self.obs.append({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in obs.items()})
         self.actions.append(action)
+        self.executed.append(action if executed is None else executed)
         self.rewards.append(reward)
 
 
@@ -338,11 +339,16 @@ class RolloutWorker:
                  policy_step: int | None = None) -> Episode:
         rewards = np.asarray(traj.rewards, dtype=np.float32)
         ep_return = float(np.sum(rewards, dtype=np.float64))
+        actions = np.stack(traj.actions)
+        # Where a relabeling policy (DAgger) or DART noise executed other actions than the labels, the episode
+        # keeps them: the observations that follow are what they did, so the episode replays (Episode.executed).
+        executed = np.stack(traj.executed).astype(actions.dtype, copy=False)
         return Episode(
             task=self.info.name, episode_id=env_episode_id(self.info.name, source, traj.seed, policy_step),
             source=source, seed=traj.seed, observations=envs.stack_observations(traj.obs),
-            actions=np.stack(traj.actions), rewards=rewards, terminated=terminated,
+            actions=actions, rewards=rewards, terminated=terminated,
             success=envs.is_success(self.info, ep_return, terminated, info), policy_step=policy_step,
+            executed=None if np.array_equal(executed, actions) else executed,
         ).validate(self.spec)
 
     def close(self) -> None:
@@ -515,7 +521,7 @@ class _Lockstep:
                 self.start(i)
                 continue
             if traj is not None:
-                traj.add(self.obs[i], actions[i], float(reward))
+                traj.add(self.obs[i], actions[i], float(reward), np.asarray(executed, dtype=dtype))
                 self.add_frame(i)
                 truncated = truncated or (w.max_steps is not None and len(traj.rewards) >= w.max_steps)
                 if terminated or truncated:

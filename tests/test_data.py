@@ -298,3 +298,32 @@ def test_layouts_round_trip_through_json(tmp_path, store):
     path.write_text('{"format": 1, "tasks": {"x": {"spec": {}}}}')
     with pytest.raises(ValueError, match="layouts.json"):
         load_layouts(path)
+
+
+def test_executed_actions_read_through_ray_data_beside_files_without_the_column(local_ray, tmp_path):
+    """A DART or DAgger episode's executed actions survive Ray Data's read, beside episodes without them in the same
+    file and beside a file written before the column existed (its schema lacks the three columns)."""
+    import pyarrow.parquet as pq
+
+    from mugato_ray.episodes import Episode, episodes_from_batch, write_episodes
+
+    def episode(seed: int, executed: bool) -> Episode:
+        rng = np.random.default_rng(seed)
+        actions = rng.integers(0, 3, 5)
+        return Episode(task="CartPole-v1", episode_id=f"CartPole-v1-expert-{seed}", source="expert", seed=seed,
+                       observations={"observation": rng.normal(size=(5, 4)).astype(np.float32)}, actions=actions,
+                       rewards=np.ones(5, np.float32), terminated=True,
+                       executed=(actions + 1) % 3 if executed else None)
+
+    (new,) = write_episodes(tmp_path / "new", [episode(0, True), episode(1, False)])
+    (old,) = write_episodes(tmp_path / "old", [episode(2, False)])
+    table = pq.read_table(old)
+    pq.write_table(table.drop_columns(["executed", "executed.dtype", "executed.shape"]), old)
+    assert "executed" not in pq.read_schema(old).names
+    read = [ep for batch in ray.data.read_parquet([str(new), str(old)]).iter_batches(batch_format="numpy")
+            for ep in episodes_from_batch(batch)]
+    got = {ep.seed: ep for ep in read}
+    assert sorted(got) == [0, 1, 2]
+    np.testing.assert_array_equal(got[0].executed, (got[0].actions + 1) % 3)
+    assert got[0].executed.dtype == got[0].actions.dtype
+    assert got[1].executed is None and got[2].executed is None

@@ -139,6 +139,38 @@ def test_text_actions_round_trip(tmp_path):
         assert_same(back, ep)
 
 
+def test_executed_actions_round_trip_beside_episodes_without_them(tmp_path):
+    """DAgger and DART episodes keep what the env executed beside the labels; other episodes read back None."""
+    labelled = [make_episode(i, continuous_actions=c) for i, c in ((0, False), (1, True))]
+    plain = make_episode(2)
+    labelled[0].executed = (labelled[0].actions + 1) % 7
+    labelled[1].executed = -labelled[1].actions
+    for ep in labelled:
+        write_episodes(tmp_path / str(ep.seed), [ep])
+    write_episodes(tmp_path / "mixed", [dataclasses.replace(labelled[0], episode_id="m0"), plain])
+    back = {ep.episode_id: ep for ep in read_episodes(tmp_path)}
+    for ep in labelled:
+        x = back[ep.episode_id].executed
+        assert x.dtype == ep.executed.dtype and np.array_equal(x, ep.executed)
+        assert np.array_equal(back[ep.episode_id].actions, ep.actions)  # the labels stay the labels
+    assert np.array_equal(back["m0"].executed, labelled[0].executed) and back[plain.episode_id].executed is None
+
+
+def test_executed_actions_must_match_the_actions():
+    ep = make_episode(0)
+    for bad in (ep.actions[:-1], ep.actions.astype(np.float32), list(ep.actions)):
+        with pytest.raises(EpisodeError, match="executed"):
+            dataclasses.replace(ep, executed=bad).validate()
+    arm = make_episode(1, continuous_actions=True)
+    nan = arm.actions.copy()
+    nan[2, 0] = np.nan
+    with pytest.raises(EpisodeError, match="executed: contains NaN or inf .first at step 2"):
+        dataclasses.replace(arm, executed=nan).validate()
+    text = Episode("text-arith", "t0", "expert", 0, {}, ["1+1=2"], np.zeros(1, np.float32), executed=np.zeros(1))
+    with pytest.raises(EpisodeError, match="executed: only numeric actions"):
+        text.validate()
+
+
 def test_store_columns_match_documented_schema(tmp_path):
     ep = make_episode(0)
     (path,) = write_episodes(tmp_path, [ep])

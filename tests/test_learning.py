@@ -135,13 +135,24 @@ def test_perturb_noises_box_and_discrete_actions_and_names_other_spaces():
 
 
 def test_expert_noise_perturbs_the_states_but_records_the_experts_actions(tmp_path):
+    import gymnasium as gym
+
     cfg = make_cfg(tmp_path, "[{name: CartPole-v1, episodes: 4, expert_noise: 0.3}]")
     noisy = collect_in_process(cfg, "CartPole-v1", range(4))
     for ep in noisy:  # every recorded action is the expert's action on the recorded state
         obs = np.asarray(ep.observations["observation"])
         assert np.array_equal(np.asarray(ep.actions).reshape(-1), experts.cartpole(obs).reshape(-1))
+    # What the env executed is kept beside the labels: replayed from the seed, it visits the recorded states.
+    for ep in noisy:
+        assert ep.executed is not None and not np.array_equal(ep.executed, ep.actions)
+        env = gym.make("CartPole-v1")
+        obs, _ = env.reset(seed=ep.seed)
+        for t, a in enumerate(ep.executed):
+            np.testing.assert_array_equal(obs, ep.observations["observation"][t])
+            obs, *_ = env.step(int(a))
     clean_cfg = make_cfg(tmp_path / "clean", "[{name: CartPole-v1, episodes: 4}]")
     clean = collect_in_process(clean_cfg, "CartPole-v1", range(4))
+    assert all(ep.executed is None for ep in clean)  # the expert's own actions were executed
     # The executed actions were not the expert's: the same seeds visit other states.
     assert any(not np.array_equal(a.observations["observation"][:50], b.observations["observation"][:50])
                for a, b in zip(noisy, clean))

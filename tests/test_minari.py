@@ -77,6 +77,18 @@ def cfg_for(run_dir: Path, *tasks: str):
                              "tasks": [{"name": t} for t in tasks or ("CartPole-v1",)]})
 
 
+def collect(cfg, name: str, policy: str, seeds: list[int]):
+    """Episodes of ``policy`` ("expert" or "random") on ``seeds``, written to the task's store and read back."""
+    from mugato_ray.rollout import PolicySpec, RolloutWorker
+
+    worker = RolloutWorker(name, PolicySpec(policy), cfg, num_envs=2)
+    try:
+        worker.sample(seeds, source=policy, store_dir=store_dir(cfg, name))
+    finally:
+        worker.close()
+    return read_episodes(store_dir(cfg, name))
+
+
 def by_seed(episodes):
     return {ep.seed: ep for ep in episodes}
 
@@ -216,21 +228,64 @@ def assert_same_episodes(got, want):
                 np.testing.assert_array_equal(g.observations[key], value)
                 assert g.observations[key].dtype == value.dtype
         np.testing.assert_array_equal(g.actions, ep.actions)
+        assert (g.executed is None) == (ep.executed is None)
+        if ep.executed is not None:
+            np.testing.assert_array_equal(g.executed, ep.executed)
+            assert g.executed.dtype == ep.executed.dtype
         np.testing.assert_array_equal(g.rewards, ep.rewards)
+
+
+@pytest.mark.parametrize("name, noise", [("CartPole-v1", 0.5), ("Pendulum-v1", 0.6)])
+def test_dart_episodes_export_the_executed_actions_and_the_labels(tmp_path, name, noise):
+    """A DART store (the expert's labels, the perturbed actions the env took): the Minari actions replay each
+    episode from its seed, the labels are the mugato_label info, and importing the export gives the episodes back."""
+    import gymnasium as gym
+
+    cfg = config_from_dict({"run_dir": str(tmp_path / "run"), "rollout": {"max_episode_steps": 12},
+                            "tasks": [{"name": name, "expert_noise": noise}]})
+    original = collect(cfg, name, "expert", [5, 6])
+    assert all(ep.executed is not None for ep in original)  # the noise changed what some steps executed
+    path = export_task(plan_export(cfg, name, tmp_path / "out"), log=lambda _: None)
+    exported = minari.MinariDataset(path / "data")
+    mine = by_seed(original)
+    for ep, meta in zip(exported.iterate_episodes(), exported.storage.get_episode_metadata(exported.episode_indices)):
+        stored = mine[meta["seed"]]
+        np.testing.assert_array_equal(ep.actions, stored.executed)
+        labels = np.asarray(ep.infos["mugato_label"])
+        np.testing.assert_array_equal(labels[:-1], stored.actions)
+        np.testing.assert_array_equal(labels[-1], stored.actions[-1])  # one per observation: the last repeated
+        env = gym.make(name)  # the dataset's actions, replayed from the seed, visit its observations
+        obs, _ = env.reset(seed=meta["seed"])
+        for t, action in enumerate(ep.actions):
+            np.testing.assert_allclose(obs, ep.observations[t], rtol=1e-6)
+            obs, *_ = env.step(action)
+        env.close()
+    again = cfg_for(tmp_path / "again", name)
+    import_dataset(plan_import(again, path), log=lambda _: None)
+    assert_same_episodes(read_episodes(store_dir(again, name)), original)
+
+
+def test_labels_in_a_datasets_infos_are_checked(cartpole, tmp_path):
+    """A mugato_label info of the wrong length is refused, naming the episode; without it the actions are the labels."""
+    from types import SimpleNamespace
+
+    from mugato_ray.minari_io import _labels
+
+    executed = np.array([0, 1, 1], np.int64)
+    assert _labels(SimpleNamespace(infos={}), executed, "d: episode 0") is executed
+    good = SimpleNamespace(infos={"mugato_label": np.array([1, 1, 0, 0])})
+    np.testing.assert_array_equal(_labels(good, executed, "d: episode 0"), [1, 1, 0])
+    with pytest.raises(MinariIOError, match=r"d: episode 3: infos\['mugato_label'\] has shape \(3,\)"):
+        _labels(SimpleNamespace(infos={"mugato_label": np.array([1, 1, 0])}), executed, "d: episode 3")
+    with pytest.raises(MinariIOError, match="fractions"):
+        _labels(SimpleNamespace(infos={"mugato_label": np.array([0.5, 1, 0, 0])}), executed, "d: episode 0")
 
 
 def test_a_dict_observation_store_round_trips(tmp_path):
     """BabyAI: image (56x56x3, stored losslessly), direction and mission text, 8-step random episodes."""
-    from mugato_ray.rollout import PolicySpec, RolloutWorker
-
     name = "BabyAI-GoToRedBall-v0"
     cfg, out = cfg_for(tmp_path / "run", name), tmp_path / "out"
-    worker = RolloutWorker(name, PolicySpec("random"), cfg, num_envs=2)
-    try:
-        worker.sample([0, 1], source="random", store_dir=store_dir(cfg, name))
-    finally:
-        worker.close()
-    original = read_episodes(store_dir(cfg, name))
+    original = collect(cfg, name, "random", [0, 1])
     path = export_task(plan_export(cfg, name, out), log=lambda _: None)
     assert path == out / "mugato/BabyAI-GoToRedBall-v0/random-v0"
     exported = minari.MinariDataset(path / "data")

@@ -90,12 +90,14 @@ def test_dagger_labels_the_babyai_bot_along_the_learners_trajectory(tmp_path):
         raw, _ = env.reset(seed=ep.seed)
         random = experts.RandomPolicy(env.action_space, 1)
         random.reset([0], [ep.seed])
-        bot, taken, labels = BabyAIBot(env.unwrapped), None, []
+        bot, taken, labels, executed = BabyAIBot(env.unwrapped), None, [], []
         for _ in range(ep.length):
             labels.append(int(bot.replan(taken)))
             taken = int(random.act(stack_observations([flatten_observation(raw, env.observation_space)]))[0])
+            executed.append(taken)
             raw, *_ = env.step(taken)
         assert labels == ep.actions.tolist()
+        assert executed == ep.executed.tolist()  # the learner's actions, what the observations followed
         env.close()
 
 
@@ -109,6 +111,7 @@ def test_dagger_beta_one_is_the_expert_driving(tmp_path):
 
     eps = RolloutWorker(task, factory, cfg, num_envs=2).sample([1, 2], source="dagger").episodes
     assert [ep.episode_return for ep in eps] == [500.0, 500.0]
+    assert [ep.executed for ep in eps] == [None, None]  # the expert drove: its labels were executed
 
 
 # ------------------------------------------------------------------------------------------- weights
