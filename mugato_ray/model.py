@@ -50,9 +50,10 @@ cache entries of a finished episode invalid instead of rebuilding the cache). Ea
 attend to itself, so an invalid query never has an empty row (which would give NaN).
 
 Packing (``model.pack``, training only): since pads never influence a real token, the training forward
-moves the real tokens of its rows into as few rows of the layout's length as they fit and lets each
-attend only within its source row (:mod:`mugato_ray.packing`). The loss is unchanged; the pads of short
-episodes, questions and padded text fields are simply not computed.
+moves the real tokens of its rows into as few rows as they fit (of the layout's length, or of the longest
+row's real tokens where that computes fewer positions) and lets each attend only within its source row
+(:mod:`mugato_ray.packing`). The loss is unchanged; the pads of short episodes, questions and padded text
+fields, those inside each timestep included, are simply not computed.
 
 Loss: cross-entropy (HL-Gauss soft targets for continuous actions, see :meth:`GatoModel.action_loss`)
 on action-field tokens (the action of agent tasks, the text of text tasks) of real, non-prompt steps

@@ -12,8 +12,10 @@ attention allowed only within one source row (:meth:`Packing.same_row_mask`). Th
 token sees the same keys in the same order as before (pads were masked anyway), and every position
 encoding was added before packing. Only the number of positions computed changes.
 
-With ``capacity`` = the layout's length, a packed row never costs more attention than an unpacked one,
-and a batch whose rows are all full is left alone (:func:`plan_packing` returns None).
+The capacity is the layout's length or, where that saves more, the longest row's count of valid tokens
+(then the rows rarely share a packed row, but the pads inside each timestep, such as a mission's unused
+text tokens, are no longer computed). Either way a packed row never costs more attention than an unpacked
+one, and a batch whose rows are all full is left alone (:func:`plan_packing` returns None).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class Packing:
     """Where every valid token of a ``(B, L)`` batch sits in ``(P, capacity)`` packed rows."""
 
     rows: int
-    """P: packed rows (fewer than the B source rows, else no packing is planned)."""
+    """P: packed rows (at most the B source rows; a plan always computes fewer positions than B x L)."""
     capacity: int
     """Positions per packed row."""
     row_PxC: torch.Tensor
@@ -86,18 +88,28 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray
 
 
 def plan_packing(valid_BxL: torch.Tensor, capacity: int | None = None) -> Packing | None:
-    """A :class:`Packing` of the valid tokens of ``valid_BxL`` into rows of ``capacity`` (default L),
-    or None when it would not save a row."""
+    """A :class:`Packing` of the valid tokens of ``valid_BxL`` into rows of ``capacity`` positions, or None
+    when it would not compute fewer positions than the B x L of the batch.
+
+    Default capacity: whichever of L and the longest row's valid count computes fewer positions (ties: the
+    longest row's, the cheaper attention). Rows of L hold more rows each; rows of the longest row's length
+    still drop the pads inside every timestep (a mission field's unused tokens), where no two rows fit in one.
+    """
     B, L = valid_BxL.shape
-    capacity = L if capacity is None else capacity
     valid = valid_BxL.detach().cpu().numpy().astype(bool)
     lengths = valid.sum(axis=1)
-    if B < 2 or int(lengths.sum()) > (B - 1) * capacity:
+    longest = int(lengths.max()) if B else 0
+    if longest == 0:
         return None
-    bin_B, offset_B = first_fit_decreasing(lengths, capacity)
-    rows = int(bin_B.max()) + 1 if B else 0
-    if rows >= B:
+    best = None
+    for cap in ([L, longest] if capacity is None else [capacity]):
+        bin_B, offset_B = first_fit_decreasing(lengths, cap)
+        rows = int(bin_B.max()) + 1
+        if rows * cap < B * L and (best is None or rows * cap <= best[0] * best[1]):
+            best = (rows, cap, bin_B, offset_B)
+    if best is None:
         return None
+    rows, capacity, bin_B, offset_B = best
     rank_BxL = np.cumsum(valid, axis=1) - 1
     where = np.where(valid, bin_B[:, None] * capacity + offset_B[:, None] + rank_BxL, -1)
     row_flat = np.full(rows * capacity, -1, np.int64)

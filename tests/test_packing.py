@@ -38,8 +38,9 @@ def test_plan_packing_keeps_order_and_source_rows():
         [1, 1, 1, 0, 1, 1, 0, 0],
         [0, 1, 1, 0, 0, 0, 0, 0],
     ], dtype=torch.bool)
-    p = plan_packing(valid)
+    p = plan_packing(valid, capacity=8)
     assert p is not None and p.rows == 2 and p.capacity == 8  # 3 + 1 + 5 + 2 = 11 tokens in 2 rows
+    assert (plan_packing(valid).rows, plan_packing(valid).capacity) == (3, 5)  # 15 positions beat 16
     for b in range(4):
         flat = p.where_BxL[b][valid[b]]
         assert (flat[1:] > flat[:-1]).all()  # the row's order survives
@@ -55,11 +56,46 @@ def test_plan_packing_keeps_order_and_source_rows():
         p.gather(packed, torch.tensor([0]), torch.tensor([2]))
 
 
-def test_no_plan_when_packing_saves_no_row():
+def test_no_plan_when_packing_saves_no_position():
     assert plan_packing(torch.ones(4, 8, dtype=torch.bool)) is None
     assert plan_packing(torch.ones(1, 8, dtype=torch.bool)) is None
-    five_of_eight = torch.arange(8)[None].expand(3, 8) < 5  # no two rows fit together
-    assert plan_packing(five_of_eight) is None
+    full_and_two_fives = torch.arange(8)[None] < torch.tensor([8, 5, 5])[:, None]  # 3 rows of 8 however placed
+    assert plan_packing(full_and_two_fives) is None
+    assert plan_packing(torch.zeros(3, 8, dtype=torch.bool)) is None  # nothing to compute
+
+
+def valid_rows(lengths: list[int], L: int = 8) -> torch.Tensor:
+    """Rows of ``L`` positions with ``lengths`` valid tokens each, their pads spread inside the row (as a
+    mission field's unused tokens sit inside every timestep)."""
+    rows = torch.zeros(len(lengths), L, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        rows[b, torch.linspace(0, L - 1, n).round().long()] = True
+    assert rows.sum(dim=1).tolist() == lengths
+    return rows
+
+
+def test_rows_that_do_not_fit_together_drop_their_pads():
+    """No two rows of 5 valid tokens fit in 8 positions, but their pads need not be computed: 3 rows of 5. The
+    capacity is whichever of L and the longest row computes fewer positions."""
+    valid = valid_rows([5, 5, 4])
+    p = plan_packing(valid)
+    assert p is not None and (p.rows, p.capacity) == (3, 5)
+    for b in range(3):
+        flat = p.where_BxL[b][valid[b]]
+        assert (flat[1:] > flat[:-1]).all() and (p.row_PxC.reshape(-1)[flat] == b).all()
+    assert int(p.occupied_PxC.sum()) == int(valid.sum())
+    x = torch.randn(3, 8, 2)
+    b, j = valid.nonzero(as_tuple=True)
+    assert torch.equal(p.gather(p.pack(x), b, j), x[b, j])
+    # Rows of 5 (3 x 5 = 15) beat rows of 8 where a short row joins one of 5 (2 x 8 = 16) ...
+    p = plan_packing(valid_rows([5, 5, 1]))
+    assert (p.rows, p.capacity) == (3, 5)
+    # ... and rows of 8 win where they hold two rows each (2 x 8 = 16 against 3 x 6 = 18).
+    p = plan_packing(valid_rows([6, 2, 5]))
+    assert (p.rows, p.capacity) == (2, 8)
+    # One row alone is compacted too.
+    p = plan_packing(valid_rows([3]))
+    assert (p.rows, p.capacity) == (1, 3)
 
 
 @pytest.mark.parametrize("layout_name,rotary,token_shift", [
@@ -86,14 +122,15 @@ def test_packed_forward_equals_unpacked_and_computes_fewer_positions(layout_name
                 block.attn.qkv.weight.mul_(5.0)
     plain_model.load_state_dict(packed_model.state_dict())
 
-    seen_rows = []
-    hook = packed_model.blocks[0].register_forward_hook(lambda m, args, out: seen_rows.append(args[0].shape[0]))
+    seen = []
+    hook = packed_model.blocks[0].register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[:2])))
     loss_p, grads_p = _loss_and_grads(packed_model, batch, layout)
     hook.remove()
     loss_u, grads_u = _loss_and_grads(plain_model, batch, layout)
 
     B, L = batch["step_mask"].shape[0], layout.seq_len
-    assert seen_rows == [packed_model(batch, layout).num_positions // L] and seen_rows[0] < B
+    (rows, capacity), = seen
+    assert rows * capacity == packed_model(batch, layout).num_positions < B * L and rows <= B and capacity <= L
     out = packed_model(batch, layout)
     assert out.num_positions < B * L and plain_model(batch, layout).num_positions == B * L
     real = int(out.num_tokens)
