@@ -87,6 +87,15 @@ def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray
     return bin_B, offset_B
 
 
+def _place(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`first_fit_decreasing`, without its loop where no two items fit together: one bin each."""
+    if len(lengths) < 2 or int(np.partition(lengths, 1)[:2].sum()) > capacity:
+        if lengths.size and int(lengths.max()) > capacity:
+            raise ValueError(f"_place: an item of {int(lengths.max())} exceeds the capacity {capacity}")
+        return np.arange(len(lengths), dtype=np.int64), np.zeros(len(lengths), np.int64)
+    return first_fit_decreasing(lengths, capacity)
+
+
 def plan_packing(valid_BxL: torch.Tensor, capacity: int | None = None) -> Packing | None:
     """A :class:`Packing` of the valid tokens of ``valid_BxL`` into rows of ``capacity`` positions, or None
     when it would not compute fewer positions than the B x L of the batch.
@@ -101,9 +110,14 @@ def plan_packing(valid_BxL: torch.Tensor, capacity: int | None = None) -> Packin
     longest = int(lengths.max()) if B else 0
     if longest == 0:
         return None
+    if capacity is not None:
+        candidates = [capacity]
+    else:  # every step computes this plan: skip the capacities that cannot save anything without placing rows
+        candidates = [L] if int(lengths.sum()) <= (B - 1) * L else []
+        candidates += [longest] if longest < L else []
     best = None
-    for cap in ([L, longest] if capacity is None else [capacity]):
-        bin_B, offset_B = first_fit_decreasing(lengths, cap)
+    for cap in candidates:
+        bin_B, offset_B = _place(lengths, cap)
         rows = int(bin_B.max()) + 1
         if rows * cap < B * L and (best is None or rows * cap <= best[0] * best[1]):
             best = (rows, cap, bin_B, offset_B)

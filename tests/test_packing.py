@@ -156,3 +156,19 @@ def test_packed_rows_do_not_see_each_other():
     n0 = int((batch["act/text"][0] != VOCAB.pad).sum()) - 1  # row 0's loss tokens come first
     assert not torch.allclose(ref.logits[:n0], out.logits[:n0])
     torch.testing.assert_close(ref.logits[n0:], out.logits[n0:])
+
+
+def test_batches_with_nothing_to_merge_are_planned_without_the_bin_packing_loop(monkeypatch):
+    """The plan runs at every training step: a full batch (a 512-row control task) or rows no two of which fit
+    together never enter first-fit decreasing's Python loop."""
+    import mugato_ray.packing as packing
+
+    def refuse(*args):
+        raise AssertionError("first_fit_decreasing was called")
+
+    monkeypatch.setattr(packing, "first_fit_decreasing", refuse)
+    assert plan_packing(torch.ones(512, 5, dtype=torch.bool)) is None
+    p = plan_packing(valid_rows([5, 5, 4]))
+    assert (p.rows, p.capacity) == (3, 5) and sorted(p.row_PxC[:, 0].tolist()) == [0, 1, 2]
+    with pytest.raises(AssertionError, match="first_fit_decreasing"):
+        plan_packing(valid_rows([5, 5, 1]))  # two rows fit together here: the loop places them
