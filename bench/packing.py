@@ -61,6 +61,7 @@ def main() -> None:
           f"{torch.get_num_threads()} torch thread(s); {args.batches} batches per task")
     print(f"{'task':28s} {'rows':>5s} {'seq':>5s} {'nonpad off':>10s} {'nonpad on':>10s} "
           f"{'real tok/s off':>14s} {'real tok/s on':>14s} {'ratio':>6s}")
+    total_off = total_on = 0.0
     for task in args.tasks or [t.name for t in cfg.tasks]:
         layout, bs = layouts[task], task_batch_size(cfg, task)
         episodes = EpisodeFilter.from_config(cfg, task).apply(read_episodes(store_dir(cfg, task)))
@@ -77,6 +78,10 @@ def main() -> None:
                              f"loss {loss_off:.6f} vs {loss_on:.6f})")
         print(f"{task:28s} {bs:5d} {layout.seq_len:5d} {tok / pos_off:10.2f} {tok / pos_on:10.2f} "
               f"{tok / t_off:14,.0f} {tok / t_on:14,.0f} {t_off / t_on:6.2f}")
+        total_off, total_on = total_off + t_off / len(batches), total_on + t_on / len(batches)
+    # A training step computes one batch of every task (at its batch size): its time off over on.
+    print(f"one batch of every task (a mixed training step's forward + backward): {total_off:.3f} s off, "
+          f"{total_on:.3f} s on, ratio {total_off / total_on:.2f}")
 
 
 if __name__ == "__main__":
