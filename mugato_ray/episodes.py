@@ -182,6 +182,8 @@ class Episode:
             if not isinstance(key, str) or not key or key.endswith(_META):
                 fail(f"observations[{key!r}]", "keys must be non-empty str not ending in '.dtype' or '.shape'")
         fields = [(f"observations[{k!r}]", v) for k, v in self.observations.items()]
+        if self.executed is not None:
+            fields.append(("executed", self.executed))
         for field, value in [*fields, ("actions", self.actions), ("rewards", r)]:
             if isinstance(value, list) and field != "rewards":
                 if not all(isinstance(s, str) for s in value):
@@ -196,16 +198,12 @@ class Episode:
             if value.dtype.kind == "f" and not np.isfinite(value).all():
                 step = int(np.argwhere(~np.isfinite(value))[0][0])
                 fail(field, f"contains NaN or inf (first at step {step})")
-        if self.executed is not None:
+        if self.executed is not None:  # checked as a numeric field above; it must also match the actions
             a, x = self.actions, self.executed
             if not isinstance(a, np.ndarray):
                 fail("executed", "only numeric actions can have executed actions (text actions are labels only)")
-            if not isinstance(x, np.ndarray) or x.dtype != a.dtype or x.shape != a.shape:
-                fail("executed", f"expected an ndarray of the actions' dtype and shape ({a.dtype} {a.shape}), "
-                                 f"got {_describe(x)}")
-            if x.dtype.kind == "f" and not np.isfinite(x).all():
-                step = int(np.argwhere(~np.isfinite(x))[0][0])
-                fail("executed", f"contains NaN or inf (first at step {step})")
+            if x.dtype != a.dtype or x.shape != a.shape:
+                fail("executed", f"expected the actions' dtype and shape ({a.dtype} {a.shape}), got {_describe(x)}")
         if spec is not None:
             self._check_spec(spec, fail)
         return self

@@ -240,11 +240,11 @@ class _Trajectory:
         # The episode's own noise stream: a result does not depend on the slot or the batch.
         self.rng = np.random.default_rng([seed, 0xDA127])
 
-    def add(self, obs: dict, action: np.ndarray, reward: float, executed: np.ndarray | None = None) -> None:
+    def add(self, obs: dict, action: np.ndarray, reward: float, executed: np.ndarray) -> None:
         # Copy: some env wrappers return views of a buffer they overwrite on the next step.
         self.obs.append({k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in obs.items()})
         self.actions.append(action)
-        self.executed.append(action if executed is None else executed)
+        self.executed.append(executed)
         self.rewards.append(reward)
 
 
