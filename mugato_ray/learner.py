@@ -35,7 +35,6 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -149,12 +148,15 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
     replaces that seed. ``prepare`` (e.g. ``ray.train.torch.prepare_model``: to the device, DDP) runs on
     the model before the optimizer is made, so that the optimizer's state lands on the model's device.
     """
+    state = read_state(Path(directory)) if directory is not None else None
+    start = int(state["step"]) if state is not None else 0
+    # Seeds depend on the rank and the step the attempt starts at: every (re)start is reproducible. Seeded
+    # before the model is built, so that a fresh model's weights are the seed's too.
+    torch.manual_seed(attempt_seed(cfg.train.seed, rank, start))
     model: torch.nn.Module = build_model(cfg, vocab)
-    state: dict[str, Any] | None = None
     average = None
     if directory is not None:
         saved = load_model(Path(directory) / MODEL_FILE).state_dict()
-        state = read_state(Path(directory))
         if state.get(TRAIN_MODEL_KEY) is not None:  # model.pt holds the average; training goes on from these
             average, saved = saved, state[TRAIN_MODEL_KEY]
         try:
@@ -162,9 +164,6 @@ def restore(cfg: Config, vocab: VocabLayout, directory: Path | None, rank: int =
         except (RuntimeError, TypeError) as e:  # only state.pt's training weights can get here unchecked
             raise ValueError(f"training state {Path(directory) / STATE_FILE}: its {TRAIN_MODEL_KEY!r} does not "
                              f"fit the model of {Path(directory) / MODEL_FILE}: {e}") from e
-    start = int(state["step"]) if state is not None else 0
-    # Seeds depend on the rank and the step the attempt starts at: every (re)start is reproducible.
-    torch.manual_seed(attempt_seed(cfg.train.seed, rank, start))
     if state is not None and rank == 0:
         torch.set_rng_state(state["torch_rng"])
     if prepare is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -25,9 +26,13 @@ def make_cfg(run_dir, *overrides):
                                                      *overrides])
 
 
+def with_seed(cfg, seed: int):
+    """``cfg`` with ``train.seed = seed``."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
+
+
 def fresh_learner(cfg, seed: int = 0) -> Learner:
-    torch.manual_seed(seed)  # restore does not seed the initial weights: the test does
-    state = restore(cfg, VOCAB, None, rank=0)
+    state = restore(with_seed(cfg, seed), VOCAB, None, rank=0)  # restore seeds the weights from train.seed
     return Learner(state.model, state.optimizer, cfg, {TASK: LAYOUT})
 
 
@@ -137,6 +142,22 @@ def test_restore_round_trips_a_checkpoint_and_seeds_the_attempt(tmp_path):
     assert torch.initial_seed() == attempt_seed(cfg.train.seed, 1, 0)
 
 
+def test_a_fresh_model_is_the_seeds_whatever_ran_before(tmp_path):
+    """The initial weights come from ``train.seed``: the same seed gives the same model even when something
+    drew from torch's global generator first (in a training worker that differs from run to run),
+    another seed another model, and another rank another draw (DDP then copies rank 0's)."""
+    cfg = make_cfg(tmp_path)
+    torch.manual_seed(123)
+    first = restore(cfg, VOCAB, None, rank=0).model.state_dict()
+    torch.rand(1000)  # what ran before restore must not matter
+    again = restore(cfg, VOCAB, None, rank=0).model.state_dict()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    other = restore(with_seed(cfg, 1), VOCAB, None, rank=0).model.state_dict()
+    assert not all(torch.equal(first[k], other[k]) for k in first)
+    rank1 = restore(cfg, VOCAB, None, rank=1).model.state_dict()
+    assert not all(torch.equal(first[k], rank1[k]) for k in first)
+
+
 def test_balanced_gradients_count_each_micro_batch_by_its_direction(tmp_path):
     """``train.grad_balance: norm``: the step's gradient is mean(|g_i|) * sum(g_i / |g_i|) over the
     micro-batches' gradients g_i, however different their sizes."""
@@ -185,7 +206,6 @@ def _balanced_ddp_rank(rank: int, world: int, run_dir: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg = make_cfg(run_dir, "train.grad_clip=1.0e9", "train.grad_accum=2", "train.grad_balance=norm")
-        torch.manual_seed(5)
         state = restore(cfg, VOCAB, None, rank=rank, prepare=torch.nn.parallel.DistributedDataParallel)
         learner = Learner(state.model, state.optimizer, cfg, {TASK: LAYOUT})
         it = iter([make_batch(LAYOUT, [1, 1, 1], seed=10 + rank), make_batch(LAYOUT, [1], seed=20 + rank)])
@@ -202,7 +222,7 @@ def test_balanced_gradients_under_ddp_are_the_mean_of_each_ranks_balanced_gradie
     want = []
     for rank in range(2):  # each rank's balanced gradient, computed alone
         cfg = make_cfg(tmp_path, "train.grad_clip=1.0e9", "train.grad_accum=2", "train.grad_balance=norm")
-        learner = fresh_learner(cfg, seed=5)
+        learner = fresh_learner(cfg)  # the ranks' model: rank 0's, train.seed 0, which DDP copies
         it = iter([make_batch(LAYOUT, [1, 1, 1], seed=10 + rank), make_batch(LAYOUT, [1], seed=20 + rank)])
         learner.step(0, lambda task, it=it: next(it))
         want.append({n: p.grad.clone() for n, p in learner.raw_model.named_parameters()})

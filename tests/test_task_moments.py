@@ -13,7 +13,7 @@ from mugato_ray.config import ConfigError, load_config
 from mugato_ray.data import step_tasks, task_layouts
 from mugato_ray.learner import Learner, join_ramps, restore
 from mugato_ray.task_moments import TaskAdamW, TaskGradients
-from tests.test_learner import spawn_ranks
+from tests.test_learner import spawn_ranks, with_seed
 from tests.test_model import VOCAB, make_batch, text_layout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +29,7 @@ def make_cfg(run_dir, *overrides, tasks=TASKS):
 
 
 def fresh_learner(cfg, seed: int = 0) -> Learner:
-    torch.manual_seed(seed)
-    state = restore(cfg, VOCAB, None, rank=0)
+    state = restore(with_seed(cfg, seed), VOCAB, None, rank=0)  # restore seeds the weights from train.seed
     return Learner(state.model, state.optimizer, cfg, {t.name: LAYOUT for t in cfg.tasks})
 
 
@@ -120,7 +119,10 @@ def test_each_task_is_scaled_by_its_own_moments(tmp_path):
     disagree = (ga.sign() != gb.sign()) & (ga.abs() > 1e-5) & (gb.abs() > 1e-5)
     assert disagree.sum() > 10
     assert moved[name][disagree].abs().max() < 0.02
-    assert shared[name][disagree].abs().min() > 0.5
+    # The shared step is (g_a + g_b) / (|g_a + g_b| + eps): a full step where the sum is not itself ~eps.
+    decided = disagree & ((ga + gb).abs() > 100 * eps)
+    assert decided.sum() > 0.9 * disagree.sum()
+    assert shared[name][decided].abs().min() > 0.5
     agree = (ga.sign() == gb.sign()) & (ga.abs() > 1e-5) & (gb.abs() > 1e-5)
     assert moved[name][agree].abs().min() > 1.9  # two tasks' full steps add up
     assert shared[name][agree].abs().max() < 1.01
@@ -295,7 +297,6 @@ def _ddp_rank(rank: int, world: int, run_dir: str, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         cfg = make_cfg(run_dir, "train.task_moments=true")
-        torch.manual_seed(5)
         state = restore(cfg, VOCAB, None, rank=rank, prepare=torch.nn.parallel.DistributedDataParallel)
         learner = Learner(state.model, state.optimizer, cfg, LAYOUTS)
         batches = _rank_batches(rank)
@@ -314,7 +315,7 @@ def test_under_ddp_each_tasks_gradient_is_averaged_over_ranks(tmp_path):
     got = [torch.load(tmp_path / f"params-{r}.pt") for r in range(2)]
     # The same step in one process, from each task's gradient averaged over the two ranks' batches.
     cfg = make_cfg(tmp_path, "train.task_moments=true")
-    learner = fresh_learner(cfg, seed=5)
+    learner = fresh_learner(cfg)  # the ranks' model: rank 0's, train.seed 0, which DDP copies
     model = learner.raw_model
     grads = TaskGradients([p for p in model.parameters() if p.requires_grad])
     for k, task in enumerate(TASKS):
