@@ -143,6 +143,21 @@ def test_two_ddp_workers_learn_a_task_mixture_in_step(local_ray, tmp_path):
     assert all(math.isfinite(h["grad_norm"]) and h["tokens_per_s"] > 0 for h in result.history)
 
 
+def test_a_seed_repeats_a_training_run(local_ray, tmp_path):
+    """Two runs with the same seed on the same store, each in its own Ray Train worker: the same initial
+    weights and the same batches, so the same losses and the same final weights."""
+    runs = []
+    for name in ("a", "b"):
+        cfg = make_cfg(tmp_path / name, "train.steps=3", "train.log_every=1", "train.checkpoint_every=3")
+        write_synthetic_store(cfg, 4)  # the same episodes in both: its seed is fixed
+        result = train(cfg)
+        runs.append((result.history, load_model(latest_checkpoint(cfg) / "model.pt").state_dict()))
+    (history_a, weights_a), (history_b, weights_b) = runs
+    losses = [[h[f"loss/{t}"] for t in TASKS] for h in history_a]
+    assert len(losses) == 3 and losses == [[h[f"loss/{t}"] for t in TASKS] for h in history_b]
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
 def test_a_killed_worker_recovers_and_a_rerun_resumes_at_the_checkpoint_step(local_ray, tmp_path, monkeypatch):
     """One run loses its worker and restores it from the last checkpoint (max_failures=1); running the
     same run again with more steps continues from its last checkpoint, not from step 0."""
