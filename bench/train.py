@@ -1,7 +1,8 @@
 """Training benchmark: ratios measured in ONE run (absolute numbers on a shared machine are noisy).
 
 1. Ray Data pipeline: sequence rows/s of one task dataset (read -> tokenize/pad actors) with 2 actors
-   over 1, and with 1 actor over the same WindowSampler called in a bare loop in this process; and the
+   over 1, 2 actors handing blocks on in the store's order (data.preserve_order) over in any order, and
+   with 1 actor over the same WindowSampler called in a bare loop in this process; and the
    sampler's draws over one file of 200-step Pendulum episodes, tokenized once per call (what it does)
    over decoded, checked and tokenized again for every draw (what it did).
 2. Training: real (non-pad) tokens/s through Ray Data + a 1-worker TorchTrainer over the same model, data and loop
@@ -101,18 +102,21 @@ def bench_pipeline(cfg, specs, args) -> None:
     bare_rows = sum(len(out[STEP_MASK_KEY]) for b in file_batches(cfg, task) for out in sampler(b))
     bare = bare_rows / (time.perf_counter() - t)
     rates = {}
-    for actors in (1, 2, 1, 2):  # interleaved: the machine's load drifts
+    # (actors, blocks in the store's order: what training asks for with data.preserve_order, the default)
+    for actors, ordered in [(1, False), (2, False), (2, True)] * 2:  # interleaved: the machine's load drifts
         ds = task_dataset(task, files, specs[task], cfg, windows=windows, actors=actors, actor_cpus=0.5)
+        ds.context.execution_options.preserve_order = ordered
         whole, steady, rows = pipeline_rate(ds)
         assert rows == bare_rows, (rows, bare_rows)
-        rates.setdefault(actors, []).append((whole, steady))
-    (one, one_s), (two, two_s) = (max(rates[n]) for n in (1, 2))
+        rates.setdefault((actors, ordered), []).append((whole, steady))
+    (one, one_s), (two, two_s), (two_o, two_os) = (max(rates[k]) for k in ((1, False), (2, False), (2, True)))
     print(f"pipeline {task}: {len(files)} files, {bare_rows} rows/pass ({windows} windows/episode); rows/s of a "
           "whole pass (after its first batch)")
     print(f"  bare loop          {bare:7.0f}")
     print(f"  Ray Data, 1 actor  {one:7.0f} ({one_s:5.0f})   / bare = {one / bare:.2f} ({one_s / bare:.2f})")
     print(f"  Ray Data, 2 actors {two:7.0f} ({two_s:5.0f})   / 1 actor = {two / one:.2f} ({two_s / one_s:.2f})"
           "   (goal >= 1.7 with free CPUs)")
+    print(f"  2 actors, in order {two_o:7.0f} ({two_os:5.0f})   / any order = {two_o / two:.2f} ({two_os / two_s:.2f})")
 
 
 def bench_sampler(cfg, specs, draws: int) -> None:

@@ -145,6 +145,12 @@ class DataConfig:
     """A task's store of at most this many MiB on disk is read as one block: every tokenize-actor call sees
     all its episodes, and one pass of windows lasts the whole run, so the trainer never waits for a pass to
     restart (seconds each). Bigger stores: one block per file (0: one block per file always)."""
+    preserve_order: bool = True
+    """Blocks reach training in the order the store lists them, whichever tokenize actor finishes first, and
+    train workers split them by that order: a seed then repeats a run with several store files, tokenize
+    actors and train workers (with one block per task and one worker the order is fixed anyway). Off, Ray
+    Data hands on whichever block is ready first and may keep blocks on the worker's node (its default);
+    the cost of waiting for order: bench/README.md, "Training"."""
     prompt_prob: float = 0.25
     """Fraction of sequences that get a prompt (a demonstration from the same task), as in GATO."""
     prompt_end_fraction: float = 0.5

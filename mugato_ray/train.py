@@ -337,7 +337,24 @@ def make_trainer(cfg: Config, plan: Plan, data: TaskData, evaluator: Any, board:
             logging_config=ray.train.LoggingConfig(log_level=train_log_level()),  # mugato_ray.console
         ),
         datasets={dataset_name(t): ds for t, ds in data.datasets.items()},
+        dataset_config=ingest_config(cfg),
     )
+
+
+def ingest_config(cfg: Config) -> Any:
+    """Ray Train's dataset options: this process's Ray Data options (what Ray Train carries over by default),
+    in the store's order when ``data.preserve_order`` (then the split between workers ignores node locality
+    too, so it is the same every run)."""
+    import copy
+
+    import ray.data
+    import ray.train
+
+    # A copy, not DataConfig.default_ingest_options(): that passes exclude_resources to ExecutionOptions
+    # and Ray warns of its deprecation in every run.
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    options.preserve_order = cfg.data.preserve_order
+    return ray.train.DataConfig(execution_options=options)
 
 
 def train(cfg: Config, plan: Plan | None = None, resolved: Mapping[str, ResolvedTask] | None = None) -> TrainResult:

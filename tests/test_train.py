@@ -27,7 +27,7 @@ from mugato_ray.data import load_layouts, write_synthetic_store
 from mugato_ray.learner import CRASH_ENV, lr_at, make_optimizer
 from mugato_ray.model import GatoModel, load_model
 from mugato_ray.resources import plan_resources
-from mugato_ray.train import TrainingFailedError, scores_snapshot, train
+from mugato_ray.train import TrainingFailedError, ingest_config, scores_snapshot, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["text-arith", "BabyAI-GoToRedBall-v0", "Pendulum-v1"]
@@ -51,6 +51,15 @@ def test_snapshots_are_scored_every_eval_every_steps_once_every_task_has_joined(
                        "tasks=[{name: text-arith}, {name: Pendulum-v1, start_step: 4}, "
                        "{name: CartPole-v1, weight: 0, start_step: 9}]"])  # weight 0: never trains, never waited for
     assert [d for d in range(1, 11) if scores_snapshot(late, d)] == [8, 10]
+
+
+def test_training_takes_blocks_in_the_stores_order_unless_told_otherwise(tmp_path):
+    """What the Ray Train workers' dataset shards are executed with (the behaviour: a seed repeats a run
+    on a four-file store, test_a_seed_repeats_a_training_run)."""
+    def ordered(*overrides):
+        return ingest_config(make_cfg(tmp_path, *overrides))._resolve_execution_options("any").preserve_order
+
+    assert ordered() is True and ordered("data.preserve_order=false") is False
 
 
 def test_lr_warms_up_then_decays_to_the_floor(tmp_path):
@@ -145,11 +154,14 @@ def test_two_ddp_workers_learn_a_task_mixture_in_step(local_ray, tmp_path):
 
 def test_a_seed_repeats_a_training_run(local_ray, tmp_path):
     """Two runs with the same seed on the same store, each in its own Ray Train worker: the same initial
-    weights and the same batches, so the same losses and the same final weights."""
+    weights and the same batches, so the same losses and the same final weights. The store is four files
+    (four blocks per task) read by two tokenize actors, whose blocks finish in any order: training takes
+    them in the store's order (data.preserve_order)."""
     runs = []
     for name in ("a", "b"):
-        cfg = make_cfg(tmp_path / name, "train.steps=3", "train.log_every=1", "train.checkpoint_every=3")
-        write_synthetic_store(cfg, 4)  # the same episodes in both: its seed is fixed
+        cfg = make_cfg(tmp_path / name, "train.steps=3", "train.log_every=1", "train.checkpoint_every=3",
+                       "data.num_tokenize_actors=2", "data.one_block_mib=0")
+        write_synthetic_store(cfg, 16, files=4)  # the same episodes in both: its seed is fixed
         result = train(cfg)
         runs.append((result.history, load_model(latest_checkpoint(cfg) / "model.pt").state_dict()))
     (history_a, weights_a), (history_b, weights_b) = runs
