@@ -92,7 +92,7 @@ def main() -> None:
         for w in workers.values():
             w.sample(warm[:w.num_envs], return_episodes=False)
         vec = best_rates({n: in_process(w) for n, w in workers.items()}, seeds, args.repeats)
-        pools = {k: [RolloutActor.options(num_cpus=1).remote(task, policy, cfg, args.envs, i) for i in range(k)]
+        pools = {k: [RolloutActor.options(num_cpus=1).remote(task, policy, cfg, args.envs) for _ in range(k)]
                  for k in (1, args.actors)}
         ray.get([a.sample.remote(warm, return_episodes=False) for p in pools.values() for a in p])
         par = best_rates({k: pool(p) for k, p in pools.items()}, seeds, args.repeats)

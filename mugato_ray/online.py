@@ -125,13 +125,13 @@ class OnlineWorker:
     """An online rollout actor: the current weights acting in the envs of the run's tasks (one
     ``RolloutWorker`` per task, built on first use), in rounds."""
 
-    def __init__(self, cfg: Config, tasks: Mapping[str, ResolvedTask], board: Any, worker_index: int = 0,
+    def __init__(self, cfg: Config, tasks: Mapping[str, ResolvedTask], board: Any,
                  faults: FaultInjection | None = None):
         self.faults = faults  # test hook: a hard exit at a seed (rollout.FaultInjection)
         torch.set_num_threads(1)  # beside training: one core's worth at most
         # Modules hold no device: the model acts on a GPU only when Ray gave this actor one.
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.cfg, self.tasks, self.board, self.index = cfg, dict(tasks), board, worker_index
+        self.cfg, self.tasks, self.board = cfg, dict(tasks), board
         self.model = build_model(cfg, next(iter(self.tasks.values())).spec.vocab).to(self.device).eval()
         self.text_tokenizer = make_text_tokenizer(cfg.tokenizer)
         self.step: int | None = None
@@ -155,7 +155,7 @@ class OnlineWorker:
     def _worker(self, name: str) -> RolloutWorker:
         if name not in self.workers:
             self.workers[name] = RolloutWorker(self.tasks[name], self._policy_factory(name), self.cfg,
-                                               self.cfg.online.envs_per_actor, self.index, faults=self.faults)
+                                               self.cfg.online.envs_per_actor, faults=self.faults)
         return self.workers[name]
 
     def _policy_factory(self, name: str) -> Callable[[Sequence[gym.Env]], Any]:
@@ -253,7 +253,7 @@ class OnlineLoop:
         o = self.cfg.online
         remote = ray.remote(OnlineWorker).options(num_cpus=o.actor_cpus, num_gpus=o.actor_gpus, max_restarts=3,
                                                   max_task_retries=3)
-        self._actors = [remote.remote(self.cfg, self.tasks, self.board, k) for k in range(o.num_actors)]
+        self._actors = [remote.remote(self.cfg, self.tasks, self.board) for _ in range(o.num_actors)]
         self._thread = threading.Thread(target=self._run, name="online-loop", daemon=True)
         self._thread.start()
         return self

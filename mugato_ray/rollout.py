@@ -129,11 +129,14 @@ class RolloutResult:
     itself is kept: rendering never changes it)."""
 
 
-def chunk_file_name(source: str, worker_index: int, seeds: Sequence[int], policy_step: int | None = None) -> str:
-    """The file one ``sample`` call writes: deterministic, so a retried call cannot write a second copy
-    (online episodes: with the weights step, as in their ids)."""
+def chunk_file_name(source: str, seeds: Sequence[int], policy_step: int | None = None) -> str:
+    """The file one ``sample`` call writes: its source and the first and last seed it newly stores (online
+    episodes: with the weights step, as in their ids). What it holds, never which actor wrote it: a store
+    read as one block concatenates its files in name order, so names that depended on which actor took which
+    chunk gave one seed's training other batches in another run. Unique: the first seed is newly stored,
+    and every file's first seed is stored."""
     step = "" if policy_step is None else f"p{int(policy_step)}-"
-    return f"{source}-{step}w{worker_index}-{seeds[0]}-{seeds[-1]}.parquet"
+    return f"{source}-{step}{seeds[0]}-{seeds[-1]}.parquet"
 
 
 # ------------------------------------------------------------------------------------------- policies
@@ -255,8 +258,7 @@ class RolloutWorker:
     """N envs of one task and one policy; ``sample(seeds)`` runs one episode per seed (see module doc)."""
 
     def __init__(self, task: str | TaskInfo | ResolvedTask, policy: PolicySpec | Policy | PolicyFactory,
-                 cfg: Config, num_envs: int | None = None, worker_index: int = 0, *,
-                 faults: FaultInjection | None = None):
+                 cfg: Config, num_envs: int | None = None, *, faults: FaultInjection | None = None):
         """``policy``: a ``PolicySpec``, built here over this worker's envs; a ready object of the Policy
         protocol that acts in ``num_envs`` envs, used as is (measuring a trained RLlib expert, a baseline, a
         test policy); or a factory called with this worker's envs (a policy that needs them, such as an
@@ -267,7 +269,7 @@ class RolloutWorker:
         if self.info.env_id is None:
             raise ValueError(f"task {task!r} has no environment (dataset {self.info.dataset!r}); "
                              "its episodes come from mugato_ray.datasets, not from rollouts")
-        self.cfg, self.worker_index = cfg, worker_index
+        self.cfg = cfg
         self.policy_spec = policy if isinstance(policy, PolicySpec) else None
         self.faults = faults or FaultInjection()
         self.num_envs = num_envs or cfg.rollout.envs_per_actor
@@ -331,7 +333,7 @@ class RolloutWorker:
         new = [ep for ep in kept if ep.episode_id not in stored]
         files = sorted({str(stored[ep.episode_id]) for ep in kept if ep.episode_id in stored})
         if new:
-            name = chunk_file_name(source, self.worker_index, [ep.seed for ep in new], new[0].policy_step)
+            name = chunk_file_name(source, [ep.seed for ep in new], new[0].policy_step)
             files += [str(p) for p in write_episodes(store_dir, new, name=name, spec=self.spec, stored=stored)]
         return files
 
@@ -640,19 +642,19 @@ def run_on_pool(task: str | TaskInfo | ResolvedTask, policy: PolicySpec, cfg: Co
     chunk never idles the others. ``on_result(chunk, result)`` runs in the driver in completion order (for
     progress lines). A call that raises goes to ``on_error(chunk, err)`` when given, else the error
     propagates; an actor that died past its restarts (e.g. an env that segfaults on one seed, every time)
-    is replaced, so the other chunks still run. Actor k is built with ``worker_index=k``.
+    is replaced, so the other chunks still run.
     """
     todo = deque([list(c) for c in chunks])
     if not todo:
         return
 
-    def new_actor(k: int):
+    def new_actor():
         # Only a model policy uses a GPU; experts and random policies never load torch.
         gpus = cfg.rollout.actor_gpus if policy.kind == "model" else 0.0
         return RolloutActor.options(num_cpus=cfg.rollout.actor_cpus, num_gpus=gpus).remote(
-            task, policy, cfg, cfg.rollout.envs_per_actor, k, faults=faults)
+            task, policy, cfg, cfg.rollout.envs_per_actor, faults=faults)
 
-    actors = [new_actor(k) for k in range(actor_count(cfg, min(cfg.rollout.num_actors, len(todo)), log))]
+    actors = [new_actor() for _ in range(actor_count(cfg, min(cfg.rollout.num_actors, len(todo)), log))]
     running: dict[Any, tuple[int, list[int]]] = {}  # object ref -> (actor index, chunk)
 
     def submit(k: int) -> None:
@@ -671,7 +673,7 @@ def run_on_pool(task: str | TaskInfo | ResolvedTask, policy: PolicySpec, cfg: Co
                 if on_error is None:
                     raise
                 if isinstance(e, ray.exceptions.RayActorError):
-                    actors[k] = new_actor(k)  # the old one is gone for good; nothing of its chunk was written
+                    actors[k] = new_actor()  # the old one is gone for good; nothing of its chunk was written
                 on_error(chunk, e)
             else:
                 on_result(chunk, result)

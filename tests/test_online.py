@@ -156,7 +156,7 @@ def test_an_online_actor_killed_mid_round_is_restarted_and_stores_each_episode_o
     marker = tmp_path / "died"
     faults = FaultInjection(exit_seed=202, exit_marker=str(marker))  # a hard exit, once, inside the round
     actor = ray.remote(OnlineWorker).options(num_cpus=0.25, max_restarts=3, max_task_retries=3).remote(
-        cfg, tasks, board, 0, faults)
+        cfg, tasks, board, faults)
     result = ray.get(actor.run_round.remote("CartPole-v1", [200, 201, 202, 203], 0.5))
     assert marker.exists()  # the first attempt died
     eps = read_episodes(store_dir(cfg, "CartPole-v1"))

@@ -121,11 +121,11 @@ def test_return_filter_drops_low_return_episodes(cfg):
 
 def test_store_write_is_one_atomic_file(cfg, tmp_path):
     store = tmp_path / "store"
-    worker = RolloutWorker("CartPole-v1", PolicySpec("expert"), cfg, worker_index=3)
+    worker = RolloutWorker("CartPole-v1", PolicySpec("expert"), cfg)
     res = worker.sample([10, 11, 12, 13], source="random", store_dir=store, return_episodes=False)
     assert res.episodes == [] and len(res.returns) == 4
-    assert [p.name for p in store.iterdir()] == ["random-w3-10-13.parquet"] and res.files == [
-        str(store / "random-w3-10-13.parquet")]
+    assert [p.name for p in store.iterdir()] == ["random-10-13.parquet"] and res.files == [
+        str(store / "random-10-13.parquet")]
     back = read_episodes(store)
     assert [ep.episode_id for ep in back] == [f"CartPole-v1-random-{s}" for s in (10, 11, 12, 13)]
     again = worker.sample([10, 11, 12, 13], source="random")  # the store holds exactly what was run
@@ -145,11 +145,12 @@ def test_bad_arguments_are_named(cfg):
 
 def test_two_actors_write_readable_episodes(ray_local, cfg, tmp_path):
     store = tmp_path / "store"
-    actors = [RolloutActor.options(num_cpus=0.5).remote("CartPole-v1", PolicySpec("expert"), cfg, 2, k)
-              for k in range(2)]
+    actors = [RolloutActor.options(num_cpus=0.5).remote("CartPole-v1", PolicySpec("expert"), cfg, 2)
+              for _ in range(2)]
     results = ray.get([a.sample.remote(seeds, store_dir=str(store), return_episodes=False)
                        for a, seeds in zip(actors, ([0, 1, 2], [3, 4, 5]))])
-    assert sorted(p.name for p in store.iterdir()) == ["expert-w0-0-2.parquet", "expert-w1-3-5.parquet"]
+    # Named by what they hold, not by the actor that wrote them: a seed's run reads the same files in any run.
+    assert sorted(p.name for p in store.iterdir()) == ["expert-0-2.parquet", "expert-3-5.parquet"]
     back = read_episodes(store)
     assert sorted(ep.seed for ep in back) == list(range(6)) and sum(len(r.returns) for r in results) == 6
     for ep in back:
@@ -160,11 +161,11 @@ def test_dead_actor_is_restarted_and_its_call_retried(ray_local, cfg, tmp_path):
     """The process hard-exits mid-call (first attempt only): Ray restarts it, the call completes once."""
     store, marker = tmp_path / "store", tmp_path / "exited"
     actor = RolloutActor.options(num_cpus=0.5).remote(
-        "CartPole-v1", PolicySpec("expert"), cfg, 2, 0, faults=FaultInjection(exit_seed=3, exit_marker=str(marker)))
+        "CartPole-v1", PolicySpec("expert"), cfg, 2, faults=FaultInjection(exit_seed=3, exit_marker=str(marker)))
     res = ray.get(actor.sample.remote([0, 1, 2, 3, 4, 5], store_dir=str(store)), timeout=120)
     assert marker.exists()  # the crash did happen
     assert [ep.seed for ep in res.episodes] == list(range(6))
-    assert [p.name for p in store.iterdir()] == ["expert-w0-0-5.parquet"]  # no temp or partial file
+    assert [p.name for p in store.iterdir()] == ["expert-0-5.parquet"]  # no temp or partial file
     assert sorted(ep.seed for ep in read_episodes(store)) == list(range(6))
 
 
