@@ -1,6 +1,7 @@
 """Model benchmark: ratios measured in ONE run (absolute numbers on a shared machine are noisy).
 
-1. Training: tokens/s and model FLOP/s of the `small` preset at T=512 on a synthetic text batch, over
+1. Training: tokens/s and model FLOP/s of a preset (`--preset`, default `small`; GATO's `gato-79m` on a GPU)
+   at T=512 on a synthetic text batch, over
    the machine's measured matmul rate (fp32 2048^3 on CPU; bf16 under autocast on CUDA); the price of
    each optional model switch; and the step with `train.precision=bf16` over fp32.
 2. KV-cached decoding over full recomputation at a 1024-token context (tokens/s).
@@ -12,7 +13,8 @@
    MuJoCo-like task also the rate of greedy continuous actions by the argmax over that by the mean
    (rollout.continuous_actions).
 
-Run: .venv/bin/python bench/model.py [--device cuda] [--quick]
+Run: .venv/bin/python bench/model.py [--device cuda] [--preset gato-79m] [--batch 32] [--quick]
+(the preset sizes every model here but the patch embedding's, which is the demo's width)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from gymnasium import spaces  # noqa: E402
 
 from mugato_ray.config import ModelConfig, TokenizerConfig  # noqa: E402
 from mugato_ray.learner import cpu_bf16_speedup, training_autocast  # noqa: E402
-from mugato_ray.model import GatoModel, count_flops_per_token  # noqa: E402
+from mugato_ray.model import PRESETS, GatoModel, count_flops_per_token  # noqa: E402
 from mugato_ray.policy import ModelPolicy  # noqa: E402
 from mugato_ray.sequence import LayoutField, SequenceLayout, make_layout  # noqa: E402
 from mugato_ray.specs import space_spec  # noqa: E402
@@ -71,10 +73,10 @@ def text_batch(device, vocab, T: int, B: int) -> tuple[SequenceLayout, dict[str,
     return layout, batch
 
 
-def training_step(device, vocab, T: int, B: int, precision: str = "auto", **options):
-    """The model, and one optimizer step of the ``small`` preset on a synthetic (B, T) text batch, under
+def training_step(device, vocab, T: int, B: int, preset: str, precision: str = "auto", **options):
+    """The model, and one optimizer step of ``preset`` on a synthetic (B, T) text batch, under
     ``train.precision``'s autocast. ``options``: ModelConfig switches, e.g. ``rotary=True``."""
-    model = GatoModel(ModelConfig(preset="small", context=T, **options), vocab).to(device)
+    model = GatoModel(ModelConfig(preset=preset, context=T, **options), vocab).to(device)
     layout, batch = text_batch(device, vocab, T, B)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     autocast = training_autocast(precision, device)
@@ -91,18 +93,18 @@ def training_step(device, vocab, T: int, B: int, precision: str = "auto", **opti
 
 def bench_training(device, vocab, args) -> None:
     T, B = 512, args.batch
-    model, step = training_step(device, vocab, T, B)
+    model, step = training_step(device, vocab, T, B, args.preset)
     dt = timed(step, device, repeats=args.repeats, warmup=2)
     tokens_per_s = B * T / dt
     # Every position but the first of each row gets logits (a text task).
     flops = count_flops_per_token(model, T, logit_fraction=(T - 1) / T) * tokens_per_s
     peak = matmul_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
-    print(f"train small  params={model.num_params() / 1e6:.2f}M  B={B} T={T}  {tokens_per_s:,.0f} tokens/s")
+    print(f"train {args.preset}  params={model.num_params() / 1e6:.2f}M  B={B} T={T}  {tokens_per_s:,.0f} tokens/s")
     print(f"  model {flops / 1e9:.1f} GFLOP/s over matmul {peak / 1e9:.1f} GFLOP/s  ->  ratio {flops / peak:.2f}")
     # The price of each optional model switch: the same step with it on, interleaved with the plain one
     # (best of 3 each).
     for option in ("rotary", "token_shift"):
-        option_step = training_step(device, vocab, T, B, **{option: True})[1]
+        option_step = training_step(device, vocab, T, B, args.preset, **{option: True})[1]
         plain, on = [], []
         for _ in range(3):
             plain.append(timed(step, device, repeats=args.repeats, warmup=1))
@@ -111,7 +113,7 @@ def bench_training(device, vocab, args) -> None:
               f"{min(on) / min(plain):.2f}")
     # train.precision: the same step with bf16 products against fp32 ones, interleaved, best of 3 each; on a
     # CPU whose bf16 products are not faster, bf16 falls back to fp32 (cpu_bf16_speedup says which).
-    steps = {precision: training_step(device, vocab, T, B, precision)[1] for precision in ("fp32", "bf16")}
+    steps = {precision: training_step(device, vocab, T, B, args.preset, precision)[1] for precision in ("fp32", "bf16")}
     times = {precision: [] for precision in steps}
     for _ in range(3):
         for precision, fn in steps.items():
@@ -135,7 +137,7 @@ def bench_task_moments(device, vocab, args, tasks: int = 4) -> None:
     for moments in (False, True):
         cfg = Config(train=TrainConfig(task_moments=moments, steps=10**6),
                      tasks=[TaskEntry(name="text-arith") for _ in names])
-        model = GatoModel(ModelConfig(preset="small", context=T), vocab).to(device)
+        model = GatoModel(ModelConfig(preset=args.preset, context=T), vocab).to(device)
         learner = Learner(model, make_optimizer(model, cfg.train, tasks), cfg, dict.fromkeys(names, layout), device)
         learner.tasks = names  # the mixture's task names, each with the same synthetic batch
         steps[moments] = lambda learner=learner: learner.step(0, lambda task: batch)
@@ -184,7 +186,7 @@ def bench_patch_embedding(device, args) -> None:
 def bench_cached_decoding(device, vocab, args) -> None:
     """Decode tokens after a ~1000-token prefix: append one token to a KV cache vs re-run the whole sequence."""
     L, new = 1024, args.decode_tokens
-    model = GatoModel(ModelConfig(preset="small", context=L), vocab).to(device).eval()
+    model = GatoModel(ModelConfig(preset=args.preset, context=L), vocab).to(device).eval()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, vocab.text_size, (1, L), generator=g).to(device)
     x_all = model.tok_emb(ids) + model.local_pos(torch.arange(L, device=device))
@@ -211,7 +213,7 @@ def bench_cached_decoding(device, vocab, args) -> None:
     dt_cached = statistics.median(cached_decode_only() for _ in range(3))
     dt_full = timed(uncached, device, repeats=1, warmup=0)
     print(
-        f"decode small at context {L}: cached {new / dt_cached:,.0f} tokens/s, "
+        f"decode {args.preset} at context {L}: cached {new / dt_cached:,.0f} tokens/s, "
         f"full recomputation {new / dt_full:,.1f} tokens/s  ->  ratio {dt_full / dt_cached:.1f}x"
     )
 
@@ -282,7 +284,7 @@ def bench_batched_acting(device, vocab, args) -> None:
     Both sides see the same observations and episode ends, in one process (same torch threads).
     """
     N, steps = 16, args.act_steps
-    model = GatoModel(ModelConfig(preset="small", context=1024), vocab).to(device)
+    model = GatoModel(ModelConfig(preset=args.preset, context=1024), vocab).to(device)
     for name, (obs_space, act_space, episode) in ACTING_TASKS.items():
         spec = space_spec(obs_space, act_space, TokenizerConfig(), vocab)
         layout = make_layout(name, spec, 1024)
@@ -299,7 +301,7 @@ def bench_batched_acting(device, vocab, args) -> None:
                 b[:] = [max(b[0], rates[0]), max(b[1], rates[1])]
         (wb, cb), (w1, c1) = best[N, "mean"], best[1, "mean"]
         print(
-            f"acting small, {name}, {layout.step_tokens} tokens/step, {steps} steps, best of {args.act_repeats}: "
+            f"acting {args.preset}, {name}, {layout.step_tokens} tokens/step, {steps} steps, best of {args.act_repeats}: "
             f"N={N} batched {wb:,.0f} env steps/s, one env at a time {w1:,.0f} env steps/s  ->  ratio {wb / w1:.2f}x; "
             f"per CPU second {cb:,.0f} / {c1:,.0f}  ->  {cb / c1:.2f}x"
         )
@@ -314,11 +316,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (model.preset)")
+    parser.add_argument("--batch", type=int, default=0, help="rows of a training step (0: 8, or 2 with --quick)")
     args = parser.parse_args()
     if args.threads:
         # On a loaded machine OpenMP threads spin against other processes: 1 thread can be 10x faster.
         torch.set_num_threads(args.threads)
-    args.batch, args.repeats, args.decode_tokens, args.act_steps = (2, 2, 8, 5) if args.quick else (8, 5, 32, 48)
+    batch, args.repeats, args.decode_tokens, args.act_steps = (2, 2, 8, 5) if args.quick else (8, 5, 32, 48)
+    args.batch = args.batch or batch
     args.act_repeats = 1 if args.quick else 3
     device = torch.device(args.device)
     torch.manual_seed(0)
