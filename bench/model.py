@@ -1,9 +1,9 @@
 """Model benchmark: ratios measured in ONE run (absolute numbers on a shared machine are noisy).
 
 1. Training: tokens/s and model FLOP/s of a preset (`--preset`, default `small`; GATO's `gato-79m` on a GPU)
-   at T=512 on a synthetic text batch, over
-   the machine's measured matmul rate (fp32 2048^3 on CPU; bf16 under autocast on CUDA); the price of
-   each optional model switch; and the step with `train.precision=bf16` over fp32.
+   at T=512 on a synthetic text batch, over the machine's measured matmul rate (fp32 2048^3 on CPU; bf16
+   under autocast on CUDA); the price of each optional model switch; and the step with
+   `train.precision=bf16` over fp32.
 2. KV-cached decoding over full recomputation at a 1024-token context (tokens/s).
 3. The patch embedding (images): forward and backward of a BabyAI-sized batch of patches through the
    module, whose convolutions take channels-last inputs, over the same weights in the (N, C, H, W) layout
@@ -319,6 +319,8 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS), help="model size (model.preset)")
     parser.add_argument("--batch", type=int, default=0, help="rows of a training step (0: 8, or 2 with --quick)")
     args = parser.parse_args()
+    if args.batch < 0:
+        parser.error(f"--batch must be positive (or 0 for the default), got {args.batch}")
     if args.threads:
         # On a loaded machine OpenMP threads spin against other processes: 1 thread can be 10x faster.
         torch.set_num_threads(args.threads)
